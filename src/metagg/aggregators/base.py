@@ -1,0 +1,158 @@
+"""The aggregator protocol shared by the simulator, the distributed runtime and Flower.
+
+An aggregator turns the round's worker updates U [n, d] into one server step:
+
+    state = agg.init(layout, num_workers)
+    step, state = agg.step(state, updates, ctx)     # the server then does θ ← θ − step
+
+Updates point like gradients (gradient mode: g_k; local-SGD mode: θ − θ_k), so
+`mean` + SGD(lr=1) in local-SGD mode is exactly FedAvg. State is a pytree of
+tensors (NamedTuples, tuples, dicts) so it can be checkpointed as safetensors.
+Nothing here knows where it runs.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
+
+import torch
+
+from metagg.layout import ParamLayout
+from metagg.tasks import TrustedData
+
+__all__ = [
+    "Aggregator",
+    "KernelRule",
+    "RoundContext",
+    "Rule",
+    "RuleAggregator",
+    "RuleAggState",
+    "TooFewUpdates",
+]
+
+State = Any
+
+
+class TooFewUpdates(ValueError):
+    """Raised when fewer updates arrived than the rule needs; the server skips the round."""
+
+
+@dataclass
+class RoundContext:
+    """What the server knows in a round besides the updates.
+
+    Attributes:
+        round: index of the round being aggregated (0-based).
+        params: current global parameters θ, [d].
+        layout: names/shapes of the tensors inside θ.
+        num_workers: configured number of workers M (rows may be fewer if some dropped).
+        worker_ids: which worker each row of the updates came from, int64 [n].
+        trusted: the server's small trusted sample, if configured (Zeno, FLTrust, ARNN).
+        mode: "gradient" or "local_sgd".
+        local_lr, local_steps: the workers' local SGD settings (local-SGD mode).
+    """
+
+    round: int
+    params: torch.Tensor
+    layout: ParamLayout
+    num_workers: int
+    worker_ids: torch.Tensor
+    trusted: TrustedData | None = None
+    mode: str = "gradient"
+    local_lr: float = 1.0
+    local_steps: int = 1
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Aggregator(ABC):
+    """Base class: `init(layout, num_workers) -> state`, `step(state, updates, ctx)`."""
+
+    name: str = "aggregator"
+    #: Set by aggregators that need `ctx.trusted` (the server's own data).
+    uses_trusted_data: bool = False
+    #: Fewest update rows `step` accepts; the server skips rounds with fewer.
+    min_updates: int = 1
+
+    @abstractmethod
+    def init(self, layout: ParamLayout, num_workers: int) -> State:
+        """Fresh per-run state."""
+
+    @abstractmethod
+    def step(
+        self, state: State, updates: torch.Tensor, ctx: RoundContext
+    ) -> tuple[torch.Tensor, State]:
+        """Return (step [d], new state); the server applies θ ← θ − step."""
+
+    def check_updates(self, updates: torch.Tensor, ctx: RoundContext) -> None:
+        """Shape checks shared by every aggregator."""
+        if updates.dim() != 2 or updates.shape[1] != ctx.layout.size:
+            raise ValueError(
+                f"{self.name}: updates must have shape [n, {ctx.layout.size}], "
+                f"got {tuple(updates.shape)}"
+            )
+        if updates.shape[0] < self.min_updates:
+            raise TooFewUpdates(
+                f"{self.name} needs at least {self.min_updates} updates, got {updates.shape[0]}"
+            )
+        if self.uses_trusted_data and ctx.trusted is None:
+            raise ValueError(f"{self.name} needs the server's trusted data (set trusted_samples)")
+
+
+class Rule(Protocol):
+    """A reduction of the updates to one direction, possibly with state."""
+
+    def init(self, layout: ParamLayout, num_workers: int) -> State: ...
+
+    def __call__(
+        self, state: State, updates: torch.Tensor, ctx: RoundContext
+    ) -> tuple[torch.Tensor, State]: ...
+
+
+class KernelRule:
+    """A stateless rule from a pure [n, d] -> [d] kernel (see `metagg.robust`)."""
+
+    def __init__(self, kernel: Callable[..., torch.Tensor], **kwargs: Any):
+        self.kernel = kernel
+        self.kwargs = kwargs
+
+    def init(self, layout: ParamLayout, num_workers: int) -> State:
+        return ()
+
+    def __call__(
+        self, state: State, updates: torch.Tensor, ctx: RoundContext
+    ) -> tuple[torch.Tensor, State]:
+        return self.kernel(updates, **self.kwargs), state
+
+
+class RuleAggState(NamedTuple):
+    rule: Any  # the rule's own state
+    optimizer: Any  # the server optimizer's state
+
+
+class RuleAggregator(Aggregator):
+    """A reduction rule followed by a server optimizer (optax-style composition)."""
+
+    def __init__(self, name: str, rule: Rule, optimizer: Any, *, min_updates: int = 1,
+                 uses_trusted_data: bool = False):
+        self.name = name
+        self.rule = rule
+        self.optimizer = optimizer
+        self.min_updates = min_updates
+        self.uses_trusted_data = uses_trusted_data
+
+    def init(self, layout: ParamLayout, num_workers: int) -> RuleAggState:
+        return RuleAggState(self.rule.init(layout, num_workers), self.optimizer.init(layout.size))
+
+    def step(
+        self, state: RuleAggState, updates: torch.Tensor, ctx: RoundContext
+    ) -> tuple[torch.Tensor, RuleAggState]:
+        self.check_updates(updates, ctx)
+        direction, rule_state = self.rule(state.rule, updates, ctx)
+        step, opt_state = self.optimizer.update(state.optimizer, direction, ctx)
+        return step, RuleAggState(rule_state, opt_state)
+
+    def __repr__(self) -> str:
+        return f"RuleAggregator({self.name!r})"

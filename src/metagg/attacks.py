@@ -1,0 +1,171 @@
+"""Byzantine behaviours.
+
+An attack is omniscient: it sees every worker's honest update for the round
+(Byzantine workers compute one too), which workers it controls, and the round
+context, and returns the forged rows. Data-level attacks (label flip) are a
+property of the workers instead and forge nothing here.
+
+    attack = make_attack("alie", z=1.5)
+    forged = attack.forge(honest, byzantine_ids, ctx, generator)   # [b, d]
+
+Definitions and defaults follow ../shared/specs/byzantine.md.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+import torch
+
+__all__ = ["ATTACKS", "Attack", "make_attack"]
+
+
+class Attack:
+    """Base class; subclasses override `forge`."""
+
+    name = "none"
+    #: Byzantine workers send nothing (the server sees them as missing).
+    drops_workers = False
+    #: Byzantine workers train on flipped labels; `forge` is not called.
+    flips_labels = False
+
+    def forge(
+        self,
+        honest: torch.Tensor,
+        byzantine: torch.Tensor,
+        ctx: Any,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """Return forged updates [b, d] for the workers in `byzantine` (int64 [b]).
+
+        `honest` [M, d] holds every worker's honest update, Byzantine ones included.
+        """
+        return honest[byzantine]
+
+    @staticmethod
+    def honest_rows(honest: torch.Tensor, byzantine: torch.Tensor) -> torch.Tensor:
+        keep = torch.ones(honest.shape[0], dtype=torch.bool, device=honest.device)
+        keep[byzantine] = False
+        return honest[keep]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class SignFlip(Attack):
+    """−scale · (the worker's own honest update)."""
+
+    name = "sign_flip"
+
+    def __init__(self, scale: float = 1.0):
+        self.scale = scale
+
+    def forge(self, honest, byzantine, ctx, generator):
+        return -self.scale * honest[byzantine]
+
+
+class Gaussian(Attack):
+    """N(0, σ² I) noise, σ = 200 (Blanchard et al. 2017)."""
+
+    name = "gaussian"
+
+    def __init__(self, sigma: float = 200.0):
+        self.sigma = sigma
+
+    def forge(self, honest, byzantine, ctx, generator):
+        shape = (len(byzantine), honest.shape[1])
+        noise = torch.randn(shape, generator=generator, dtype=honest.dtype)
+        return self.sigma * noise.to(honest.device)
+
+
+class Zero(Attack):
+    """All-zero updates."""
+
+    name = "zero"
+
+    def forge(self, honest, byzantine, ctx, generator):
+        return honest.new_zeros(len(byzantine), honest.shape[1])
+
+
+class Crash(Attack):
+    """Byzantine workers send nothing: the server sees them as missing."""
+
+    name = "crash"
+    drops_workers = True
+
+
+class LabelFlip(Attack):
+    """Byzantine workers compute honestly on labels y → C − 1 − y."""
+
+    name = "label_flip"
+    flips_labels = True
+
+
+class ALIE(Attack):
+    """"A little is enough" (Baruch et al. 2019): μ − z·σ per coordinate over honest rows.
+
+    `z` is a number (default 1.5), or "auto" for the paper's
+    z_max = Φ⁻¹((n − s)/n) with s = ⌊n/2 + 1⌋ − b, falling back to 1.5 where that
+    is undefined (e.g. b = 7 of n = 10).
+    """
+
+    name = "alie"
+
+    def __init__(self, z: float | str = 1.5):
+        if not (z == "auto" or isinstance(z, int | float)):
+            raise ValueError(f"alie: z must be a number or 'auto', got {z!r}")
+        self.z = z
+
+    def z_value(self, n: int, b: int) -> float:
+        if self.z != "auto":
+            return float(self.z)
+        s = n // 2 + 1 - b
+        p = (n - s) / n
+        return statistics.NormalDist().inv_cdf(p) if 0 < p < 1 else 1.5
+
+    def forge(self, honest, byzantine, ctx, generator):
+        good = self.honest_rows(honest, byzantine)
+        mu = good.mean(0)
+        sigma = good.std(0, unbiased=False) if len(good) > 1 else torch.zeros_like(mu)
+        z = self.z_value(honest.shape[0], len(byzantine))
+        return (mu - z * sigma).expand(len(byzantine), -1).clone()
+
+
+class IPM(Attack):
+    """Inner product manipulation (Xie et al. 2020): −ε · mean of honest rows."""
+
+    name = "ipm"
+
+    def __init__(self, eps: float = 0.1):
+        self.eps = eps
+
+    def forge(self, honest, byzantine, ctx, generator):
+        good = self.honest_rows(honest, byzantine)
+        return (-self.eps * good.mean(0)).expand(len(byzantine), -1).clone()
+
+
+class Mimic(Attack):
+    """Every Byzantine worker copies one honest worker's update (the first honest one)."""
+
+    name = "mimic"
+
+    def forge(self, honest, byzantine, ctx, generator):
+        good = self.honest_rows(honest, byzantine)
+        return good[:1].expand(len(byzantine), -1).clone()
+
+
+_ATTACKS: dict[str, type[Attack]] = {
+    cls.name: cls for cls in (Attack, SignFlip, Gaussian, Zero, Crash, LabelFlip, ALIE, IPM, Mimic)
+}
+ATTACKS = tuple(_ATTACKS)
+
+
+def make_attack(name: str, **options: Any) -> Attack:
+    """Build an attack by name with keyword options (e.g. `make_attack("ipm", eps=100)`)."""
+    if name not in _ATTACKS:
+        raise ValueError(f"unknown attack {name!r}; allowed: {', '.join(ATTACKS)}")
+    try:
+        return _ATTACKS[name](**options)
+    except TypeError as exc:
+        raise ValueError(f"attack {name!r}: bad options {options} ({exc})") from None

@@ -1,0 +1,155 @@
+"""Checkpoints and weights: safetensors + a JSON sidecar, written atomically.
+
+Never pickle: a checkpoint is `NAME.safetensors` (tensors only) beside
+`NAME.json` (config, metagg version, layout, round...). Each file is written to a
+temporary name and renamed into place, and the JSON records the tensor file's
+sha256, so a half-written or mismatched pair is detected on load instead of
+silently resuming from garbage.
+
+Aggregator states are pytrees (NamedTuple / tuple / list / dict of tensors);
+`flatten_state` / `unflatten_state` turn them into flat {key: tensor} dicts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from metagg import __version__
+
+__all__ = [
+    "CheckpointError",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "flatten_state",
+    "load_checkpoint",
+    "save_checkpoint",
+    "unflatten_state",
+]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt or does not match the run."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same directory, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def _is_namedtuple(x: Any) -> bool:
+    return isinstance(x, tuple) and hasattr(x, "_fields")
+
+
+def flatten_state(state: Any, prefix: str = "state") -> dict[str, torch.Tensor]:
+    """{dotted path: tensor} for every tensor leaf of a NamedTuple/tuple/list/dict tree."""
+    out: dict[str, torch.Tensor] = {}
+
+    def visit(node: Any, path: str) -> None:
+        if isinstance(node, torch.Tensor):
+            out[path] = node.detach().contiguous()
+        elif _is_namedtuple(node):
+            for name, child in zip(node._fields, node, strict=True):
+                visit(child, f"{path}.{name}")
+        elif isinstance(node, tuple | list):
+            for i, child in enumerate(node):
+                visit(child, f"{path}.{i}")
+        elif isinstance(node, dict):
+            for key, child in node.items():
+                visit(child, f"{path}.{key}")
+        elif node is not None:
+            raise TypeError(f"state leaf at {path} is {type(node).__name__}, not a tensor")
+
+    visit(state, prefix)
+    return out
+
+
+def unflatten_state(template: Any, tensors: dict[str, torch.Tensor], prefix: str = "state") -> Any:
+    """Rebuild a state shaped like `template` from `flatten_state` output; checks shapes."""
+
+    def build(node: Any, path: str) -> Any:
+        if isinstance(node, torch.Tensor):
+            if path not in tensors:
+                raise CheckpointError(f"checkpoint lacks state tensor {path}")
+            t = tensors[path]
+            if t.shape != node.shape or t.dtype != node.dtype:
+                raise CheckpointError(
+                    f"state tensor {path}: checkpoint has {tuple(t.shape)} {t.dtype}, "
+                    f"run expects {tuple(node.shape)} {node.dtype}"
+                )
+            return t.to(node.device)
+        if _is_namedtuple(node):
+            return type(node)(*(build(c, f"{path}.{n}") for n, c in zip(node._fields, node,
+                                                                        strict=True)))
+        if isinstance(node, tuple | list):
+            return type(node)(build(c, f"{path}.{i}") for i, c in enumerate(node))
+        if isinstance(node, dict):
+            return {k: build(c, f"{path}.{k}") for k, c in node.items()}
+        return node
+
+    return build(template, prefix)
+
+
+def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Write `path`.safetensors and `path`.json atomically (tensors first, then JSON)."""
+    from safetensors.torch import save
+
+    path = Path(path)
+    blob = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    atomic_write_bytes(path.with_suffix(".safetensors"), blob)
+    sidecar = dict(meta)
+    sidecar["metagg_version"] = __version__
+    sidecar["sha256"] = hashlib.sha256(blob).hexdigest()
+    atomic_write_text(path.with_suffix(".json"), json.dumps(sidecar, indent=2))
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a checkpoint pair; raise CheckpointError with the reason if unusable."""
+    path = Path(path)
+    tfile, jfile = path.with_suffix(".safetensors"), path.with_suffix(".json")
+    for f in (tfile, jfile):
+        if not f.exists():
+            raise CheckpointError(f"checkpoint file missing: {f}")
+    try:
+        meta = json.loads(jfile.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{jfile}: not valid JSON ({exc})") from None
+    blob = tfile.read_bytes()
+    digest = hashlib.sha256(blob).hexdigest()
+    if "sha256" in meta and meta["sha256"] != digest:
+        raise CheckpointError(
+            f"{tfile} does not match its sidecar (sha256 {digest[:12]}… vs "
+            f"{meta['sha256'][:12]}…): the checkpoint is corrupt or from another run"
+        )
+    try:
+        tensors = load_file(tfile)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{tfile}: cannot read safetensors ({exc})") from None
+    return tensors, meta
+
+
+# Re-exported for callers that only need plain safetensors files (aggregator weights).
+save_tensors = save_file

@@ -1,0 +1,345 @@
+"""The single-machine simulator: one parameter server, M vectorised workers.
+
+    from metagg.config import load_config
+    from metagg.simulation import Simulation
+
+    sim = Simulation(load_config("configs/digits.yaml"))
+    summary = sim.run(out_dir="runs/digits")       # metrics.jsonl, summary.json, curves.png
+
+Bring your own data or model through the same object:
+`Simulation(cfg, dataset=my_dataset, model=my_module)`.
+
+A round: workers compute honest updates (vmapped) → Byzantine rows replaced by
+the attack → non-finite rows dropped and counted → the aggregator's step →
+θ ← θ − step. Everything random in round t is seeded by (seed, t), and the
+checkpoint holds θ, the aggregator state and the counters, so a killed run
+resumed with `resume=True` reproduces the uninterrupted metrics exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from metagg.aggregators.base import RoundContext, TooFewUpdates
+from metagg.aggregators.registry import build_aggregator, build_optimizer
+from metagg.attacks import make_attack
+from metagg.checkpoint import (
+    CheckpointError,
+    atomic_write_text,
+    flatten_state,
+    load_checkpoint,
+    save_checkpoint,
+    unflatten_state,
+)
+from metagg.cluster import STREAM_ATTACK, Cluster, round_generator
+from metagg.config import RunConfig, config_to_dict, save_config
+from metagg.data import Dataset, load_dataset, partition
+from metagg.models import build_model
+from metagg.tasks import Task, TrustedData
+
+__all__ = ["Simulation", "byzantine_ids"]
+
+log = logging.getLogger("metagg")
+
+ACCURACY_MILESTONES = (0.8, 0.9, 0.95)
+
+
+def byzantine_ids(num_workers: int, num_byzantine: int, selection: str, seed: int) -> torch.Tensor:
+    """Which workers are Byzantine: the first b (default) or a seeded random subset."""
+    if selection == "first":
+        return torch.arange(num_byzantine)
+    g = torch.Generator().manual_seed(seed + 7919)
+    return torch.randperm(num_workers, generator=g)[:num_byzantine].sort().values
+
+
+class Simulation:
+    """One simulated training run described by a RunConfig."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        dataset: Dataset | None = None,
+        model: nn.Module | None = None,
+    ):
+        self.cfg = cfg
+        d = cfg.data
+        self.dataset = dataset or load_dataset(
+            d.name, data_dir=d.data_dir, path=d.path, classes=d.classes, image_size=d.image_size
+        )
+        ds = self.dataset
+        model = model or build_model(cfg.model, ds.input_shape, ds.num_classes)
+        self.task = Task(model, num_classes=ds.num_classes)
+        w = cfg.workers
+        shards = partition(
+            ds.y_train, w.num_workers, d.partition, seed=cfg.seed, alpha=d.alpha,
+            shards_per_worker=d.shards_per_worker,
+        )
+        a = cfg.attack
+        self.attack = make_attack(a.name, **a.options)
+        self.byzantine = byzantine_ids(w.num_workers, a.num_byzantine, a.selection, cfg.seed)
+        flip = torch.zeros(w.num_workers, dtype=torch.bool)
+        if self.attack.flips_labels:
+            flip[self.byzantine] = True
+        self.cluster = Cluster(
+            self.task, ds.x_train, ds.y_train, shards, batch_size=w.batch_size, mode=w.mode,
+            local_steps=w.local_steps, local_lr=w.local_lr, seed=cfg.seed, flip_labels=flip,
+        )
+        f = cfg.aggregator.f if cfg.aggregator.f is not None else a.num_byzantine
+        self.aggregator = build_aggregator(
+            cfg.aggregator.name, f=f, optimizer=build_optimizer(cfg.optimizer),
+            options=cfg.aggregator.options,
+        )
+        gen = torch.Generator().manual_seed(cfg.seed + 104729)
+        self.trusted = None
+        if cfg.trusted_samples > 0:
+            idx = torch.randperm(len(ds.y_train), generator=gen)[: cfg.trusted_samples]
+            self.trusted = TrustedData(self.task, ds.x_train[idx], ds.y_train[idx])
+        n_eval = len(ds.y_train)
+        if cfg.eval_train_samples is not None and cfg.eval_train_samples < n_eval:
+            idx = torch.randperm(n_eval, generator=gen)[: cfg.eval_train_samples]
+            self.eval_x, self.eval_y = ds.x_train[idx], ds.y_train[idx]
+        else:
+            self.eval_x, self.eval_y = ds.x_train, ds.y_train
+        self.reset()
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Fresh θ (seeded init), aggregator state and counters."""
+        self.params = self.task.init_params(self.cfg.seed)
+        self.agg_state = self.aggregator.init(self.task.layout, self.cfg.workers.num_workers)
+        self.round = 0
+        self.dropped_updates = 0
+        self.skipped_rounds = 0
+        self.last_worker_loss = float("nan")
+        self.wall_offset = 0.0
+
+    def context(self, worker_ids: torch.Tensor) -> RoundContext:
+        w = self.cfg.workers
+        return RoundContext(
+            round=self.round, params=self.params, layout=self.task.layout,
+            num_workers=w.num_workers, worker_ids=worker_ids, trusted=self.trusted,
+            mode=w.mode, local_lr=w.local_lr, local_steps=w.local_steps,
+        )
+
+    # ------------------------------------------------------------------ one round
+    def step(self) -> None:
+        """Run one communication round and advance θ."""
+        t, cfg = self.round, self.cfg
+        out = self.cluster.compute(self.params, t)
+        updates = out.updates
+        present = self.cluster.present(t, cfg.workers.failure_prob)
+        honest = torch.ones_like(present)
+        honest[self.byzantine] = False
+        if len(self.byzantine) and self.attack.drops_workers:
+            present[self.byzantine] = False
+        elif len(self.byzantine) and not self.attack.flips_labels:
+            ctx = self.context(torch.arange(cfg.workers.num_workers))
+            ctx.extras["aggregator"] = self.aggregator
+            forged = self.attack.forge(updates, self.byzantine, ctx,
+                                       round_generator(cfg.seed, t, STREAM_ATTACK))
+            updates = updates.index_put((self.byzantine,), forged.to(updates.dtype))
+        if honest.any():
+            self.last_worker_loss = float(out.losses[honest].mean())
+
+        # Server safety: a non-finite update never reaches the aggregator.
+        finite = torch.isfinite(updates).all(dim=1)
+        self.dropped_updates += int((present & ~finite).sum())
+        keep = present & finite
+        worker_ids = keep.nonzero().squeeze(1)
+        rows = updates if bool(keep.all()) else updates[keep]
+        try:
+            step, new_state = self.aggregator.step(self.agg_state, rows, self.context(worker_ids))
+        except TooFewUpdates as exc:
+            log.warning("round %d skipped: %s", t, exc)
+            self.skipped_rounds += 1
+            self.round += 1
+            return
+        if not bool(torch.isfinite(step).all()):
+            log.warning("round %d skipped: %s produced a non-finite step", t, self.aggregator.name)
+            self.skipped_rounds += 1
+            self.round += 1
+            return
+        self.params = self.params - step
+        self.agg_state = new_state
+        self.round += 1
+
+    def evaluate(self) -> dict[str, float]:
+        train = self.task.evaluate(self.params, self.eval_x, self.eval_y)
+        test = self.task.evaluate(self.params, self.dataset.x_test, self.dataset.y_test)
+        return {
+            "train_loss": train["loss"],
+            "train_accuracy": train["accuracy"],
+            "test_loss": test["loss"],
+            "test_accuracy": test["accuracy"],
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_meta(self, wall_s: float) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "dropped_updates": self.dropped_updates,
+            "skipped_rounds": self.skipped_rounds,
+            "last_worker_loss": self.last_worker_loss,
+            "wall_s": wall_s,
+            "config": config_to_dict(self.cfg),
+            "layout": self.task.layout.to_json(),
+            "aggregator": self.aggregator.name,
+        }
+
+    def save(self, path: str | Path, wall_s: float = 0.0) -> None:
+        tensors = {"params": self.params, **flatten_state(self.agg_state)}
+        save_checkpoint(path, tensors, self._checkpoint_meta(wall_s))
+
+    def load(self, path: str | Path) -> None:
+        """Restore θ, aggregator state and counters from a checkpoint of this run."""
+        tensors, meta = load_checkpoint(path)
+        saved = dict(meta.get("config", {}))
+        mine = config_to_dict(self.cfg)
+        saved.pop("rounds", None)
+        mine.pop("rounds", None)  # a resumed run may be extended
+        if saved != mine:
+            diff = sorted(k for k in mine if saved.get(k) != mine[k])
+            raise CheckpointError(f"checkpoint {path} is from a different config (differs in: "
+                                  f"{', '.join(diff)})")
+        params = tensors.get("params")
+        if params is None or params.shape != self.params.shape:
+            raise CheckpointError(f"checkpoint {path}: params missing or of the wrong size")
+        template = self.aggregator.init(self.task.layout, self.cfg.workers.num_workers)
+        self.agg_state = unflatten_state(template, tensors)
+        self.params = params
+        self.round = int(meta["round"])
+        self.dropped_updates = int(meta["dropped_updates"])
+        self.skipped_rounds = int(meta["skipped_rounds"])
+        self.last_worker_loss = float(meta["last_worker_loss"])
+        self.wall_offset = float(meta["wall_s"])
+
+    # ------------------------------------------------------------------ a whole run
+    def run(
+        self,
+        out_dir: str | Path | None = None,
+        *,
+        resume: bool = False,
+        progress: bool | None = None,
+        stop_after: int | None = None,
+    ) -> dict[str, Any]:
+        """Train for `cfg.rounds` rounds; with `out_dir`, write metrics, checkpoints and plots.
+
+        `stop_after` stops early after that many rounds in this call (used to test
+        kill-and-resume); the summary then describes the partial run.
+        """
+        cfg = self.cfg
+        out = Path(out_dir) if out_dir is not None else None
+        rows: list[dict[str, Any]] = []
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            ckpt = out / "checkpoint"
+            if resume:
+                if not ckpt.with_suffix(".json").exists():
+                    raise CheckpointError(f"nothing to resume in {out}: no checkpoint.json")
+                self.load(ckpt)
+                rows = [r for r in read_metrics(out / "metrics.jsonl") if r["round"] <= self.round]
+            save_config(cfg, out / "config.yaml")
+            atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        metrics_fh = open(out / "metrics.jsonl", "a") if out is not None else None  # noqa: SIM115
+        start = time.perf_counter()
+
+        def wall() -> float:
+            return self.wall_offset + time.perf_counter() - start
+
+        def record() -> None:
+            worker_loss = self.last_worker_loss if math.isfinite(self.last_worker_loss) else None
+            row = {"round": self.round, **self.evaluate(), "worker_loss": worker_loss,
+                   "dropped_updates": self.dropped_updates,
+                   "skipped_rounds": self.skipped_rounds, "wall_s": round(wall(), 4)}
+            rows.append(row)
+            if metrics_fh is not None:
+                metrics_fh.write(json.dumps(row) + "\n")
+                metrics_fh.flush()
+
+        if progress is None:
+            progress = sys.stderr.isatty()
+        bar = _progress_bar(cfg.rounds, self.round, progress, cfg.aggregator.name)
+        try:
+            if not rows:
+                record()
+            ran = 0
+            while self.round < cfg.rounds and (stop_after is None or ran < stop_after):
+                self.step()
+                ran += 1
+                if bar is not None:
+                    bar.update(1)
+                if self.round % cfg.eval_every == 0 or self.round == cfg.rounds:
+                    record()
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{rows[-1]['train_loss']:.4f}",
+                                        acc=f"{rows[-1]['test_accuracy']:.3f}")
+                if out is not None and cfg.checkpoint_every and self.round % cfg.checkpoint_every == 0:
+                    self.save(out / "checkpoint", wall())
+        finally:
+            if bar is not None:
+                bar.close()
+            if metrics_fh is not None:
+                metrics_fh.close()
+        summary = summarize(rows, cfg, self.aggregator.name)
+        if out is not None:
+            self.save(out / "checkpoint", wall())
+            atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+            from metagg.plots import plot_curves
+
+            plot_curves(rows, out / "curves.png", title=f"{cfg.aggregator.name} on {cfg.data.name}")
+        return summary
+
+
+def _progress_bar(total: int, initial: int, enabled: bool, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="round", leave=False)
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a metrics.jsonl; a torn last line (killed mid-write) is ignored."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]], cfg: RunConfig, aggregator: str) -> dict[str, Any]:
+    last = rows[-1]
+    reached = {}
+    for level in ACCURACY_MILESTONES:
+        hit = next((r["round"] for r in rows if r["test_accuracy"] >= level), None)
+        reached[f"rounds_to_test_accuracy_{level:g}"] = hit
+    return {
+        "aggregator": aggregator,
+        "seed": cfg.seed,
+        "rounds": last["round"],
+        "final_test_accuracy": last["test_accuracy"],
+        "final_test_loss": last["test_loss"],
+        "final_train_loss": last["train_loss"],
+        "final_train_accuracy": last["train_accuracy"],
+        "best_test_accuracy": max(r["test_accuracy"] for r in rows),
+        "diverged": not math.isfinite(last["train_loss"]),
+        "dropped_updates": last["dropped_updates"],
+        "skipped_rounds": last["skipped_rounds"],
+        "wall_s": last["wall_s"],
+        **reached,
+    }
