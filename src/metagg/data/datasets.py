@@ -1,0 +1,283 @@
+"""``Dataset`` and ``load_dataset``: every dataset as float32 tensors with int64 labels.
+
+    >>> ds = load_dataset("digits")                      # built in, no files needed
+    >>> ds.x_train.shape, ds.num_classes
+    (torch.Size([1437, 1, 8, 8]), 10)
+    >>> fm8 = load_dataset("fashion_mnist", image_size=8)  # the 8x8 Fashion-MNIST of LAgg-A
+    >>> c2 = load_dataset("cifar10", classes=[0, 1], data_dir="data")  # CIFAR-2
+
+Images are ``[N, C, H, W]`` in [0, 1] (not standardised: models may do that);
+flat features ``[N, F]``. Labels are contiguous ``0..num_classes-1``.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from metagg.data import sources
+
+__all__ = ["DATASETS", "Dataset", "load_dataset", "normalize_name"]
+
+DATASETS: tuple[str, ...] = ("digits", "fashion_mnist", "mnist", "cifar10", "npz")
+_ALIASES = {"fmnist": "fashion_mnist", "fashionmnist": "fashion_mnist", "cifar_10": "cifar10"}
+_NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Dataset:
+    """A classification dataset held in memory.
+
+    Attributes:
+        name: the canonical dataset name (plus ``[classes]`` / ``@size`` when derived).
+        x_train: float32 ``[N, C, H, W]`` images (C=1 for grayscale) or ``[N, F]`` features.
+        y_train: int64 ``[N]`` labels in ``0..num_classes-1``.
+        x_test: float32, same trailing shape as ``x_train``.
+        y_test: int64 labels.
+        num_classes: number of classes.
+    """
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+
+    def __post_init__(self) -> None:
+        for split in ("train", "test"):
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            if x.dtype != torch.float32 or y.dtype != torch.int64 or y.ndim != 1:
+                raise ValueError(
+                    f"Dataset {self.name!r}: x_{split} must be float32 and y_{split} int64 [N], "
+                    f"got {x.dtype} and {y.dtype} {tuple(y.shape)}"
+                )
+            if x.ndim < 2 or len(x) != len(y):
+                raise ValueError(
+                    f"Dataset {self.name!r}: x_{split} {tuple(x.shape)} and y_{split} "
+                    f"{tuple(y.shape)} must share their first dimension (x at least 2-D)"
+                )
+        if self.x_train.shape[1:] != self.x_test.shape[1:]:
+            raise ValueError(
+                f"Dataset {self.name!r}: train inputs {tuple(self.x_train.shape[1:])} and test "
+                f"inputs {tuple(self.x_test.shape[1:])} differ"
+            )
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape of one input, ``x_train.shape[1:]``."""
+        return tuple(self.x_train.shape[1:])
+
+    def __repr__(self) -> str:  # the default would print every tensor
+        return (
+            f"Dataset(name={self.name!r}, train={len(self.y_train)}, test={len(self.y_test)}, "
+            f"input_shape={self.input_shape}, num_classes={self.num_classes})"
+        )
+
+
+def normalize_name(name: str) -> str:
+    """Canonical dataset name: lower-case, ``-`` → ``_``, aliases resolved (``fmnist``)."""
+    key = name.strip().lower().replace("-", "_")
+    key = _ALIASES.get(key, key)
+    if key not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+    return key
+
+
+def _to_float(x: np.ndarray) -> torch.Tensor:
+    """float32 tensor; uint8 pixels scaled to [0, 1] (a fresh copy, never a view)."""
+    if x.dtype == np.uint8:
+        return torch.from_numpy(x.astype(np.float32)).div_(255.0)
+    return torch.from_numpy(np.array(x, dtype=np.float32))
+
+
+def _as_labels(y: np.ndarray, where: str) -> np.ndarray:
+    """1-D int64 labels ≥ 0; accepts integer or integral-valued float arrays, [N] or [N, 1]."""
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise ValueError(f"{where}: labels must be 1-D [N], got shape {y.shape}")
+    if np.issubdtype(y.dtype, np.floating):
+        if not (np.all(np.isfinite(y)) and np.all(y == np.round(y))):
+            raise ValueError(f"{where}: labels must be integers, got non-integral {y.dtype} values")
+    elif not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{where}: labels must be integers, got dtype {y.dtype}")
+    if len(y) and y.min() < 0:
+        raise ValueError(f"{where}: labels must be >= 0, got min {y.min()}")
+    return y.astype(np.int64)
+
+
+def _load_npz(path: str | Path | None) -> tuple[np.ndarray, ...]:
+    if path is None:
+        raise ValueError("dataset 'npz' needs path=, an .npz with x_train, y_train, x_test, y_test")
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"npz dataset file not found: {path}")
+    try:
+        # allow_pickle=False: object arrays would unpickle (run) code from the file.
+        npz = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ValueError(f"{path}: cannot read as .npz ({exc})") from None
+    if not hasattr(npz, "files"):
+        raise ValueError(f"{path}: expected an .npz archive of named arrays, got a single array")
+    with npz:
+        present = sorted(npz.files)
+        missing = [k for k in _NPZ_KEYS if k not in present]
+        if missing:
+            raise ValueError(f"{path}: missing arrays {missing}; the file has {present}")
+        arrays = {}
+        for k in _NPZ_KEYS:
+            try:
+                arrays[k] = npz[k]
+            except (ValueError, OSError, EOFError) as exc:
+                raise ValueError(f"{path}: cannot read array {k!r} ({exc})") from None
+    for split in ("train", "test"):
+        x, where = arrays[f"x_{split}"], f"{path}:x_{split}"
+        if x.ndim < 2 or not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+            raise ValueError(f"{where}: must be a numeric array [N, ...], got {x.dtype} {x.shape}")
+        if np.issubdtype(x.dtype, np.complexfloating) or not np.all(np.isfinite(x)):
+            raise ValueError(f"{where}: inputs must be finite real numbers")
+        y = arrays[f"y_{split}"] = _as_labels(arrays[f"y_{split}"], f"{path}:y_{split}")
+        if len(x) != len(y):
+            raise ValueError(
+                f"{path}: x_{split} has {len(x)} rows but y_{split} has {len(y)} labels"
+            )
+    if len(arrays["y_train"]) == 0:
+        raise ValueError(f"{path}: x_train/y_train are empty; need at least one sample")
+    return tuple(arrays[k] for k in _NPZ_KEYS)
+
+
+def _raw_arrays(
+    name: str, data_dir: str | Path | None, path: str | Path | None, download: bool
+) -> tuple[np.ndarray, ...]:
+    if name != "npz" and path is not None:
+        raise ValueError(f"path= is only for the 'npz' dataset; for {name!r} use data_dir=")
+    if name == "digits":
+        return sources.load_digits()
+    if name in sources.IDX_SOURCES:
+        x_train, y_train, x_test, y_test = sources.load_idx_dataset(
+            name, data_dir=data_dir, download=download
+        )
+        return x_train[:, None], y_train, x_test[:, None], y_test  # (N, 1, H, W)
+    if name == "cifar10":
+        return sources.load_cifar10(data_dir=data_dir, download=download)
+    return _load_npz(path)
+
+
+def _select_classes(ds: Dataset, classes: Sequence[int]) -> Dataset:
+    """Keep only ``classes`` (train and test); label ``classes[i]`` becomes ``i``."""
+    try:
+        if isinstance(classes, (str, bytes)) or any(isinstance(c, bool) for c in classes):
+            raise TypeError
+        wanted = [operator.index(c) for c in classes]  # ints, numpy ints, int tensors
+    except TypeError:
+        raise ValueError(f"classes must be a sequence of integer labels, got {classes!r}") from None
+    if not wanted:
+        raise ValueError("classes must name at least one class, got []")
+    if len(set(wanted)) != len(wanted):
+        raise ValueError(f"classes must be distinct, got {wanted}")
+    bad = [c for c in wanted if not 0 <= c < ds.num_classes]
+    if bad:
+        raise ValueError(
+            f"classes {bad} do not exist in {ds.name!r}; allowed 0..{ds.num_classes - 1}"
+        )
+    absent = [c for c in wanted if not bool((ds.y_train == c).any())]
+    if absent:
+        raise ValueError(f"classes {absent} have no training samples in {ds.name!r}")
+    remap = torch.full((ds.num_classes,), -1, dtype=torch.int64)
+    remap[torch.tensor(wanted)] = torch.arange(len(wanted))
+    keep_train = remap[ds.y_train] >= 0
+    keep_test = remap[ds.y_test] >= 0
+    return Dataset(
+        name=f"{ds.name}[{','.join(map(str, wanted))}]",
+        x_train=ds.x_train[keep_train],
+        y_train=remap[ds.y_train[keep_train]],
+        x_test=ds.x_test[keep_test],
+        y_test=remap[ds.y_test[keep_test]],
+        num_classes=len(wanted),
+    )
+
+
+def _resize(ds: Dataset, image_size: int) -> Dataset:
+    """Downsample [N, C, H, W] images to image_size x image_size by area averaging."""
+    if ds.x_train.ndim != 4:
+        raise ValueError(
+            f"image_size needs images [N, C, H, W]; {ds.name!r} has inputs {ds.input_shape}"
+        )
+    height, width = ds.input_shape[1:]
+    valid_int = isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool)
+    if not valid_int or not 1 <= image_size <= min(height, width):
+        raise ValueError(
+            f"image_size must be an int in 1..{min(height, width)} (downsampling only) for "
+            f"{ds.name!r}, got {image_size!r}"
+        )
+    if image_size == height == width:
+        return ds
+    # adaptive pooling averages over (possibly overlapping) windows: 28 -> 8 works too.
+    return Dataset(
+        name=f"{ds.name}@{image_size}",
+        x_train=F.adaptive_avg_pool2d(ds.x_train, int(image_size)),
+        y_train=ds.y_train,
+        x_test=F.adaptive_avg_pool2d(ds.x_test, int(image_size)),
+        y_test=ds.y_test,
+        num_classes=ds.num_classes,
+    )
+
+
+def load_dataset(
+    name: str,
+    *,
+    data_dir: str | Path | None = None,
+    path: str | Path | None = None,
+    classes: Sequence[int] | None = None,
+    image_size: int | None = None,
+    download: bool = False,
+) -> Dataset:
+    """Load a dataset as float32 inputs and int64 labels.
+
+    Args:
+        name: one of ``DATASETS`` (case-insensitive, ``-`` or ``_``; ``fmnist`` works).
+        data_dir: a folder holding the dataset's files (also searched as
+            ``data_dir/NAME``). Searched before ``$METAGG_DATA_DIR/NAME``, the
+            download cache ``~/.cache/metagg/NAME`` and system folders.
+        path: the ``.npz`` file, for ``name="npz"`` only. It must hold
+            ``x_train, y_train, x_test, y_test``; uint8 inputs are scaled by 1/255,
+            others cast to float32; ``num_classes`` is the largest label + 1.
+        classes: keep only these labels, renumbered ``0..k-1`` in the given order
+            (``classes=[0, 1]`` on CIFAR-10 is CIFAR-2).
+        image_size: downsample images to ``image_size x image_size`` by area
+            averaging (``adaptive_avg_pool2d``), e.g. 8 for 8x8 Fashion-MNIST.
+        download: fetch missing files (Fashion-MNIST, MNIST, CIFAR-10) into
+            ``data_dir`` (default ``~/.cache/metagg/NAME``), checking sha256.
+
+    Returns:
+        A ``Dataset``; the tensors are fresh copies the caller may modify.
+
+    Raises:
+        ValueError: unknown name, bad argument, or a corrupt file (named).
+        FileNotFoundError: the dataset's files are nowhere; says where it looked
+            and how to get them.
+    """
+    key = normalize_name(name)
+    x_train, y_train, x_test, y_test = _raw_arrays(key, data_dir, path, download)
+    labels = np.concatenate([y_train, y_test])
+    num_classes = int(labels.max()) + 1 if len(labels) else 0
+    ds = Dataset(
+        name=key,
+        x_train=_to_float(x_train),
+        y_train=torch.from_numpy(np.array(y_train, dtype=np.int64)),
+        x_test=_to_float(x_test),
+        y_test=torch.from_numpy(np.array(y_test, dtype=np.int64)),
+        num_classes=10 if key != "npz" else num_classes,
+    )
+    if classes is not None:
+        ds = _select_classes(ds, classes)
+    if image_size is not None:
+        ds = _resize(ds, image_size)
+    return ds
