@@ -42,7 +42,7 @@ def test_names_shared_across_sizes():
 
 @pytest.mark.parametrize("spec", ["mlp:20", "mlp:x:relu", "mlp:20:swish", "resnet", "cnn:foo"])
 def test_bad_specs(spec):
-    with pytest.raises(ValueError, match="spec|activation|hidden"):
+    with pytest.raises(ValueError, match=r"spec|activation|hidden"):
         parse_model_spec(spec)
 
 

@@ -113,7 +113,9 @@ def unflatten_state(template: Any, tensors: dict[str, torch.Tensor], prefix: str
     return build(template, prefix)
 
 
-def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+def save_checkpoint(
+    path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> None:
     """Write `path`.safetensors and `path`.json atomically (tensors first, then JSON)."""
     from safetensors.torch import save
 

@@ -95,6 +95,7 @@ class Cluster:
         if flip_labels is None:
             flip_labels = torch.zeros(self.num_workers, dtype=torch.bool)
         self.flip_labels = flip_labels
+        self._any_flipped = bool(flip_labels.any())
         self._grad = vmap(grad_and_value(task.loss), in_dims=(0, 0, 0))
         self._grad_shared = vmap(grad_and_value(task.loss), in_dims=(None, 0, 0))
 
@@ -109,7 +110,7 @@ class Cluster:
         """Inputs [M, H, B, ...] and labels [M, H, B] for every worker in this round."""
         idx = self.sample_indices(round)
         xb, yb = self.x[idx], self.y[idx]
-        if self.flip_labels.any():
+        if self._any_flipped:
             flipped = self.task.num_classes - 1 - yb
             yb = torch.where(self.flip_labels[:, None, None], flipped, yb)
         return xb, yb

@@ -243,8 +243,8 @@ def _choice(errors: list[str], key: str, value: str, allowed: typing.Iterable[st
 
 def validate(cfg: RunConfig) -> list[str]:
     """Range and choice checks; returns a list of one-line messages (empty if fine)."""
-    from metagg.aggregators.registry import aggregator_names, parse_aggregator_name
     from metagg.aggregators.optimizers import OPTIMIZERS
+    from metagg.aggregators.registry import aggregator_names, parse_aggregator_name
     from metagg.attacks import ATTACKS
     from metagg.data import DATASETS, PARTITIONS
     from metagg.models import parse_model_spec

@@ -87,6 +87,8 @@ class Simulation:
         a = cfg.attack
         self.attack = make_attack(a.name, **a.options)
         self.byzantine = byzantine_ids(w.num_workers, a.num_byzantine, a.selection, cfg.seed)
+        self.honest = torch.ones(w.num_workers, dtype=torch.bool)
+        self.honest[self.byzantine] = False
         flip = torch.zeros(w.num_workers, dtype=torch.bool)
         if self.attack.flips_labels:
             flip[self.byzantine] = True
@@ -138,8 +140,6 @@ class Simulation:
         out = self.cluster.compute(self.params, t)
         updates = out.updates
         present = self.cluster.present(t, cfg.workers.failure_prob)
-        honest = torch.ones_like(present)
-        honest[self.byzantine] = False
         if len(self.byzantine) and self.attack.drops_workers:
             present[self.byzantine] = False
         elif len(self.byzantine) and not self.attack.flips_labels:
@@ -148,13 +148,16 @@ class Simulation:
             forged = self.attack.forge(updates, self.byzantine, ctx,
                                        round_generator(cfg.seed, t, STREAM_ATTACK))
             updates = updates.index_put((self.byzantine,), forged.to(updates.dtype))
-        if honest.any():
-            self.last_worker_loss = float(out.losses[honest].mean())
+        if self.honest.any():
+            self.last_worker_loss = float(out.losses[self.honest].mean())
 
-        # Server safety: a non-finite update never reaches the aggregator.
-        finite = torch.isfinite(updates).all(dim=1)
-        self.dropped_updates += int((present & ~finite).sum())
-        keep = present & finite
+        # Server safety: a non-finite update never reaches the aggregator. One sum
+        # is a cheap test that every entry is finite; rows are checked only if not.
+        keep = present
+        if not bool(torch.isfinite(updates.sum())):
+            finite = torch.isfinite(updates).all(dim=1)
+            self.dropped_updates += int((present & ~finite).sum())
+            keep = present & finite
         worker_ids = keep.nonzero().squeeze(1)
         rows = updates if bool(keep.all()) else updates[keep]
         try:
@@ -164,7 +167,7 @@ class Simulation:
             self.skipped_rounds += 1
             self.round += 1
             return
-        if not bool(torch.isfinite(step).all()):
+        if not bool(torch.isfinite(step.sum())):
             log.warning("round %d skipped: %s produced a non-finite step", t, self.aggregator.name)
             self.skipped_rounds += 1
             self.round += 1
@@ -250,7 +253,7 @@ class Simulation:
                 rows = [r for r in read_metrics(out / "metrics.jsonl") if r["round"] <= self.round]
             save_config(cfg, out / "config.yaml")
             atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-        metrics_fh = open(out / "metrics.jsonl", "a") if out is not None else None  # noqa: SIM115
+        metrics_fh = open(out / "metrics.jsonl", "a") if out is not None else None
         start = time.perf_counter()
 
         def wall() -> float:
@@ -283,7 +286,8 @@ class Simulation:
                     if bar is not None:
                         bar.set_postfix(loss=f"{rows[-1]['train_loss']:.4f}",
                                         acc=f"{rows[-1]['test_accuracy']:.3f}")
-                if out is not None and cfg.checkpoint_every and self.round % cfg.checkpoint_every == 0:
+                every = cfg.checkpoint_every
+                if out is not None and every and self.round % every == 0:
                     self.save(out / "checkpoint", wall())
         finally:
             if bar is not None:

@@ -28,8 +28,8 @@ __all__ = [
     "KernelRule",
     "RoundContext",
     "Rule",
-    "RuleAggregator",
     "RuleAggState",
+    "RuleAggregator",
     "TooFewUpdates",
 ]
 

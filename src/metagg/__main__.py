@@ -1,0 +1,7 @@
+"""`python -m metagg` is the `metagg` command."""
+
+import sys
+
+from metagg.cli import main
+
+sys.exit(main())

@@ -1,0 +1,114 @@
+"""End-to-end tests of the `metagg` command (subprocesses, as a user runs it)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from metagg.simulation import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def metagg(*args, check=True, timeout=120):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "metagg", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"metagg {args} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+def test_run_writes_outputs(tmp_path):
+    out = tmp_path / "run"
+    proc = metagg("run", "configs/digits.yaml", "--set", "rounds=20", "--out", str(out))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 20
+    assert '"final_test_accuracy"' in proc.stdout
+    assert (out / "curves.png").exists() and (out / "config.yaml").exists()
+    assert "\r" not in proc.stderr  # no progress bar when not attached to a terminal
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["run", "--set", "roundz=3"], "unknown key roundz"),
+        (["run", "--set", "aggregator=avg"], "aggregator.name: unknown value 'avg'"),
+        (["run", "nope.yaml"], "config file not found: nope.yaml"),
+        (["run", "--set", "data.name=mnist", "--set", "data.data_dir=/nonexistent"], "mnist"),
+        (["compare", "--aggregators", "mean,foo", "--out", "x"], "unknown value 'foo'"),
+        (["run", "--resume"], "--resume needs --out"),
+    ],
+)
+def test_user_errors_are_one_line(args, message):
+    proc = metagg(*args, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_list_and_help():
+    out = metagg("list").stdout
+    assert "aggregators:" in out and "median" in out and "alie" in out
+    assert "--set" in metagg("run", "--help").stdout
+
+
+def test_compare_writes_table_and_plot(tmp_path):
+    out = tmp_path / "cmp"
+    metagg("compare", "configs/digits.yaml", "--aggregators", "mean,median", "--seeds", "2",
+           "--set", "rounds=20", "--out", str(out))
+    lines = (out / "results.csv").read_text().splitlines()
+    assert len(lines) == 1 + 4
+    table = (out / "results.md").read_text()
+    assert "| mean |" in table and "| median |" in table and "±" in table
+    assert (out / "curves.png").stat().st_size > 1000
+
+
+def test_kill_and_resume_matches_uninterrupted(tmp_path):
+    settings = ["--set", "rounds=400", "--set", "checkpoint_every=20", "--set", "eval_every=20"]
+    full = tmp_path / "full"
+    metagg("run", "configs/digits.yaml", *settings, "--out", str(full))
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "metagg", "run", "configs/digits.yaml",
+                             *settings, "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            ckpt = killed / "checkpoint.json"
+            if ckpt.exists():
+                try:
+                    if json.loads(ckpt.read_text())["round"] >= 60:
+                        break
+                except (json.JSONDecodeError, KeyError):
+                    pass
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    stopped_at = json.loads((killed / "checkpoint.json").read_text())["round"]
+    assert 60 <= stopped_at < 400, "the run was not killed mid-way"
+
+    metagg("run", "configs/digits.yaml", *settings, "--out", str(killed), "--resume")
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
+
+    resumed = strip(read_metrics(killed / "metrics.jsonl"))
+    assert resumed == strip(read_metrics(full / "metrics.jsonl"))
+
+
+def test_resume_from_corrupt_checkpoint_fails_clearly(tmp_path):
+    out = tmp_path / "r"
+    metagg("run", "--set", "rounds=10", "--out", str(out))
+    (out / "checkpoint.safetensors").write_bytes(b"garbage")
+    proc = metagg("run", "--set", "rounds=20", "--out", str(out), "--resume", check=False)
+    assert proc.returncode == 2
+    assert "corrupt" in proc.stderr and "Traceback" not in proc.stderr
