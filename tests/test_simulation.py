@@ -112,7 +112,7 @@ def test_nonfinite_updates_dropped_and_counted(digits):
 
 
 def test_too_few_updates_skips_round(digits, caplog):
-    c = cfg(aggregator__name="trimmed_mean", aggregator__f=2, workers__failure_prob=0.9)
+    c = cfg(aggregator__name="trimmed_mean", aggregator__f=1, workers__failure_prob=0.9)
     sim = Simulation(c, dataset=digits)
     before = sim.params.clone()
     for _ in range(3):

@@ -155,8 +155,50 @@ class Mimic(Attack):
         return good[:1].expand(len(byzantine), -1).clone()
 
 
+class Adaptive(Attack):
+    """An attack that knows the aggregator (white box).
+
+    All Byzantine workers send −c · (mean of honest updates); c is chosen each round
+    from `scales` to minimise ⟨step, μ⟩, where step is what the server's aggregator
+    (run on a copy of its state) would output and μ the honest mean. Since the server
+    does θ ← θ − step and μ estimates the gradient, this maximises the first-order
+    increase of the loss. Needs `ctx.extras["aggregator"]` and `["aggregator_state"]`
+    (the simulator provides them).
+    """
+
+    name = "adaptive"
+
+    def __init__(self, scales: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)):
+        if not scales or any(s <= 0 for s in scales):
+            raise ValueError(f"adaptive: scales must be positive numbers, got {scales}")
+        self.scales = tuple(float(s) for s in scales)
+
+    def forge(self, honest, byzantine, ctx, generator):
+        extras = getattr(ctx, "extras", {})
+        if "aggregator" not in extras:
+            raise ValueError("adaptive attack needs ctx.extras['aggregator'] (white-box access)")
+        agg, state = extras["aggregator"], extras.get("aggregator_state")
+        mu = self.honest_rows(honest, byzantine).mean(0)
+        best, best_score = None, float("inf")
+        for c in self.scales:
+            forged = (-c * mu).expand(len(byzantine), -1)
+            candidate = honest.index_put((byzantine,), forged)
+            try:
+                with torch.no_grad():
+                    step, _ = agg.step(state, candidate, ctx)
+            except ValueError:
+                continue  # e.g. a rule that refuses this input: try another scale
+            score = float(step @ mu)
+            if score < best_score:
+                best, best_score = forged, score
+        if best is None:
+            best = (-mu).expand(len(byzantine), -1)
+        return best.clone()
+
+
 _ATTACKS: dict[str, type[Attack]] = {
-    cls.name: cls for cls in (Attack, SignFlip, Gaussian, Zero, Crash, LabelFlip, ALIE, IPM, Mimic)
+    cls.name: cls
+    for cls in (Attack, SignFlip, Gaussian, Zero, Crash, LabelFlip, ALIE, IPM, Mimic, Adaptive)
 }
 ATTACKS = tuple(_ATTACKS)
 

@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, config_required=False)
     p.add_argument("--aggregators", required=True,
                    help="comma-separated aggregator names, e.g. mean,median,krum")
+    p.add_argument("--attacks", default=None,
+                   help="comma-separated attack settings name:count[:key=value], e.g. "
+                        "none,sign_flip:3,alie:7,ipm:3:eps=100 (default: the config's attack); "
+                        "gives an aggregator x attack accuracy table")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
 
@@ -105,11 +109,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
 
-    def report(agg: str, seed: int, s: dict) -> None:
-        print(f"  {agg:<18} seed {seed}: test acc {100 * s['final_test_accuracy']:.1f} %, "
+    attacks = None
+    if args.attacks:
+        from metagg.compare import parse_attack_setting
+
+        attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+        for a in attacks:  # fail before any run starts
+            name, b, _ = parse_attack_setting(a)
+            load_config(args.config, [*args.overrides, f"attack.name={name}",
+                                      f"attack.num_byzantine={b}"])
+
+    def report(agg: str, attack: str, seed: int, s: dict | None) -> None:
+        where = f"  {agg:<18} {attack:<16} seed {seed}:"
+        if s is None:
+            print(f"{where} n/a (rule undefined here)", flush=True)
+            return
+        print(f"{where} test acc {100 * s['final_test_accuracy']:.1f} %, "
               f"train loss {s['final_train_loss']:.4f} ({s['wall_s']:.1f} s)", flush=True)
 
-    compare(cfg, names, seeds=args.seeds, out_dir=args.out, on_run=report)
+    compare(cfg, names, seeds=args.seeds, out_dir=args.out, attacks=attacks, on_run=report)
     _print_results(args.out)
     return 0
 

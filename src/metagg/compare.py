@@ -1,9 +1,13 @@
-"""Run one setting for several aggregators and seeds; write a table and an overlay plot.
+"""Run one setting for several aggregators (× attacks) and seeds; write tables and plots.
 
     metagg compare configs/digits.yaml --aggregators mean,median --seeds 3 --out runs/cmp
+    metagg compare configs/digits.yaml --aggregators mean,krum,zeno \\
+        --attacks none,sign_flip:3,alie:7 --seeds 3 --out runs/robust
 
-Writes `results.csv` (one row per run), `results.md` (mean ± std per
-aggregator), `curves.png` (mean ± std bands) and each run's own directory.
+Writes `results.csv` (one row per run), `results.md` (mean ± std per aggregator,
+or an aggregator × attack matrix of final test accuracy), `curves.png` (mean ±
+std bands; one `curves_<attack>.png` per attack setting) and each run's directory.
+An attack setting is `name:b[:key=value...]`, e.g. `ipm:3:eps=100`.
 """
 
 from __future__ import annotations
@@ -15,20 +19,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from metagg.config import RunConfig, config_from_dict, config_to_dict
+import yaml
+
+from metagg.config import ConfigError, RunConfig, config_from_dict, config_to_dict
 from metagg.data import Dataset, load_dataset
 from metagg.plots import plot_overlay
 from metagg.simulation import Simulation, read_metrics
 
-__all__ = ["compare", "format_table", "mean_std"]
+__all__ = ["compare", "format_table", "mean_std", "parse_attack_setting"]
 
-SUMMARY_COLUMNS = (
-    "final_test_accuracy",
-    "final_train_loss",
-    "final_test_loss",
-    "rounds_to_test_accuracy_0.9",
-    "wall_s",
-)
+NO_ATTACK = ("none", 0, {})
 
 
 def mean_std(values: Sequence[float | None], scale: float = 1.0, digits: int = 2) -> str:
@@ -48,16 +48,55 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _with(cfg: RunConfig, **changes: Any) -> RunConfig:
-    """A validated copy of `cfg` with dotted-key changes applied."""
-    data = copy.deepcopy(config_to_dict(cfg))
-    for dotted, value in changes.items():
-        node = data
-        *parents, last = dotted.split("__")
-        for k in parents:
-            node = node[k]
-        node[last] = value
+def parse_attack_setting(spec: str) -> tuple[str, int, dict[str, Any]]:
+    """'alie:7' -> ('alie', 7, {}); 'ipm:3:eps=100' -> ('ipm', 3, {'eps': 100}); 'none'."""
+    parts = [p.strip() for p in spec.split(":")]
+    name = parts[0]
+    if name == "none":
+        if len(parts) > 1:
+            raise ConfigError(f"attack setting {spec!r}: 'none' takes no count")
+        return NO_ATTACK
+    if len(parts) < 2 or not parts[1].isdigit():
+        raise ConfigError(f"attack setting {spec!r}: expected name:count, e.g. sign_flip:3")
+    options = {}
+    for item in parts[2:]:
+        key, eq, raw = item.partition("=")
+        if not eq:
+            raise ConfigError(f"attack setting {spec!r}: options are key=value, got {item!r}")
+        options[key] = yaml.safe_load(raw)
+    return name, int(parts[1]), options
+
+
+def attack_label(setting: tuple[str, int, dict[str, Any]], num_workers: int) -> str:
+    name, b, options = setting
+    if name == "none":
+        return "no attack"
+    extra = "".join(f" {k}={v}" for k, v in options.items())
+    return f"{name}{extra} {b}/{num_workers}"
+
+
+def _configure(base: RunConfig, aggregator: str, setting, seed: int, unsafe: bool) -> RunConfig:
+    data = copy.deepcopy(config_to_dict(base))
+    name, b, options = setting
+    data["seed"] = seed
+    data["aggregator"]["name"] = aggregator
+    if unsafe:
+        data["aggregator"]["options"]["allow_unsafe"] = True
+    data["attack"].update(name=name, num_byzantine=b, options=options)
     return config_from_dict(data)
+
+
+def _simulation(cfg: RunConfig, dataset: Dataset, aggregator: str, setting, seed: int):
+    """(Simulation, ran outside the guarantee?) or (None, reason) if the rule can't run."""
+    try:
+        return Simulation(_configure(cfg, aggregator, setting, seed, False), dataset=dataset), False
+    except ValueError as exc:
+        if "allow_unsafe" not in str(exc):
+            raise
+    try:  # outside the rule's guarantee: run it anyway and mark the cell
+        return Simulation(_configure(cfg, aggregator, setting, seed, True), dataset=dataset), True
+    except ValueError as exc:
+        return None, str(exc)
 
 
 def compare(
@@ -66,61 +105,101 @@ def compare(
     *,
     seeds: int = 3,
     out_dir: str | Path,
+    attacks: Sequence[str] | None = None,
     dataset: Dataset | None = None,
-    on_run: Callable[[str, int, dict[str, Any]], None] | None = None,
+    on_run: Callable[[str, str, int, dict[str, Any] | None], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every aggregator on `seeds` seeds (cfg.seed, cfg.seed+1, ...); return run summaries."""
+    """Run every aggregator × attack setting on `seeds` seeds (cfg.seed, cfg.seed + 1, ...).
+
+    Without `attacks` the config's own attack is used. A rule whose guarantee the
+    attack breaks (e.g. Krum at 7/10) is run with `allow_unsafe` and marked †; one
+    that cannot run at all is reported as n/a. Returns every run's summary.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     d = cfg.data
     dataset = dataset or load_dataset(
         d.name, data_dir=d.data_dir, path=d.path, classes=d.classes, image_size=d.image_size
     )
+    m = cfg.workers.num_workers
+    settings = ([parse_attack_setting(a) for a in attacks] if attacks
+                else [(cfg.attack.name, cfg.attack.num_byzantine, cfg.attack.options)])
     results: list[dict[str, Any]] = []
-    curves: dict[str, list[list[dict[str, Any]]]] = {}
-    for agg in aggregators:
-        for i in range(seeds):
-            run_cfg = _with(cfg, aggregator__name=agg, seed=cfg.seed + i)
-            run_dir = out / _safe(agg) / f"seed{run_cfg.seed}"
-            sim = Simulation(run_cfg, dataset=dataset)
-            summary = sim.run(run_dir, progress=False)
-            rows = read_metrics(run_dir / "metrics.jsonl")
-            curves.setdefault(agg, []).append(rows)
-            results.append(summary)
-            if on_run is not None:
-                on_run(agg, run_cfg.seed, summary)
-    _write_results(results, aggregators, out, cfg, curves)
+    curves: dict[str, dict[str, list]] = {}
+    for setting in settings:
+        label = attack_label(setting, m)
+        for agg in aggregators:
+            for i in range(seeds):
+                seed = cfg.seed + i
+                sim, unsafe = _simulation(cfg, dataset, agg, setting, seed)
+                base = {"aggregator": agg, "attack": setting[0], "num_byzantine": setting[1],
+                        "attack_label": label, "seed": seed}
+                if sim is None:
+                    results.append({**base, "unavailable": unsafe})
+                    if on_run:
+                        on_run(agg, label, seed, None)
+                    continue
+                run_dir = out / _safe(label) / _safe(agg) / f"seed{seed}"
+                summary = sim.run(run_dir, progress=False)
+                curves.setdefault(label, {}).setdefault(agg, []).append(
+                    read_metrics(run_dir / "metrics.jsonl"))
+                results.append({**summary, **base, "unsafe": unsafe})
+                if on_run:
+                    on_run(agg, label, seed, summary)
+    _write_results(results, aggregators, settings, out, cfg, curves)
     return results
 
 
 def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name.replace("/", "of"))
 
 
-def _write_results(results, aggregators, out: Path, cfg: RunConfig, curves) -> None:
-    keys = ["aggregator", "seed", *SUMMARY_COLUMNS, "final_train_accuracy", "dropped_updates",
-            "skipped_rounds", "diverged"]
+def _cell(runs: list[dict[str, Any]], key: str, scale: float, digits: int) -> str:
+    if not runs or "unavailable" in runs[0]:
+        return "n/a"
+    text = mean_std([r.get(key) for r in runs], scale, digits)
+    return text + (" †" if runs[0].get("unsafe") else "")
+
+
+def _write_results(results, aggregators, settings, out: Path, cfg: RunConfig, curves) -> None:
+    keys = ["aggregator", "attack", "num_byzantine", "seed", "final_test_accuracy",
+            "final_train_loss", "final_test_loss", "rounds_to_test_accuracy_0.9",
+            "final_train_accuracy", "dropped_updates", "skipped_rounds", "diverged", "unsafe",
+            "wall_s", "unavailable"]
     with open(out / "results.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(results)
-    rows = []
-    for agg in aggregators:
-        runs = [r for r in results if r["aggregator"] == agg]
-        rows.append([
-            agg,
-            mean_std([r["final_test_accuracy"] for r in runs], 100, 1),
-            mean_std([r["final_train_loss"] for r in runs], 1, 4),
-            mean_std([r["final_test_loss"] for r in runs], 1, 4),
-            mean_std([r["rounds_to_test_accuracy_0.9"] for r in runs], 1, 0),
-            mean_std([r["wall_s"] for r in runs], 1, 1),
-        ])
-    header = ["aggregator", "test acc (%)", "train loss", "test loss", "rounds to 90 %",
-              "wall (s)"]
+    m = cfg.workers.num_workers
+    labels = [attack_label(s, m) for s in settings]
+
+    def runs(agg: str, label: str) -> list[dict[str, Any]]:
+        return [r for r in results if r["aggregator"] == agg and r["attack_label"] == label]
+
     seeds = sorted({r["seed"] for r in results})
-    setting = (f"{cfg.data.name}, {cfg.model}, {cfg.workers.num_workers} workers "
-               f"({cfg.workers.mode}), {cfg.rounds} rounds, optimizer {cfg.optimizer.name} "
-               f"lr {cfg.optimizer.lr:g}, attack {cfg.attack.name} "
-               f"({cfg.attack.num_byzantine} Byzantine), seeds {seeds}; mean ± std over seeds")
-    (out / "results.md").write_text(f"{setting}\n\n" + format_table(header, rows))
-    plot_overlay(curves, out / "curves.png", title=f"{cfg.data.name}: {cfg.model}")
+    setting = (f"{cfg.data.name}, {cfg.model}, {m} workers ({cfg.workers.mode}), "
+               f"{cfg.rounds} rounds, server {cfg.optimizer.name} lr {cfg.optimizer.lr:g}, "
+               f"seeds {seeds}; mean ± std over seeds")
+    if len(settings) == 1:
+        header = ["aggregator", "test acc (%)", "train loss", "test loss", "rounds to 90 %",
+                  "wall (s)"]
+        rows = [[agg, _cell(runs(agg, labels[0]), "final_test_accuracy", 100, 1),
+                 _cell(runs(agg, labels[0]), "final_train_loss", 1, 4),
+                 _cell(runs(agg, labels[0]), "final_test_loss", 1, 4),
+                 _cell(runs(agg, labels[0]), "rounds_to_test_accuracy_0.9", 1, 0),
+                 _cell(runs(agg, labels[0]), "wall_s", 1, 1)] for agg in aggregators]
+        setting += f", attack: {labels[0]}"
+    else:
+        header = ["aggregator", *labels]
+        rows = [[agg, *(_cell(runs(agg, lab), "final_test_accuracy", 100, 1) for lab in labels)]
+                for agg in aggregators]
+        setting += "; cells: final test accuracy (%)"
+    notes = ""
+    if any(r.get("unsafe") for r in results):
+        notes += "\n† run outside the rule's guarantee (too many Byzantine workers for its f).\n"
+    if any("unavailable" in r for r in results):
+        notes += "\nn/a: the rule is undefined for this many Byzantine workers.\n"
+    (out / "results.md").write_text(f"{setting}\n\n" + format_table(header, rows) + notes)
+    for i, (label, by_agg) in enumerate(curves.items()):
+        name = "curves.png" if i == 0 else f"curves_{_safe(label)}.png"
+        plot_overlay(by_agg, out / name, title=f"{cfg.data.name}, {cfg.model}: {label}")

@@ -244,7 +244,7 @@ def _choice(errors: list[str], key: str, value: str, allowed: typing.Iterable[st
 def validate(cfg: RunConfig) -> list[str]:
     """Range and choice checks; returns a list of one-line messages (empty if fine)."""
     from metagg.aggregators.optimizers import OPTIMIZERS
-    from metagg.aggregators.registry import aggregator_names, parse_aggregator_name
+    from metagg.aggregators.registry import check_aggregator_name
     from metagg.attacks import ATTACKS
     from metagg.data import DATASETS, PARTITIONS
     from metagg.models import parse_model_spec
@@ -297,8 +297,9 @@ def validate(cfg: RunConfig) -> list[str]:
         if not 0 <= value < 1:
             errors.append(f"{key}: must be in [0, 1), got {value}")
 
-    kind, _ = parse_aggregator_name(cfg.aggregator.name)
-    _choice(errors, "aggregator.name", kind, aggregator_names())
+    problem = check_aggregator_name(cfg.aggregator.name)
+    if problem:
+        errors.append(f"aggregator.name: {problem}")
     if cfg.aggregator.f is not None and cfg.aggregator.f < 0:
         errors.append(f"aggregator.f: must be >= 0, got {cfg.aggregator.f}")
 

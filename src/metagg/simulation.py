@@ -101,6 +101,7 @@ class Simulation:
             cfg.aggregator.name, f=f, optimizer=build_optimizer(cfg.optimizer),
             options=cfg.aggregator.options,
         )
+        self._check_enough_workers(f)
         gen = torch.Generator().manual_seed(cfg.seed + 104729)
         self.trusted = None
         if cfg.trusted_samples > 0:
@@ -113,6 +114,19 @@ class Simulation:
         else:
             self.eval_x, self.eval_y = ds.x_train, ds.y_train
         self.reset()
+
+    def _check_enough_workers(self, f: int) -> None:
+        agg, m = self.aggregator, self.cfg.workers.num_workers
+        if m >= agg.min_updates:
+            return
+        msg = f"{agg.name} with f={f} needs at least {agg.min_updates} workers"
+        if agg.requirement:
+            msg += f" ({agg.requirement}), got {m}"
+            if agg.can_run_unsafe and not self.cfg.aggregator.options.get("allow_unsafe"):
+                msg += "; set aggregator.options.allow_unsafe=true to run it outside its guarantee"
+        else:
+            msg += f", got {m}"
+        raise ValueError(msg)
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
@@ -145,6 +159,7 @@ class Simulation:
         elif len(self.byzantine) and not self.attack.flips_labels:
             ctx = self.context(torch.arange(cfg.workers.num_workers))
             ctx.extras["aggregator"] = self.aggregator
+            ctx.extras["aggregator_state"] = self.agg_state
             forged = self.attack.forge(updates, self.byzantine, ctx,
                                        round_generator(cfg.seed, t, STREAM_ATTACK))
             updates = updates.index_put((self.byzantine,), forged.to(updates.dtype))

@@ -75,6 +75,10 @@ class Aggregator(ABC):
     uses_trusted_data: bool = False
     #: Fewest update rows `step` accepts; the server skips rounds with fewer.
     min_updates: int = 1
+    #: The rule's guarantee as text (e.g. "n > 2f + 2"), for error messages.
+    requirement: str = ""
+    #: Whether `options: {allow_unsafe: true}` lets it run below `requirement`.
+    can_run_unsafe: bool = False
 
     @abstractmethod
     def init(self, layout: ParamLayout, num_workers: int) -> State:

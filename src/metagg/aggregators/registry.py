@@ -12,12 +12,15 @@ from typing import Any
 
 from metagg.aggregators import optimizers as opt
 from metagg.aggregators.base import Aggregator, KernelRule, RuleAggregator
+from metagg.aggregators.rules import CenteredClipRule, FLTrustRule, PreAggregatedRule, ZenoRule
 from metagg.config import OptimizerConfig
 
 __all__ = [
+    "PRE_AGGREGATIONS",
     "aggregator_names",
     "build_aggregator",
     "build_optimizer",
+    "check_aggregator_name",
     "parse_aggregator_name",
     "register",
 ]
@@ -40,10 +43,25 @@ def aggregator_names() -> list[str]:
     return sorted(_BUILDERS)
 
 
+PRE_AGGREGATIONS = ("nnm", "bucketing")
+
+
 def parse_aggregator_name(name: str) -> tuple[str, str | None]:
     """'rnn:runs/rnn' -> ('rnn', 'runs/rnn'); 'mean' -> ('mean', None)."""
     kind, sep, arg = name.partition(":")
     return kind.strip().lower(), (arg if sep else None)
+
+
+def check_aggregator_name(name: str) -> str | None:
+    """None if `name` names an aggregator ('krum', 'nnm+krum', 'rnn:PATH'), else why not."""
+    kind, _ = parse_aggregator_name(name)
+    pre, plus, base = kind.rpartition("+")
+    if plus and pre not in PRE_AGGREGATIONS:
+        return (f"unknown pre-aggregation {pre!r} in {name!r}; allowed: "
+                f"{', '.join(PRE_AGGREGATIONS)}")
+    if base not in _BUILDERS:
+        return f"unknown value {base!r}; allowed: {', '.join(aggregator_names())}"
+    return None
 
 
 def build_optimizer(cfg: OptimizerConfig) -> opt.ServerOptimizer:
@@ -69,35 +87,83 @@ def build_aggregator(
 
     Classical and robust rules are followed by `optimizer` (default SGD, lr 1).
     """
+    problem = check_aggregator_name(name)
+    if problem:
+        raise ValueError(f"aggregator: {problem}")
     kind, arg = parse_aggregator_name(name)
-    if kind not in _BUILDERS:
-        raise ValueError(f"unknown aggregator {kind!r}; allowed: {', '.join(aggregator_names())}")
+    pre, _, kind = kind.rpartition("+")
     optimizer = optimizer if optimizer is not None else opt.sgd(1.0)
     options = dict(options or {})
+    bucket_size = int(options.pop("bucket_size", 2))
+    seed = int(options.pop("seed", 0))
     try:
-        return _BUILDERS[kind](f=f, optimizer=optimizer, options=options, arg=arg)
+        agg = _BUILDERS[kind](f=f, optimizer=optimizer, options=options, arg=arg)
     except TypeError as exc:
         raise ValueError(f"aggregator {kind!r}: bad options {options} ({exc})") from None
+    if pre:
+        if not isinstance(agg, RuleAggregator):
+            raise ValueError(f"{pre}+{kind}: pre-aggregation applies to rule-based aggregators")
+        agg.rule = PreAggregatedRule(pre, agg.rule, f=f, bucket_size=bucket_size, seed=seed)
+        agg.name = f"{pre}+{agg.name}"
+        if pre == "bucketing":  # the rule sees ceil(n / s) bucket means
+            agg.min_updates = agg.min_updates * bucket_size
+    return agg
 
 
-def _kernel(name: str, kernel_name: str, min_updates: Callable[[int], int], takes_f: bool):
-    """Register a robust kernel from metagg.robust as `name`."""
+def _kernel(
+    name: str,
+    kernel_name: str,
+    *,
+    guarantee: tuple[Callable[[int], int], str] | None = None,
+    defined: Callable[[int], int] | None = None,
+) -> None:
+    """Register the robust kernel `metagg.robust.<kernel_name>` as aggregator `name`.
+
+    `guarantee` = (fewest updates for the rule's robustness guarantee, the inequality
+    as text); `defined` = fewest updates for which the rule is computable at all,
+    used with `options: {allow_unsafe: true}`. Rules without f take neither.
+    """
 
     def build(*, f: int, optimizer, options: dict[str, Any], arg: str | None) -> Aggregator:
         from metagg import robust
 
         kernel = getattr(robust, kernel_name)
-        kwargs = ({"f": f} if takes_f else {}) | options
-        return RuleAggregator(name, KernelRule(kernel, **kwargs), optimizer,
-                              min_updates=min_updates(f))
+        if guarantee is None:
+            return RuleAggregator(name, KernelRule(kernel, **options), optimizer)
+        unsafe = bool(options.get("allow_unsafe", False))
+        least, inequality = guarantee
+        agg = RuleAggregator(name, KernelRule(kernel, f=f, **options), optimizer,
+                             min_updates=defined(f) if unsafe and defined else least(f))
+        agg.requirement = inequality
+        agg.can_run_unsafe = defined is not None
+        return agg
 
     register(name)(build)
 
 
-_kernel("mean", "mean", lambda f: 1, takes_f=False)
-_kernel("median", "coordinate_median", lambda f: 1, takes_f=False)
-_kernel("trimmed_mean", "trimmed_mean", lambda f: 2 * f + 1, takes_f=True)
-_kernel("krum", "krum", lambda f: 2 * f + 3, takes_f=True)
-_kernel("multi_krum", "multi_krum", lambda f: 2 * f + 3, takes_f=True)
-_kernel("geometric_median", "geometric_median", lambda f: 1, takes_f=False)
-_kernel("bulyan", "bulyan", lambda f: 4 * f + 3, takes_f=True)
+_kernel("mean", "mean")
+_kernel("median", "coordinate_median")
+_kernel("geometric_median", "geometric_median")
+_kernel("trimmed_mean", "trimmed_mean", guarantee=(lambda f: 2 * f + 1, "n > 2f"))
+_kernel("krum", "krum", guarantee=(lambda f: 2 * f + 3, "n > 2f + 2"), defined=lambda f: f + 3)
+_kernel("multi_krum", "multi_krum", guarantee=(lambda f: 2 * f + 3, "n > 2f + 2"),
+        defined=lambda f: f + 3)
+_kernel("bulyan", "bulyan", guarantee=(lambda f: 4 * f + 3, "n >= 4f + 3"),
+        defined=lambda f: 4 * f + 1)
+
+
+@register("centered_clip")
+def _centered_clip(*, f: int, optimizer, options: dict[str, Any], arg: str | None) -> Aggregator:
+    return RuleAggregator("centered_clip", CenteredClipRule(**options), optimizer)
+
+
+@register("zeno")
+def _zeno(*, f: int, optimizer, options: dict[str, Any], arg: str | None) -> Aggregator:
+    options.setdefault("discard", f)
+    return RuleAggregator("zeno", ZenoRule(**options), optimizer, uses_trusted_data=True)
+
+
+@register("fltrust")
+def _fltrust(*, f: int, optimizer, options: dict[str, Any], arg: str | None) -> Aggregator:
+    return RuleAggregator("fltrust", FLTrustRule(**options), optimizer, uses_trusted_data=True)
+import metagg.learned.rnn  # noqa: E402,F401  registers rnn/arnn

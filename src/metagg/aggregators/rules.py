@@ -1,0 +1,154 @@
+"""Reduction rules that need more than a pure kernel: state or the server's own data.
+
+- `CenteredClipRule`: centered clipping around the previous aggregate (momentum).
+- `ZenoRule`: Xie et al. 2019, scores each update by the loss decrease it buys on
+  the server's trusted batch; survives a Byzantine majority.
+- `FLTrustRule`: Cao et al. 2021, weights each update by its cosine with the
+  server's own update on its root data; survives a Byzantine majority.
+- `PreAggregatedRule`: NNM or bucketing, then any rule ("nnm+krum").
+
+All follow the `Rule` protocol of `metagg.aggregators.base`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from metagg.aggregators.base import RoundContext, Rule
+from metagg.cluster import STREAM_AGGREGATOR, round_generator
+from metagg.layout import ParamLayout
+
+__all__ = ["CenteredClipRule", "FLTrustRule", "PreAggregatedRule", "ZenoRule", "server_update"]
+
+
+class CenteredClipState(NamedTuple):
+    previous: torch.Tensor  # [d] last round's aggregate, the clipping centre
+
+
+class CenteredClipRule:
+    """Karimireddy et al. 2021: v ← v + mean_i clip_τ(x_i − v), from the previous aggregate."""
+
+    def __init__(self, tau: float = 10.0, iters: int = 1):
+        if not tau > 0:
+            raise ValueError(f"centered_clip: tau must be > 0, got {tau}")
+        if iters < 1:
+            raise ValueError(f"centered_clip: iters must be >= 1, got {iters}")
+        self.tau, self.iters = tau, iters
+
+    def init(self, layout: ParamLayout, num_workers: int) -> CenteredClipState:
+        return CenteredClipState(torch.zeros(layout.size))
+
+    def __call__(self, state: CenteredClipState, updates: torch.Tensor, ctx: RoundContext):
+        from metagg import robust
+
+        v = robust.centered_clip(updates, state.previous.to(updates.dtype), tau=self.tau,
+                                 iters=self.iters)
+        return v, CenteredClipState(v)
+
+
+def _trusted(ctx: RoundContext, rule: str):
+    if ctx.trusted is None:
+        raise ValueError(f"{rule} needs the server's trusted data: set trusted_samples > 0")
+    return ctx.trusted
+
+
+def server_update(ctx: RoundContext) -> torch.Tensor:
+    """The server's own update on its trusted data, computed like a worker's.
+
+    Gradient mode: the gradient at θ. Local-SGD mode: θ − θ_s after the workers'
+    number of local SGD steps with their learning rate (full trusted batch).
+    """
+    trusted = _trusted(ctx, "the server update")
+    if ctx.mode == "gradient":
+        return trusted.grad(ctx.params)
+    theta = ctx.params
+    for _ in range(ctx.local_steps):
+        theta = theta - ctx.local_lr * trusted.grad(theta)
+    return ctx.params - theta
+
+
+class ZenoRule:
+    """Zeno (Xie, Koyejo & Gupta 2019), suspicion-based: average the n − b best-scored updates.
+
+    score_i = L(θ) − L(θ − γ x_i) − ρ ‖x_i‖², L on the server's trusted batch (a
+    seeded subsample of `batch` examples per round when `batch` is set, as in the
+    paper's small n_r). Only the ranking matters, so a Byzantine majority is fine
+    as long as one honest update is kept. Defaults: γ = 1 (set it to the server
+    learning rate), ρ = γ / 200 (the spec's default), b = f.
+    """
+
+    def __init__(self, *, discard: int, gamma: float = 1.0, rho: float | None = None,
+                 batch: int | None = None, seed: int = 0):
+        self.discard, self.gamma, self.batch, self.seed = discard, gamma, batch, seed
+        self.rho = gamma / 200 if rho is None else rho
+
+    def init(self, layout: ParamLayout, num_workers: int) -> tuple:
+        return ()
+
+    def scores(self, updates: torch.Tensor, ctx: RoundContext) -> torch.Tensor:
+        trusted = _trusted(ctx, "zeno")
+        if self.batch is not None and self.batch < len(trusted):
+            g = round_generator(self.seed, ctx.round, STREAM_AGGREGATOR)
+            idx = torch.randperm(len(trusted), generator=g)[: self.batch]
+            trusted = type(trusted)(trusted.task, trusted.x[idx], trusted.y[idx])
+        with torch.no_grad():
+            base = trusted.loss(ctx.params)
+            after = trusted.loss(ctx.params - self.gamma * updates)  # [n], one vmapped call
+        return base - after - self.rho * updates.square().sum(1)
+
+    def __call__(self, state: tuple, updates: torch.Tensor, ctx: RoundContext):
+        n = updates.shape[0]
+        keep = max(n - self.discard, 1)
+        best = self.scores(updates, ctx).topk(keep).indices
+        return updates[best].mean(0), state
+
+
+class FLTrustRule:
+    """FLTrust (Cao et al. 2021).
+
+    g₀ = the server's own update on its root (trusted) data; trust score
+    TS_i = ReLU(cos(x_i, g₀)); each x_i is rescaled to ‖g₀‖; the aggregate is
+    Σ TS_i · x̄_i / Σ TS_i (zero if every score is zero).
+    """
+
+    def init(self, layout: ParamLayout, num_workers: int) -> tuple:
+        return ()
+
+    def __call__(self, state: tuple, updates: torch.Tensor, ctx: RoundContext):
+        with torch.no_grad():
+            g0 = server_update(ctx).to(updates.dtype)
+        g0_norm = g0.norm()
+        norms = updates.norm(dim=1)
+        cos = (updates @ g0) / (norms * g0_norm).clamp_min(1e-12)
+        trust = torch.relu(cos)
+        weights = trust * g0_norm / norms.clamp_min(1e-12)
+        total = trust.sum()
+        if total <= 0:
+            return torch.zeros_like(g0), state
+        return (weights @ updates) / total, state
+
+
+class PreAggregatedRule:
+    """A pre-aggregation step (NNM or bucketing) applied before another rule."""
+
+    def __init__(self, pre: str, rule: Rule, *, f: int, bucket_size: int = 2, seed: int = 0):
+        if pre not in ("nnm", "bucketing"):
+            raise ValueError(f"unknown pre-aggregation {pre!r}; allowed: nnm, bucketing")
+        self.pre, self.rule, self.f = pre, rule, f
+        self.bucket_size, self.seed = bucket_size, seed
+
+    def init(self, layout: ParamLayout, num_workers: int) -> Any:
+        return self.rule.init(layout, num_workers)
+
+    def __call__(self, state: Any, updates: torch.Tensor, ctx: RoundContext):
+        from metagg import robust
+
+        if self.pre == "nnm":
+            mixed = robust.nnm(updates, self.f)
+        else:
+            g = round_generator(self.seed, ctx.round, STREAM_AGGREGATOR)
+            mixed = robust.bucketing(updates, self.bucket_size, generator=g)
+        return self.rule(state, mixed, ctx)
+
