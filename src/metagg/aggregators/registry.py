@@ -128,7 +128,8 @@ def _kernel(
         from metagg import robust
 
         kernel = getattr(robust, kernel_name)
-        if guarantee is None:
+        if guarantee is None:  # no f, no guarantee to step outside of
+            options.pop("allow_unsafe", None)
             return RuleAggregator(name, KernelRule(kernel, **options), optimizer)
         unsafe = bool(options.get("allow_unsafe", False))
         least, inequality = guarantee
