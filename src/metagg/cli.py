@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated attack settings name:count[:key=value], e.g. "
                         "none,sign_flip:3,alie:7,ipm:3:eps=100 (default: the config's attack); "
                         "gives an aggregator x attack accuracy table")
+    p.add_argument("--aggregator-options", default=None, metavar="YAML",
+                   help="per-aggregator options as a YAML mapping, e.g. "
+                        "'{centered_clip: {tau: 0.3, iters: 3}}'")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
 
@@ -127,7 +130,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(f"{where} test acc {100 * s['final_test_accuracy']:.1f} %, "
               f"train loss {s['final_train_loss']:.4f} ({s['wall_s']:.1f} s)", flush=True)
 
-    compare(cfg, names, seeds=args.seeds, out_dir=args.out, attacks=attacks, on_run=report)
+    agg_options = {}
+    if args.aggregator_options:
+        import yaml
+
+        agg_options = yaml.safe_load(args.aggregator_options)
+        if not isinstance(agg_options, dict) or not all(
+                isinstance(v, dict) for v in agg_options.values()):
+            raise ConfigError("--aggregator-options: expected a mapping name -> {option: value}")
+        unknown = sorted(set(agg_options) - set(names))
+        if unknown:
+            raise ConfigError(f"--aggregator-options: {unknown} not in --aggregators")
+    compare(cfg, names, seeds=args.seeds, out_dir=args.out, attacks=attacks,
+            aggregator_options=agg_options, on_run=report)
     _print_results(args.out)
     return 0
 

@@ -75,28 +75,34 @@ def attack_label(setting: tuple[str, int, dict[str, Any]], num_workers: int) -> 
     return f"{name}{extra} {b}/{num_workers}"
 
 
-def _configure(base: RunConfig, aggregator: str, setting, seed: int, unsafe: bool) -> RunConfig:
+def _configure(base: RunConfig, aggregator: str, setting, seed: int, unsafe: bool,
+               agg_options: dict[str, Any]) -> RunConfig:
     data = copy.deepcopy(config_to_dict(base))
     name, b, options = setting
     data["seed"] = seed
     data["aggregator"]["name"] = aggregator
+    data["aggregator"]["options"].update(agg_options)
     if unsafe:
         data["aggregator"]["options"]["allow_unsafe"] = True
     data["attack"].update(name=name, num_byzantine=b, options=options)
     return config_from_dict(data)
 
 
-def _simulation(cfg: RunConfig, dataset: Dataset, aggregator: str, setting, seed: int):
+def _simulation(cfg: RunConfig, dataset: Dataset, aggregator: str, setting, seed: int,
+                agg_options: dict[str, Any]):
     """(Simulation, ran outside the guarantee?) or (None, reason) if the rule can't run."""
-    try:
-        return Simulation(_configure(cfg, aggregator, setting, seed, False), dataset=dataset), False
-    except ValueError as exc:
-        if "allow_unsafe" not in str(exc):
-            raise
-    try:  # outside the rule's guarantee: run it anyway and mark the cell
-        return Simulation(_configure(cfg, aggregator, setting, seed, True), dataset=dataset), True
-    except ValueError as exc:
-        return None, str(exc)
+    unsafe = False
+    while True:
+        run_cfg = _configure(cfg, aggregator, setting, seed, unsafe, agg_options)
+        try:
+            return Simulation(run_cfg, dataset=dataset), unsafe
+        except ValueError as exc:
+            if "allow_unsafe" in str(exc) and not unsafe:
+                unsafe = True  # outside the guarantee: run it anyway and mark the cell
+            elif "needs at least" in str(exc):
+                return None, str(exc)  # the rule is undefined for this many workers
+            else:
+                raise
 
 
 def compare(
@@ -106,6 +112,7 @@ def compare(
     seeds: int = 3,
     out_dir: str | Path,
     attacks: Sequence[str] | None = None,
+    aggregator_options: dict[str, dict[str, Any]] | None = None,
     dataset: Dataset | None = None,
     on_run: Callable[[str, str, int, dict[str, Any] | None], None] | None = None,
 ) -> list[dict[str, Any]]:
@@ -113,8 +120,11 @@ def compare(
 
     Without `attacks` the config's own attack is used. A rule whose guarantee the
     attack breaks (e.g. Krum at 7/10) is run with `allow_unsafe` and marked †; one
-    that cannot run at all is reported as n/a. Returns every run's summary.
+    that cannot run at all is reported as n/a. `aggregator_options` maps an
+    aggregator name to extra options for it (e.g. {"centered_clip": {"tau": 0.3}}).
+    Returns every run's summary.
     """
+    aggregator_options = aggregator_options or {}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     d = cfg.data
@@ -131,7 +141,8 @@ def compare(
         for agg in aggregators:
             for i in range(seeds):
                 seed = cfg.seed + i
-                sim, unsafe = _simulation(cfg, dataset, agg, setting, seed)
+                sim, unsafe = _simulation(cfg, dataset, agg, setting, seed,
+                                          aggregator_options.get(agg, {}))
                 base = {"aggregator": agg, "attack": setting[0], "num_byzantine": setting[1],
                         "attack_label": label, "seed": seed}
                 if sim is None:

@@ -103,10 +103,13 @@ def build_aggregator(
     if pre:
         if not isinstance(agg, RuleAggregator):
             raise ValueError(f"{pre}+{kind}: pre-aggregation applies to rule-based aggregators")
-        agg.rule = PreAggregatedRule(pre, agg.rule, f=f, bucket_size=bucket_size, seed=seed)
+        agg.rule = PreAggregatedRule(pre, agg.rule, f=f, bucket_size=bucket_size, seed=seed,
+                                     allow_unsafe=bool(options.get("allow_unsafe", False)))
         agg.name = f"{pre}+{agg.name}"
         if pre == "bucketing":  # the rule sees ceil(n / s) bucket means
             agg.min_updates = agg.min_updates * bucket_size
+        elif not options.get("allow_unsafe"):  # NNM's own guarantee, n > 2f
+            agg.min_updates = max(agg.min_updates, 2 * f + 1)
     return agg
 
 

@@ -135,11 +135,12 @@ class FLTrustRule:
 class PreAggregatedRule:
     """A pre-aggregation step (NNM or bucketing) applied before another rule."""
 
-    def __init__(self, pre: str, rule: Rule, *, f: int, bucket_size: int = 2, seed: int = 0):
+    def __init__(self, pre: str, rule: Rule, *, f: int, bucket_size: int = 2, seed: int = 0,
+                 allow_unsafe: bool = False):
         if pre not in ("nnm", "bucketing"):
             raise ValueError(f"unknown pre-aggregation {pre!r}; allowed: nnm, bucketing")
         self.pre, self.rule, self.f = pre, rule, f
-        self.bucket_size, self.seed = bucket_size, seed
+        self.bucket_size, self.seed, self.allow_unsafe = bucket_size, seed, allow_unsafe
 
     def init(self, layout: ParamLayout, num_workers: int) -> Any:
         return self.rule.init(layout, num_workers)
@@ -148,7 +149,7 @@ class PreAggregatedRule:
         from metagg import robust
 
         if self.pre == "nnm":
-            mixed = robust.nnm(updates, self.f)
+            mixed = robust.nnm(updates, self.f, allow_unsafe=self.allow_unsafe)
         else:
             g = round_generator(self.seed, ctx.round, STREAM_AGGREGATOR)
             mixed = robust.bucketing(updates, self.bucket_size, generator=g)
