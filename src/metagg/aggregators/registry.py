@@ -170,4 +170,7 @@ def _zeno(*, f: int, optimizer, options: dict[str, Any], arg: str | None) -> Agg
 @register("fltrust")
 def _fltrust(*, f: int, optimizer, options: dict[str, Any], arg: str | None) -> Aggregator:
     return RuleAggregator("fltrust", FLTrustRule(**options), optimizer, uses_trusted_data=True)
+
+
+# Learned aggregators register themselves on import (they import this module).
 import metagg.learned.rnn  # noqa: E402,F401  registers rnn/arnn

@@ -1,0 +1,46 @@
+"""Learned aggregators: the RNN / ARNN of Ji et al. (2019), their storage and meta-training.
+
+    from metagg.learned import meta_train_rnn, load_aggregator
+    result = meta_train_rnn(iterations=300, out_dir="runs/rnn-digits")
+    agg = load_aggregator("runs/rnn-digits")       # or aggregator "rnn:runs/rnn-digits"
+"""
+
+from metagg.learned.meta_bptt import (
+    MetaEnv,
+    MetaTrainConfig,
+    MetaTrainResult,
+    evaluate_aggregator,
+    meta_train,
+    meta_train_rnn,
+)
+from metagg.learned.rnn import (
+    CoordinateRNN,
+    RNNAggregator,
+    RNNConfig,
+    RNNState,
+    gradient_features,
+    log_norm_feature,
+    loss_features,
+    worker_slots,
+)
+from metagg.learned.store import load_aggregator, read_aggregator_info, save_aggregator
+
+__all__ = [
+    "CoordinateRNN",
+    "MetaEnv",
+    "MetaTrainConfig",
+    "MetaTrainResult",
+    "RNNAggregator",
+    "RNNConfig",
+    "RNNState",
+    "evaluate_aggregator",
+    "gradient_features",
+    "load_aggregator",
+    "log_norm_feature",
+    "loss_features",
+    "meta_train",
+    "meta_train_rnn",
+    "read_aggregator_info",
+    "save_aggregator",
+    "worker_slots",
+]

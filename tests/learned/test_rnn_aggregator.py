@@ -1,0 +1,132 @@
+"""RNNAggregator: shapes for any d, chunking, both paths, missing workers, output rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metagg.aggregators.registry import build_aggregator
+from metagg.learned.rnn import RNNAggregator, RNNConfig
+
+
+def run(agg, u, ctx, rounds=2):
+    state = agg.init(ctx.layout, ctx.num_workers)
+    steps = []
+    for _ in range(rounds):
+        step, state = agg.step(state, u, ctx)
+        steps.append(step)
+    return steps, state
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("d", [1, 7, 1510])
+def test_shapes_any_d(cell, d, make_ctx):
+    m = 4
+    agg = RNNAggregator(RNNConfig(num_workers=m, cell=cell))
+    steps, state = run(agg, torch.randn(m, d), make_ctx(d, m))
+    assert steps[-1].shape == (d,) and steps[-1].dtype == torch.float32
+    assert torch.isfinite(steps[-1]).all()
+    assert state.h.shape == (2, d, 20)
+    assert (state.c is None) == (cell == "gru")
+
+
+def test_same_weights_transfer_to_another_d(make_ctx):
+    agg = RNNAggregator(RNNConfig(num_workers=3))
+    for d in (5, 300):
+        steps, _ = run(agg, torch.randn(3, d), make_ctx(d, 3))
+        assert steps[-1].shape == (d,)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_chunking_and_paths_agree(cell, make_ctx):
+    m, d = 5, 1000
+    u = torch.randn(m, d)
+    cfg = RNNConfig(num_workers=m, cell=cell)
+    base = RNNAggregator(cfg, seed=3)
+    want, want_state = run(base, u, make_ctx(d, m), rounds=3)
+    for agg in (RNNAggregator(cfg, base.net, chunk_size=17),
+                RNNAggregator(cfg, base.net, chunk_size=64, differentiable=True)):
+        got, got_state = run(agg, u, make_ctx(d, m), rounds=3)
+        torch.testing.assert_close(got[-1].detach(), want[-1], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(got_state.h.detach(), want_state.h, atol=1e-6, rtol=1e-5)
+
+
+def test_differentiable_path_builds_a_graph_and_server_path_does_not(make_ctx):
+    m, d = 3, 10
+    cfg = RNNConfig(num_workers=m)
+    u = torch.randn(m, d)
+    steps, state = run(RNNAggregator(cfg, differentiable=True), u, make_ctx(d, m))
+    assert steps[-1].requires_grad and state.h.requires_grad
+    steps, state = run(RNNAggregator(cfg), u, make_ctx(d, m))
+    assert not steps[-1].requires_grad and not state.h.requires_grad
+
+
+def test_zero_norm_coordinates_get_zero_finite_step(make_ctx):
+    m, d = 4, 6
+    u = torch.randn(m, d)
+    u[:, [1, 4]] = 0.0
+    for output in ("normalized", "paper"):
+        for clamp_sign in (True, False):
+            agg = RNNAggregator(RNNConfig(num_workers=m, output=output, clamp_sign=clamp_sign))
+            steps, _ = run(agg, u, make_ctx(d, m), rounds=3)
+            assert torch.isfinite(steps[-1]).all()
+            assert steps[-1][[1, 4]].tolist() == [0.0, 0.0]
+            assert (steps[-1][[0, 2, 3, 5]] != 0).all()
+
+
+def test_paper_rule_scales_with_the_updates_normalized_does_not(make_ctx):
+    m, d = 4, 50
+    u = torch.randn(m, d)
+    paper = RNNAggregator(RNNConfig(num_workers=m, output="paper"))
+    (s1,), _ = run(paper, u, make_ctx(d, m), rounds=1)
+    (s2,), _ = run(paper, 3.0 * u, make_ctx(d, m), rounds=1)
+    torch.testing.assert_close(s2, 3.0 * s1)  # step = scale · o · A_i, o scale-free
+    norm = RNNAggregator(RNNConfig(num_workers=m))
+    (s1,), _ = run(norm, u, make_ctx(d, m), rounds=1)
+    (s2,), _ = run(norm, 3.0 * u, make_ctx(d, m), rounds=1)
+    assert (s1.abs() < 0.1 * 1.5).all()  # |o| is bounded by the head: |step| ≲ scale
+    assert not torch.allclose(s2, 3.0 * s1)
+
+
+def test_missing_workers_fill_their_slots_with_zeros(make_ctx):
+    m, d = 4, 9
+    u = torch.randn(m, d)
+    agg = RNNAggregator(RNNConfig(num_workers=m))
+    ids = torch.tensor([0, 2, 3])
+    sub, _ = run(agg, u[ids], make_ctx(d, m, worker_ids=ids), rounds=1)
+    zeroed = u.clone()
+    zeroed[1] = 0
+    full, _ = run(agg, zeroed, make_ctx(d, m), rounds=1)
+    torch.testing.assert_close(sub[0], full[0])
+    shuffled = torch.tensor([3, 0, 2])
+    perm, _ = run(agg, u[shuffled], make_ctx(d, m, worker_ids=shuffled), rounds=1)
+    torch.testing.assert_close(perm[0], full[0])  # rows go to their worker's slot
+
+
+def test_float64_updates_give_float64_step(make_ctx):
+    agg = RNNAggregator(RNNConfig(num_workers=2))
+    steps, _ = run(agg, torch.randn(2, 5, dtype=torch.float64), make_ctx(5, 2), rounds=1)
+    assert steps[0].dtype == torch.float64
+
+
+def test_clear_errors(make_ctx):
+    agg = RNNAggregator(RNNConfig(num_workers=3))
+    with pytest.raises(ValueError, match="trained for 3 workers"):
+        agg.init(make_ctx(4, 5).layout, 5)
+    state = agg.init(make_ctx(4, 3).layout, 3)
+    with pytest.raises(ValueError, match="state is for d=4"):
+        agg.step(state, torch.randn(3, 6), make_ctx(6, 3))
+    with pytest.raises(ValueError, match="cell must be one of lstm, gru, got 'rnn'"):
+        RNNConfig(num_workers=3, cell="rnn")
+    with pytest.raises(ValueError, match="output must be one of"):
+        RNNConfig(num_workers=3, output="l2l")
+    with pytest.raises(ValueError, match="p must be a number > 0"):
+        RNNConfig(num_workers=3, p=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        RNNAggregator(RNNConfig(num_workers=3), chunk_size=0)
+
+
+@pytest.mark.parametrize("name", ["rnn", "arnn"])
+def test_registry_without_path_says_what_to_do(name):
+    with pytest.raises(ValueError, match=r"needs trained weights.*meta-train"):
+        build_aggregator(name)
