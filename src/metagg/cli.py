@@ -3,6 +3,7 @@
     metagg demo                                   # mean vs median on digits, table + plot
     metagg run CONFIG.yaml --set rounds=300 --out runs/x [--resume]
     metagg compare CONFIG.yaml --aggregators mean,median --seeds 3 --out runs/cmp
+    metagg meta-train rnn --task digits-mlp20 --workers 10 --out runs/rnn
     metagg list                                   # aggregators, attacks, datasets, models
 """
 
@@ -23,6 +24,12 @@ from metagg.config import ConfigError, load_config
 __all__ = ["main"]
 
 DEMO_AGGREGATORS = ("mean", "median")
+# --task shorthands for meta-training: (dataset, model)
+META_TASKS = {
+    "digits-mlp20": ("digits", "mlp:20:sigmoid"),
+    "fmnist-mlp20": ("fashion_mnist", "mlp:20:sigmoid"),
+    "fmnist8x8-mlp20": ("fashion_mnist@8", "mlp:20:sigmoid"),
+}
 
 
 def _add_config_args(p: argparse.ArgumentParser, *, config_required: bool = True) -> None:
@@ -75,6 +82,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/demo"),
                    help="output directory (default runs/demo)")
     p.add_argument("--rounds", type=int, default=300, help="rounds per run (default 300)")
+
+    p = sub.add_parser(
+        "meta-train", help="meta-train a learned aggregator (rnn / arnn: Ji et al. 2019)",
+        description="Meta-train the coordinatewise RNN (or ARNN) aggregator by truncated "
+                    "BPTT and write the best one (aggregator.safetensors + .json) to --out; "
+                    "use it with --set aggregator=rnn:OUT.")
+    p.add_argument("kind", choices=["rnn", "arnn"], help="which learned aggregator")
+    p.add_argument("--task", default="digits-mlp20", choices=sorted(META_TASKS),
+                   help="dataset + worker model (default digits-mlp20)")
+    p.add_argument("--workers", type=int, default=10, help="number of workers M (default 10)")
+    p.add_argument("--iterations", type=int, default=300, help="meta-iterations (default 300)")
+    p.add_argument("--attack", default="none", metavar="NAME:B",
+                   help="train against an attack, e.g. ipm:7 (default none)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other MetaTrainConfig field, e.g. --set cell=gru --set unroll=50")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: as fast for small models, robust to load)")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
 
     sub.add_parser("list", help="list aggregators, attacks, datasets, partitions, models")
     return parser
@@ -160,6 +185,46 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_meta_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import yaml
+
+    from metagg.data import load_dataset
+    from metagg.learned import MetaTrainConfig, meta_train
+
+    dataset, model = META_TASKS[args.task]
+    image_size = None
+    if "@" in dataset:
+        dataset, size = dataset.split("@")
+        image_size = int(size)
+    fields = {f.name for f in dataclasses.fields(MetaTrainConfig)}
+    options: dict = {"dataset": dataset, "model": model, "num_workers": args.workers,
+                     "iterations": args.iterations, "arnn": args.kind == "arnn",
+                     "out_dir": str(args.out)}
+    if args.attack != "none":
+        name, _, count = args.attack.partition(":")
+        if not count.isdigit():
+            raise ConfigError(f"--attack expects NAME:COUNT (e.g. ipm:7), got {args.attack!r}")
+        options.update(attack=name, num_byzantine=int(count))
+    for item in args.overrides:
+        key, eq, raw = item.partition("=")
+        if not eq or key not in fields:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with KEY one of "
+                              f"{', '.join(sorted(fields))}")
+        options[key] = yaml.safe_load(raw)
+    try:
+        cfg = MetaTrainConfig(**options)
+    except TypeError as exc:
+        raise ConfigError(f"meta-train: {exc}") from None
+    data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, image_size=image_size)
+    result = meta_train(cfg, data=data, threads=args.threads)
+    print(json.dumps({"best_iteration": result.best_iteration, "best_score": result.best_score,
+                      "path": str(result.path)}, indent=2))
+    print(f"use it: metagg run CONFIG --set aggregator={args.kind}:{args.out}")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from metagg.aggregators.optimizers import OPTIMIZERS
     from metagg.aggregators.registry import aggregator_names
@@ -176,7 +241,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "compare": cmd_compare, "demo": cmd_demo, "list": cmd_list}
+COMMANDS = {"run": cmd_run, "compare": cmd_compare, "demo": cmd_demo,
+            "meta-train": cmd_meta_train, "list": cmd_list}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
