@@ -101,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads (default 1: as fast for small models, robust to load)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
 
+    p = sub.add_parser("zoo", help="pretrained aggregators shipped in the package",
+                       description="List the pretrained learned aggregators shipped with "
+                                   "metagg; use one with --set aggregator=KIND:pretrained/NAME.")
+    p.add_argument("action", choices=["list"], help="what to do")
+
     sub.add_parser("list", help="list aggregators, attacks, datasets, partitions, models")
     return parser
 
@@ -225,6 +230,30 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from metagg.compare import format_table
+    from metagg.learned.store import pretrained_names, read_aggregator_info
+
+    rows = []
+    for name in pretrained_names():
+        info = read_aggregator_info(f"pretrained/{name}")
+        cfg, trained, val = info["config"], info.get("trained_on", {}), info.get("validation", {})
+        attack = trained.get("attack", "none")
+        if attack != "none":
+            attack = f"{attack} {trained.get('num_byzantine')}/{trained.get('num_workers')}"
+        loss = "/".join(f"{val[k]:.3g}" for k in ("mean_loss@100", "mean_loss@400") if k in val)
+        rows.append([f"{info['kind']}:pretrained/{name}", f"{cfg['cell']}, {cfg['output']}",
+                     f"{trained.get('dataset')}, {trained.get('model')}, "
+                     f"{trained.get('num_workers')} workers", attack,
+                     str(trained.get("iterations")), loss])
+    if not rows:
+        print("no pretrained aggregators shipped")
+        return 0
+    print(format_table(["aggregator", "cell, output rule", "trained on", "attack",
+                        "meta-iterations", "validation train loss @T/@4T"], rows))
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from metagg.aggregators.optimizers import OPTIMIZERS
     from metagg.aggregators.registry import aggregator_names
@@ -242,7 +271,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "compare": cmd_compare, "demo": cmd_demo,
-            "meta-train": cmd_meta_train, "list": cmd_list}
+            "meta-train": cmd_meta_train, "zoo": cmd_zoo, "list": cmd_list}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

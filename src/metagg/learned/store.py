@@ -28,16 +28,42 @@ import torch
 from metagg.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from metagg.learned.rnn import DEFAULT_CHUNK, CoordinateRNN, RNNAggregator, RNNConfig
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "load_aggregator", "read_aggregator_info",
-           "resolve_path", "save_aggregator"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "load_aggregator",
+    "pretrained_names",
+    "read_aggregator_info",
+    "resolve_path",
+    "save_aggregator",
+]
 
 FORMAT = "metagg.rnn_aggregator"
 FORMAT_VERSION = 1
 STEM = "aggregator"
 
 
+ZOO_DIR = Path(__file__).resolve().parents[1] / "zoo"
+PRETRAINED_PREFIX = "pretrained/"
+
+
+def pretrained_names() -> list[str]:
+    """Names of the aggregators shipped in the package (`rnn:pretrained/NAME`)."""
+    if not ZOO_DIR.is_dir():
+        return []
+    return sorted(p.name for p in ZOO_DIR.iterdir() if (p / f"{STEM}.json").exists())
+
+
 def resolve_path(path: str | Path) -> Path:
-    """The file stem for `path`: DIR → DIR/aggregator; X.safetensors / X.json → X."""
+    """The file stem for `path`: DIR → DIR/aggregator; X.safetensors / X.json → X;
+    pretrained/NAME → the copy shipped in the package."""
+    text = str(path)
+    if text.startswith(PRETRAINED_PREFIX):
+        name = text[len(PRETRAINED_PREFIX):]
+        if name not in pretrained_names():
+            raise CheckpointError(f"no pretrained aggregator {name!r}; shipped: "
+                                  f"{', '.join(pretrained_names()) or 'none'}")
+        return ZOO_DIR / name / STEM
     path = Path(path)
     if path.is_dir():
         return path / STEM
