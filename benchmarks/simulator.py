@@ -37,13 +37,17 @@ def get_data() -> tuple[Dataset, str]:
         return Dataset("random", x, y, x[:1000], y[:1000], 10), "random 28x28"
 
 
-def time_rounds(fn, rounds: int, repeats: int) -> list[float]:
-    fn(5)  # warm-up: vmap tracing, allocator
-    out = []
+def time_interleaved(fns: dict, rounds: int, repeats: int) -> dict[str, list[float]]:
+    """ms per round of each function, repetitions interleaved so that load from other
+    processes hits every contender alike."""
+    for fn in fns.values():
+        fn(5)  # warm-up: vmap tracing, allocator
+    out: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn(rounds)
-        out.append(1000 * (time.perf_counter() - start) / rounds)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn(rounds)
+            out[name].append(1000 * (time.perf_counter() - start) / rounds)
     return out
 
 
@@ -87,8 +91,8 @@ def main() -> None:
             grads = grads_fn(params, x[idx], y[idx])
             params = {k: params[k] - 0.5 * grads[k].mean(0) for k in params}
 
-    fw = time_rounds(framework, args.rounds, args.repeats)
-    br = time_rounds(bare, args.rounds, args.repeats)
+    times = time_interleaved({"framework": framework, "bare": bare}, args.rounds, args.repeats)
+    fw, br = times["framework"], times["bare"]
     fw_ms, br_ms = statistics.median(fw), statistics.median(br)
     print(json.dumps({
         "benchmark": "simulator",
