@@ -112,3 +112,29 @@ def test_resume_from_corrupt_checkpoint_fails_clearly(tmp_path):
     proc = metagg("run", "--set", "rounds=20", "--out", str(out), "--resume", check=False)
     assert proc.returncode == 2
     assert "corrupt" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_compare_attack_matrix_marks_unsafe_and_undefined(tmp_path):
+    out = tmp_path / "robust"
+    proc = metagg("compare", "--aggregators", "mean,krum,trimmed_mean", "--attacks",
+                  "none,ipm:7", "--seeds", "1", "--set", "rounds=10", "--out", str(out))
+    table = (out / "results.md").read_text()
+    assert "| aggregator | no attack | ipm 7/10 |" in table
+    assert "†" in table  # krum at 7/10 runs outside its guarantee
+    assert "| trimmed_mean |" in table and "n/a" in table  # undefined at 7/10
+    assert "n/a (rule undefined here)" in proc.stdout
+    assert (out / "curves_ipm_7of10.png").exists()
+
+
+def test_meta_train_then_run_and_zoo(tmp_path):
+    out = tmp_path / "rnn"
+    metagg("meta-train", "rnn", "--iterations", "2", "--set", "unroll=10", "--set",
+           "truncation=5", "--set", "validate_every=2", "--set", "validation_seeds=1",
+           "--set", "long_horizon=1", "--out", str(out))
+    assert (out / "aggregator.safetensors").exists() and (out / "aggregator.json").exists()
+    proc = metagg("run", "--set", "rounds=5", "--set", f"aggregator=rnn:{out}")
+    assert '"rounds": 5' in proc.stdout
+    zoo = metagg("zoo", "list").stdout
+    assert "rnn:pretrained/digits-mlp20-lstm" in zoo
+    bad = metagg("meta-train", "rnn", "--set", "colour=red", "--out", str(out), check=False)
+    assert bad.returncode == 2 and "expected KEY=VALUE with KEY one of" in bad.stderr
