@@ -43,7 +43,7 @@ class CenteredClipRule:
     def __call__(self, state: CenteredClipState, updates: torch.Tensor, ctx: RoundContext):
         from metagg import robust
 
-        v = robust.centered_clip(updates, state.previous.to(updates.dtype), tau=self.tau,
+        v = robust.centered_clip(updates, state.previous.to(updates), tau=self.tau,
                                  iters=self.iters)
         return v, CenteredClipState(v)
 

@@ -2,28 +2,30 @@
 
 Nothing here is public API; :mod:`metagg.robust` re-exports the kernels.
 
-Two numerical choices every kernel relies on (timings: 2-core AMD EPYC, float32,
-n=100, d=1e6; ``benchmarks/robust.py --choices`` reproduces them):
+Two numerical choices every kernel relies on (2-core AMD EPYC, float32, n=100,
+d=1e6, memory floor ``x.sum(0)`` ≈ 22 ms; ``benchmarks/robust.py --choices``):
 
 * **Distances come from one centred Gram product.** ``‖x_i − x_j‖² = G_ii + G_jj −
   2 G_ij`` with ``G = y yᵀ``, ``y = x − x_k`` for a central row k (:func:`anchor_row`),
   combined in float64 on the small ``[n, n]`` matrix, clamped at 0, zero diagonal. On
   CPU the product is numpy's ``b @ b.T`` on centred column blocks, which OpenBLAS runs
-  as ``syrk`` (half the flops): the plain product took ~100 ms, the centred blocked one
-  ~130 ms, ``torch.mm`` (MKL) 160 ms, a float64 product 345 ms, ``torch.cdist`` 940 ms.
-  Centring is what makes float32 enough: uncentred, round-off is ~2e-6 · max ‖x_i‖²
-  (4.6 on squared distances of 2e6 at d=1e6, up to 160 when ‖x_i‖² ≈ 1e7), which
-  swamps the distances inside a tight honest cluster; centred, it scales with the
-  distances around x_k, and copies of x_k are exactly 0 apart on any BLAS.
+  as ``syrk`` (half the flops), one BLAS thread per block thread (:func:`blas_blocks`):
+  ~100 ms, like one uncentred ``a @ a.T`` (104 ms); ``torch.mm`` (MKL) took 170 ms, a
+  float64 product ~1 s with the cast, ``torch.cdist`` ~950 ms. Centring is what makes
+  float32 enough: uncentred, round-off is ~2e-6 · max ‖x_i‖² (4.6 on squared distances
+  of 2e6 at d=1e6, 160 when ‖x_i‖² ≈ 1e7), which swamps the distances inside a tight
+  honest cluster; centred, it scales with the distances around x_k, and copies of x_k
+  are exactly 0 apart on any BLAS.
 * **Order statistics come from numpy's vectorised sort.** numpy ≥ 2 sorts contiguous
-  float rows with x86-simd-sort (AVX2/AVX-512): sorting the transposed rows took
-  ~270 ms, ``torch.median(dim=0)`` ~1.2 s, ``torch.sort(dim=0)`` ~2.5 s,
-  ``torch.kthvalue`` ~1.5 s, ``np.partition(axis=0)`` ~1.6 s (introselect: no SIMD
-  path for several kth). So CPU tensors are cut into column blocks of ~1 MiB, each
-  block is transposed to ``[c, n]``, sorted in place and reduced at once, and blocks are
-  spread over ``torch.get_num_threads()`` threads (numpy releases the GIL): ~170 ms.
-  Other devices, and tensors that need autograd, use ``torch.sort(dim=0)``; the
-  reductions are the same torch code on both paths.
+  float rows with x86-simd-sort (AVX2/AVX-512). Measured: ``torch.median(dim=0)``
+  1.2 s, ``torch.sort(dim=0)`` 2.4 s, ``torch.kthvalue`` 1.4 s, ``torch.topk`` 1.6 s,
+  ``np.partition(axis=0)`` 1.6 s (2.0 s with the trimmed mean's two kth; introselect,
+  no SIMD path), ``np.sort(axis=0)`` 0.41 s, ``np.sort`` of pre-transposed rows 0.28 s
+  plus 0.12 s for the transpose. So CPU tensors are cut into ~1 MiB column blocks,
+  each transposed to ``[c, n]`` in cache, sorted in place and reduced at once, blocks
+  spread over ``torch.get_num_threads()`` threads (numpy releases the GIL): 0.18 s
+  (0.37 s on one thread). Other devices, and tensors that need autograd, use
+  ``torch.sort(dim=0)``; the reductions are the same torch code on both paths.
 """
 
 from __future__ import annotations
