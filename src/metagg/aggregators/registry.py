@@ -174,4 +174,4 @@ def _fltrust(*, f: int, optimizer, options: dict[str, Any], arg: str | None) -> 
 
 # Learned aggregators register themselves on import (they import this module).
 import metagg.learned.lagg  # noqa: E402  registers lagg/lopt
-import metagg.learned.rnn  # noqa: E402  registers rnn/arnn
+import metagg.learned.rnn  # noqa: E402, F401  registers rnn/arnn
