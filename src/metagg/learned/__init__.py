@@ -5,6 +5,7 @@
     agg = load_aggregator("runs/rnn-digits")       # or aggregator "rnn:runs/rnn-digits"
 """
 
+from metagg.learned.lagg import LAggA, LAggConfig, LOptA, load_lagg, save_lagg
 from metagg.learned.meta_bptt import (
     MetaEnv,
     MetaTrainConfig,
@@ -27,6 +28,9 @@ from metagg.learned.store import load_aggregator, read_aggregator_info, save_agg
 
 __all__ = [
     "CoordinateRNN",
+    "LAggA",
+    "LAggConfig",
+    "LOptA",
     "MetaEnv",
     "MetaTrainConfig",
     "MetaTrainResult",
@@ -36,11 +40,13 @@ __all__ = [
     "evaluate_aggregator",
     "gradient_features",
     "load_aggregator",
+    "load_lagg",
     "log_norm_feature",
     "loss_features",
     "meta_train",
     "meta_train_rnn",
     "read_aggregator_info",
+    "save_lagg",
     "save_aggregator",
     "worker_slots",
 ]
