@@ -46,7 +46,7 @@ __all__ = [
     "meta_train",
     "meta_train_rnn",
     "read_aggregator_info",
-    "save_lagg",
     "save_aggregator",
+    "save_lagg",
     "worker_slots",
 ]
