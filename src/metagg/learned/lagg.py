@@ -53,7 +53,7 @@ from torch import nn
 
 from metagg.aggregators.base import Aggregator, RoundContext
 from metagg.aggregators.registry import register
-from metagg.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from metagg.checkpoint import CheckpointError, save_checkpoint
 from metagg.layout import ParamLayout
 from metagg.learned.features import (
     DECAYS,
@@ -345,23 +345,10 @@ def save_lagg(path: str | Path, agg: LearnedAdaAggregator, *,
 
 def load_lagg(path: str | Path) -> LearnedAdaAggregator:
     """Load a saved LOpt-A / LAgg-A; raises CheckpointError with the reason."""
-    from metagg.learned.store import resolve_path
+    from metagg.learned.store import load_learned_files
 
-    stem, where = resolve_path(path), f"learned aggregator {path}"
-    if not stem.with_suffix(".json").exists():
-        raise CheckpointError(f"{where}: no {stem.with_suffix('.json')} (expected a directory "
-                              f"holding aggregator.safetensors + aggregator.json, or their stem)")
-    try:
-        tensors, meta = load_checkpoint(stem)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{where}: {exc}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        got = meta.get("format") if isinstance(meta, dict) else None
-        raise CheckpointError(f"{where}: not a LOpt-A/LAgg-A file (format {got!r}, "
-                              f"expected {FORMAT!r})")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{where}: format_version {meta.get('format_version')!r} is not "
-                              f"supported (this metagg reads {FORMAT_VERSION})")
+    tensors, meta, where = load_learned_files(path, fmt=FORMAT, version=FORMAT_VERSION,
+                                              what="LOpt-A/LAgg-A")
     raw = meta.get("config")
     allowed = [f.name for f in dataclasses.fields(LAggConfig)]
     if not isinstance(raw, dict) or set(raw) - set(allowed):

@@ -127,8 +127,12 @@ def load_aggregator(path: str | Path, *, chunk_size: int = DEFAULT_CHUNK) -> RNN
     return RNNAggregator(config, net, chunk_size=chunk_size)
 
 
-def _load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], RNNConfig, str]:
-    """(tensors, meta, config, description) of a checked aggregator file pair."""
+def load_learned_files(
+    path: str | Path, *, fmt: str, version: int, what: str
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
+    """(tensors, meta, description) of a learned-aggregator file pair, checked to be
+    readable, uncorrupted and of format `fmt` / `version`; `what` names the kind in
+    errors. Shared by every learned aggregator's loader."""
     stem = resolve_path(path)
     where = f"learned aggregator {path}"
     json_file = stem.with_suffix(".json")
@@ -139,12 +143,20 @@ def _load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], RN
         tensors, meta = load_checkpoint(stem)
     except CheckpointError as exc:
         raise CheckpointError(f"{where}: {exc}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{where}: {json_file} is not a metagg RNN aggregator "
-                              f"(format {meta.get('format')!r}, expected {FORMAT!r})")
-    if meta.get("format_version") != FORMAT_VERSION:
+    got = meta.get("format") if isinstance(meta, dict) else None
+    if got != fmt:
+        raise CheckpointError(f"{where}: {json_file} is not a {what} file "
+                              f"(format {got!r}, expected {fmt!r})")
+    if meta.get("format_version") != version:
         raise CheckpointError(f"{where}: format_version {meta.get('format_version')!r} "
-                              f"is not supported (this metagg reads {FORMAT_VERSION})")
+                              f"is not supported (this metagg reads {version})")
+    return tensors, meta, where
+
+
+def _load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], RNNConfig, str]:
+    """(tensors, meta, config, description) of a checked aggregator file pair."""
+    tensors, meta, where = load_learned_files(path, fmt=FORMAT, version=FORMAT_VERSION,
+                                              what="metagg RNN aggregator")
     raw = meta.get("config")
     allowed = [f.name for f in dataclasses.fields(RNNConfig)]
     if not isinstance(raw, dict):
