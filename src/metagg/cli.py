@@ -241,7 +241,8 @@ def cmd_zoo(args: argparse.Namespace) -> int:
         attack = trained.get("attack", "none")
         if attack != "none":
             attack = f"{attack} {trained.get('num_byzantine')}/{trained.get('num_workers')}"
-        loss = "/".join(f"{val[k]:.3g}" for k in ("mean_loss@100", "mean_loss@400") if k in val)
+        loss = ", ".join(f"@{k.split('@')[1]}: {v:.3g}" for k, v in val.items()
+                         if k.startswith("mean_loss@"))
         rows.append([f"{info['kind']}:pretrained/{name}", f"{cfg['cell']}, {cfg['output']}",
                      f"{trained.get('dataset')}, {trained.get('model')}, "
                      f"{trained.get('num_workers')} workers", attack,
@@ -250,7 +251,7 @@ def cmd_zoo(args: argparse.Namespace) -> int:
         print("no pretrained aggregators shipped")
         return 0
     print(format_table(["aggregator", "cell, output rule", "trained on", "attack",
-                        "meta-iterations", "validation train loss @T/@4T"], rows))
+                        "meta-iterations", "validation train loss @rounds"], rows))
     return 0
 
 
