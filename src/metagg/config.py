@@ -134,24 +134,22 @@ def _coerce(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
             errors.append(f"{key}: expected a mapping, got {value!r}")
             return None
         return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            errors.append(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            errors.append(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            errors.append(f"{key}: expected a number, got {value!r}")
+    if tp in _SCALARS:
+        what, accepts = _SCALARS[tp]
+        if not accepts(value):
+            errors.append(f"{key}: expected {what}, got {value!r}")
             return value
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            errors.append(f"{key}: expected a string, got {value!r}")
-        return value
+        return float(value) if tp is float else value
     return value
+
+
+# type -> (what the error calls it, accepts(value)); bools are not numbers here.
+_SCALARS: dict[type, tuple[str, typing.Callable[[Any], bool]]] = {
+    bool: ("true or false", lambda v: isinstance(v, bool)),
+    int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    float: ("a number", lambda v: isinstance(v, int | float) and not isinstance(v, bool)),
+    str: ("a string", lambda v: isinstance(v, str)),
+}
 
 
 def _from_dict(cls: type, data: dict[str, Any], prefix: str, errors: list[str]) -> Any:

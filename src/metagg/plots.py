@@ -40,6 +40,10 @@ def plot_curves(rows: Sequence[Mapping[str, Any]], path: str | Path, *, title: s
     ax_acc.set(xlabel="round", ylabel="test accuracy (%)", title="test accuracy")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
+    _save(plt, fig, path, title)
+
+
+def _save(plt, fig, path: str | Path, title: str) -> None:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -80,8 +84,4 @@ def plot_overlay(
         ax.set(xlabel="round", ylabel=ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path, title)
