@@ -148,3 +148,18 @@ def test_adaptive_attack_hurts_mean_more_than_sign_flip(digits):
         return Simulation(cfg, dataset=digits).run()["final_train_loss"]
 
     assert final_loss("adaptive") > final_loss("sign_flip")
+
+
+def test_bad_kernel_option_fails_at_build_time():
+    with pytest.raises(ValueError, match="bad options"):
+        build_aggregator("mean", options={"foo": 1})
+    with pytest.raises(ValueError, match="bad options"):
+        build_aggregator("krum", f=1, options={"tau": 3})
+
+
+def test_allow_unsafe_reaches_nnm_and_is_ignored_without_guarantee():
+    assert build_aggregator("nnm+mean", f=2).min_updates == 5
+    unsafe = build_aggregator("nnm+mean", f=2, options={"allow_unsafe": True})
+    assert unsafe.min_updates == 3 and unsafe.rule.allow_unsafe
+    assert build_aggregator("median", f=2, options={"allow_unsafe": True}).min_updates == 1
+    assert build_aggregator("bucketing+median", options={"bucket_size": 3}).rule.bucket_size == 3

@@ -138,3 +138,12 @@ def test_meta_train_then_run_and_zoo(tmp_path):
     assert "rnn:pretrained/digits-mlp20-lstm" in zoo
     bad = metagg("meta-train", "rnn", "--set", "colour=red", "--out", str(out), check=False)
     assert bad.returncode == 2 and "expected KEY=VALUE with KEY one of" in bad.stderr
+
+
+def test_bad_yaml_and_bad_out_are_one_line_errors(tmp_path):
+    proc = metagg("compare", "--aggregators", "mean", "--out", str(tmp_path / "x"),
+                  "--aggregator-options", "{mean: [", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (tmp_path / "file").write_text("")
+    proc = metagg("run", "--set", "rounds=2", "--out", str(tmp_path / "file"), check=False)
+    assert proc.returncode == 2 and "File exists" in proc.stderr and "Traceback" not in proc.stderr

@@ -17,6 +17,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import yaml
+
 from metagg import __version__
 from metagg.checkpoint import CheckpointError
 from metagg.config import ConfigError, load_config
@@ -285,9 +287,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
-        # User errors: one line, no traceback.
-        print(f"metagg {args.command}: error: {exc}", file=sys.stderr)
+    except (ConfigError, CheckpointError, OSError, ValueError, yaml.YAMLError) as exc:
+        # User errors (bad config, data, files, YAML): one line, no traceback.
+        message = " ".join(str(exc).split())
+        print(f"metagg {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

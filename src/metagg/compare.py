@@ -80,8 +80,10 @@ def _configure(base: RunConfig, aggregator: str, setting, seed: int, unsafe: boo
     data = copy.deepcopy(config_to_dict(base))
     name, b, options = setting
     data["seed"] = seed
+    # The config's own options belong to the aggregator it names, not to every one.
+    own = data["aggregator"]["options"] if data["aggregator"]["name"] == aggregator else {}
     data["aggregator"]["name"] = aggregator
-    data["aggregator"]["options"].update(agg_options)
+    data["aggregator"]["options"] = {**own, **agg_options}
     if unsafe:
         data["aggregator"]["options"]["allow_unsafe"] = True
     data["attack"].update(name=name, num_byzantine=b, options=options)
@@ -172,6 +174,16 @@ def _cell(runs: list[dict[str, Any]], key: str, scale: float, digits: int) -> st
     return text + (" †" if runs[0].get("unsafe") else "")
 
 
+def _reached(runs: list[dict[str, Any]]) -> str:
+    """Mean rounds to 90 % over the seeds that got there, and how many did."""
+    if not runs or "unavailable" in runs[0]:
+        return "n/a"
+    hits = [r["rounds_to_test_accuracy_0.9"] for r in runs
+            if r.get("rounds_to_test_accuracy_0.9") is not None]
+    text = mean_std(hits, 1, 0)
+    return text if len(hits) == len(runs) else f"{text} ({len(hits)}/{len(runs)} seeds)"
+
+
 def _write_results(results, aggregators, settings, out: Path, cfg: RunConfig, curves) -> None:
     keys = ["aggregator", "attack", "num_byzantine", "seed", "final_test_accuracy",
             "final_train_loss", "final_test_loss", "rounds_to_test_accuracy_0.9",
@@ -197,7 +209,7 @@ def _write_results(results, aggregators, settings, out: Path, cfg: RunConfig, cu
         rows = [[agg, _cell(runs(agg, labels[0]), "final_test_accuracy", 100, 1),
                  _cell(runs(agg, labels[0]), "final_train_loss", 1, 4),
                  _cell(runs(agg, labels[0]), "final_test_loss", 1, 4),
-                 _cell(runs(agg, labels[0]), "rounds_to_test_accuracy_0.9", 1, 0),
+                 _reached(runs(agg, labels[0])),
                  _cell(runs(agg, labels[0]), "wall_s", 1, 1)] for agg in aggregators]
         setting += f", attack: {labels[0]}"
     else:

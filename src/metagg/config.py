@@ -274,7 +274,7 @@ def validate(cfg: RunConfig) -> list[str]:
     positive("data.shards_per_worker", d.shards_per_worker)
     if d.image_size is not None:
         positive("data.image_size", d.image_size)
-    if d.name == "npz" and not d.path:
+    if d.name.lower() == "npz" and not d.path:
         errors.append("data.path: required when data.name is npz")
 
     w = cfg.workers

@@ -99,7 +99,7 @@ class Simulation:
         f = cfg.aggregator.f if cfg.aggregator.f is not None else a.num_byzantine
         self.aggregator = build_aggregator(
             cfg.aggregator.name, f=f, optimizer=build_optimizer(cfg.optimizer),
-            options=cfg.aggregator.options,
+            options=cfg.aggregator.options, seed=cfg.seed,
         )
         self._check_enough_workers(f)
         gen = torch.Generator().manual_seed(cfg.seed + 104729)
@@ -222,7 +222,7 @@ class Simulation:
         """Restore θ, aggregator state and counters from a checkpoint of this run."""
         tensors, meta = load_checkpoint(path)
         saved = dict(meta.get("config", {}))
-        mine = config_to_dict(self.cfg)
+        mine = json.loads(json.dumps(config_to_dict(self.cfg)))  # as it was saved
         saved.pop("rounds", None)
         mine.pop("rounds", None)  # a resumed run may be extended
         if saved != mine:

@@ -13,6 +13,7 @@ Nothing here knows where it runs.
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -119,6 +120,11 @@ class KernelRule:
     """A stateless rule from a pure [n, d] -> [d] kernel (see `metagg.robust`)."""
 
     def __init__(self, kernel: Callable[..., torch.Tensor], **kwargs: Any):
+        # Check the options now, not at the first round: a typo must fail at build time.
+        try:
+            inspect.signature(kernel).bind(None, **kwargs)
+        except TypeError as exc:
+            raise ValueError(f"{kernel.__name__}: bad options {kwargs} ({exc})") from None
         self.kernel = kernel
         self.kwargs = kwargs
 

@@ -82,10 +82,14 @@ def build_aggregator(
     f: int = 0,
     optimizer: opt.ServerOptimizer | None = None,
     options: dict[str, Any] | None = None,
+    seed: int = 0,
 ) -> Aggregator:
     """Build the aggregator `name` assuming `f` Byzantine workers.
 
     Classical and robust rules are followed by `optimizer` (default SGD, lr 1).
+    `seed` seeds the rule's own randomness (Zeno's subsample, bucketing's shuffle).
+    `options: {allow_unsafe: true}` runs a rule outside its guarantee where it is
+    still defined; rules without a guarantee ignore it.
     """
     problem = check_aggregator_name(name)
     if problem:
@@ -94,22 +98,29 @@ def build_aggregator(
     pre, _, kind = kind.rpartition("+")
     optimizer = optimizer if optimizer is not None else opt.sgd(1.0)
     options = dict(options or {})
-    bucket_size = int(options.pop("bucket_size", 2))
-    seed = int(options.pop("seed", 0))
+    unsafe = bool(options.pop("allow_unsafe", False))
+    bucket_size = int(options.pop("bucket_size", 2)) if pre == "bucketing" else 2
+    builder = _BUILDERS[kind]
+    if unsafe and getattr(builder, "takes_allow_unsafe", False):
+        options["allow_unsafe"] = True
+    if getattr(builder, "takes_seed", False):
+        options.setdefault("seed", seed)
     try:
-        agg = _BUILDERS[kind](f=f, optimizer=optimizer, options=options, arg=arg)
+        agg = builder(f=f, optimizer=optimizer, options=options, arg=arg)
     except TypeError as exc:
         raise ValueError(f"aggregator {kind!r}: bad options {options} ({exc})") from None
     if pre:
         if not isinstance(agg, RuleAggregator):
             raise ValueError(f"{pre}+{kind}: pre-aggregation applies to rule-based aggregators")
         agg.rule = PreAggregatedRule(pre, agg.rule, f=f, bucket_size=bucket_size, seed=seed,
-                                     allow_unsafe=bool(options.get("allow_unsafe", False)))
+                                     allow_unsafe=unsafe)
         agg.name = f"{pre}+{agg.name}"
         if pre == "bucketing":  # the rule sees ceil(n / s) bucket means
             agg.min_updates = agg.min_updates * bucket_size
-        elif not options.get("allow_unsafe"):  # NNM's own guarantee, n > 2f
-            agg.min_updates = max(agg.min_updates, 2 * f + 1)
+        else:  # NNM's own guarantee, n > 2f; with allow_unsafe it needs n - f >= 1
+            agg.min_updates = max(agg.min_updates, f + 1 if unsafe else 2 * f + 1)
+            agg.requirement = agg.requirement or "n > 2f"
+            agg.can_run_unsafe = True
     return agg
 
 
@@ -132,7 +143,6 @@ def _kernel(
 
         kernel = getattr(robust, kernel_name)
         if guarantee is None:  # no f, no guarantee to step outside of
-            options.pop("allow_unsafe", None)
             return RuleAggregator(name, KernelRule(kernel, **options), optimizer)
         unsafe = bool(options.get("allow_unsafe", False))
         least, inequality = guarantee
@@ -142,6 +152,7 @@ def _kernel(
         agg.can_run_unsafe = defined is not None
         return agg
 
+    build.takes_allow_unsafe = guarantee is not None
     register(name)(build)
 
 
@@ -165,6 +176,9 @@ def _centered_clip(*, f: int, optimizer, options: dict[str, Any], arg: str | Non
 def _zeno(*, f: int, optimizer, options: dict[str, Any], arg: str | None) -> Aggregator:
     options.setdefault("discard", f)
     return RuleAggregator("zeno", ZenoRule(**options), optimizer, uses_trusted_data=True)
+
+
+_zeno.takes_seed = True
 
 
 @register("fltrust")
