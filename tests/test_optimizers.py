@@ -20,28 +20,28 @@ def test_sgd():
     assert torch.equal(s, torch.tensor([1.0, -2.0]))
 
 
-def test_momentum_matches_torch():
-    g = [torch.randn(5) for _ in range(4)]
-    steps = run(opt.momentum(0.1, 0.9), g)
-    p = torch.zeros(5, requires_grad=True)
-    ref = torch.optim.SGD([p], lr=0.1, momentum=0.9)
-    for gi, si in zip(g, steps, strict=True):
+def assert_matches_torch(ours, make_torch_opt, d=6, steps=5):
+    """Our steps equal the parameter changes torch.optim makes for the same gradients."""
+    g = [torch.randn(d) for _ in range(steps)]
+    p = torch.zeros(d, requires_grad=True)
+    ref = make_torch_opt([p])
+    for gi, si in zip(g, run(ours, g), strict=True):
         before = p.detach().clone()
         p.grad = gi.clone()
         ref.step()
         torch.testing.assert_close(before - p.detach(), si)
+
+
+def test_momentum_matches_torch():
+    assert_matches_torch(opt.momentum(0.1, 0.9),
+                         lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
+    assert_matches_torch(opt.momentum(0.1, 0.9, nesterov=True),
+                         lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True))
 
 
 def test_adam_matches_torch():
-    g = [torch.randn(6) for _ in range(5)]
-    steps = run(opt.adam(0.01, 0.9, 0.99, 1e-8), g)
-    p = torch.zeros(6, requires_grad=True)
-    ref = torch.optim.Adam([p], lr=0.01, betas=(0.9, 0.99), eps=1e-8)
-    for gi, si in zip(g, steps, strict=True):
-        before = p.detach().clone()
-        p.grad = gi.clone()
-        ref.step()
-        torch.testing.assert_close(before - p.detach(), si)
+    assert_matches_torch(opt.adam(0.01, 0.9, 0.99, 1e-8),
+                         lambda ps: torch.optim.Adam(ps, lr=0.01, betas=(0.9, 0.99), eps=1e-8))
 
 
 def test_slowmo_reduces_to_fedavg_and_accumulates():
