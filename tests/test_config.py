@@ -83,3 +83,10 @@ def test_shipped_configs_load():
         first = path.read_text().splitlines()[0]
         assert first.startswith("# metagg "), f"{path.name}: first line must be its command"
         load_config(path)
+
+
+def test_override_reads_exponent_notation_as_a_number():
+    # YAML 1.1 reads "1e-2" as a string; on a command line it means 0.01
+    cfg = load_config(None, ["optimizer.lr=1e-2", "aggregator.name=median"])
+    assert cfg.optimizer.lr == 0.01
+    assert cfg.aggregator.name == "median"  # strings that are not numbers stay strings

@@ -4,6 +4,7 @@
     metagg run CONFIG.yaml --set rounds=300 --out runs/x [--resume]
     metagg compare CONFIG.yaml --aggregators mean,median --seeds 3 --out runs/cmp
     metagg meta-train rnn --task digits-mlp20 --workers 10 --out runs/rnn
+    metagg tune CONFIG.yaml --baseline slowmo --budget 300 --out runs/tune
     metagg list                                   # aggregators, attacks, datasets, models
 """
 
@@ -26,6 +27,8 @@ from metagg.config import ConfigError, load_config
 __all__ = ["main"]
 
 DEMO_AGGREGATORS = ("mean", "median")
+# kept here so that `metagg --help` does not import the training stack
+BASELINE_NAMES = ("fedavg", "slowmo", "fedadam", "sgd", "adam")
 # --task shorthands for meta-training: (dataset, model)
 META_TASKS = {
     "digits-mlp20": ("digits", "mlp:20:sigmoid"),
@@ -101,6 +104,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="any other MetaTrainConfig field, e.g. --set cell=gru --set unroll=50")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: as fast for small models, robust to load)")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+
+    p = sub.add_parser(
+        "tune", help="grid-search a baseline (FedAvg, SlowMo, server Adam, SGD, Adam)",
+        description="Grid-search a baseline on the config's task as Joseph et al. (2025) "
+                    "do: every grid point trains for --budget rounds and is scored by its "
+                    "final training loss (mean over --seeds). Writes trials.csv, summary.json "
+                    "and best.yaml (a config you can `metagg run`). Grids: local lr "
+                    "{1,.5,.3,.1}; server lr 1..1e-5; SlowMo beta {.99..55}; H {4,8,16,32}.")
+    _add_config_args(p, config_required=False)
+    p.add_argument("--baseline", "--aggregator", dest="baseline", required=True,
+                   choices=sorted(BASELINE_NAMES), help="which baseline to tune")
+    p.add_argument("--budget", type=int, required=True,
+                   help="communication rounds per trial (the round the score is taken at)")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="replace or fix a grid axis, e.g. --grid workers.local_steps=4 "
+                        "--grid optimizer.lr=0.3,0.1 (repeatable)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per grid point (default 1)")
+    p.add_argument("--metric", default="train_loss",
+                   choices=["train_loss", "test_loss", "test_accuracy"],
+                   help="what to optimise (default train_loss, as the paper)")
+    p.add_argument("--max-trials", type=int, default=None,
+                   help="sample this many grid points (seeded) if the grid is larger")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: fastest for small models)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
 
     p = sub.add_parser("zoo", help="pretrained aggregators shipped in the package",
@@ -232,6 +260,31 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    import torch
+
+    from metagg.tune import parse_grid, tune
+
+    cfg = load_config(args.config, args.overrides)
+    torch.set_num_threads(max(1, args.threads))
+
+    def report(row: dict) -> None:
+        point = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in row.items()
+                          if k not in ("trial", args.metric, "std", "seeds", "diverged", "wall_s"))
+        score = "diverged" if row["diverged"] else f"{args.metric} {row[args.metric]:.4f}"
+        print(f"  trial {row['trial']:>3}: {point}: {score} ({row['wall_s']:.1f} s)", flush=True)
+
+    result = tune(cfg, args.baseline, budget=args.budget, out_dir=args.out, seeds=args.seeds,
+                  grid=parse_grid(args.grid), metric=args.metric, max_trials=args.max_trials,
+                  on_trial=report)
+    best = ", ".join(f"{k}={v}" for k, v in result["best"].items())
+    print(f"best {args.baseline} ({result['trials']} trials): {best} -> "
+          f"{args.metric} {result['score']:.4f}")
+    print(f"wrote {args.out}/trials.csv, summary.json, best.yaml")
+    return 0
+
+
 def cmd_zoo(args: argparse.Namespace) -> int:
     from metagg.compare import format_table
     from metagg.learned.store import pretrained_names, read_aggregator_info
@@ -274,7 +327,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "compare": cmd_compare, "demo": cmd_demo,
-            "meta-train": cmd_meta_train, "zoo": cmd_zoo, "list": cmd_list}
+            "meta-train": cmd_meta_train, "tune": cmd_tune, "zoo": cmd_zoo, "list": cmd_list}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
