@@ -22,7 +22,7 @@ import yaml
 
 from metagg import __version__
 from metagg.checkpoint import CheckpointError
-from metagg.config import ConfigError, load_config
+from metagg.config import ConfigError, load_config, parse_value
 
 __all__ = ["main"]
 
@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="any other MetaTrainConfig field, e.g. --set cell=gru --set unroll=50")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: as fast for small models, robust to load)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from --out's meta_checkpoint (same "
+                        "options; --iterations may be raised)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
 
     p = sub.add_parser(
@@ -242,8 +245,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_meta_train(args: argparse.Namespace) -> int:
     import dataclasses
 
-    import yaml
-
     from metagg.data import load_dataset
     from metagg.learned import MetaTrainConfig, meta_train
 
@@ -266,13 +267,13 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
         if not eq or key not in fields:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE with KEY one of "
                               f"{', '.join(sorted(fields))}")
-        options[key] = yaml.safe_load(raw)
+        options[key] = parse_value(raw)
     try:
         cfg = MetaTrainConfig(**options)
     except TypeError as exc:
         raise ConfigError(f"meta-train: {exc}") from None
     data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, image_size=image_size)
-    result = meta_train(cfg, data=data, threads=args.threads)
+    result = meta_train(cfg, data=data, threads=args.threads, resume=args.resume)
     print(json.dumps({"best_iteration": result.best_iteration, "best_score": result.best_score,
                       "path": str(result.path)}, indent=2))
     print(f"use it: metagg run CONFIG --set aggregator={args.kind}:{args.out}")

@@ -144,3 +144,26 @@ def test_byzantine_meta_training_environment(digits, attack):
                             validate_every=2, validation_seeds=1, long_horizon=0,
                             progress=False)
     assert result.aggregator.uses_trusted_data and len(result.history) == 4
+
+
+def test_killed_meta_training_resumes_to_the_same_phi(digits, tmp_path):
+    from metagg.learned.meta_bptt import MetaTrainConfig, meta_train
+
+    def cfg(iterations, out):
+        return MetaTrainConfig(iterations=iterations, unroll=6, truncation=3, validate_every=2,
+                               validation_seeds=1, long_horizon=0, patience=0, lr=3e-3,
+                               num_workers=4, batch_size=8, hidden=8, out_dir=str(out))
+
+    straight = meta_train(cfg(6, tmp_path / "a"), data=digits, progress=False)
+    meta_train(cfg(4, tmp_path / "b"), data=digits, progress=False)  # "killed" after 4
+    resumed = meta_train(cfg(6, tmp_path / "b"), data=digits, progress=False, resume=True)
+    a, b = straight.aggregator.net.state_dict(), resumed.aggregator.net.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.best_iteration == straight.best_iteration
+    assert [r.get("meta_loss") for r in resumed.history] == \
+        [r.get("meta_loss") for r in straight.history]
+    with pytest.raises(Exception, match="different meta-training config"):
+        meta_train(MetaTrainConfig(**{**cfg(6, tmp_path / "b").__dict__, "lr": 1e-2}),
+                   data=digits, progress=False, resume=True)
+    with pytest.raises(Exception, match="nothing to resume"):
+        meta_train(cfg(6, tmp_path / "c"), data=digits, progress=False, resume=True)

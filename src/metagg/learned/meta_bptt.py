@@ -21,8 +21,10 @@ Ji et al. 2019 §4.1-4.2 with L2L's recipe (Andrychowicz et al. 2016) where Ji i
   horizons of log(final train loss); the best φ is kept (early stopping with
   `patience`) and written with `metagg.learned.store`.
 
-Not done yet: resuming an interrupted meta-training (the best φ so far is saved
-after every improvement, but the Adam state and iteration are not).
+Resume: at every validation the run writes `meta_checkpoint.*` in `out_dir` (φ,
+Adam's state, the best φ so far, history). Everything random in meta-iteration k
+is seeded by (seed, k), so `meta_train(cfg, resume=True)` continues where a killed
+run stopped and ends with the same φ as an uninterrupted run (tested).
 """
 
 from __future__ import annotations
@@ -43,7 +45,12 @@ from torch.func import vmap
 
 from metagg.aggregators.base import Aggregator, RoundContext
 from metagg.attacks import make_attack
-from metagg.checkpoint import atomic_write_text
+from metagg.checkpoint import (
+    CheckpointError,
+    atomic_write_text,
+    load_checkpoint,
+    save_checkpoint,
+)
 from metagg.cluster import STREAM_ATTACK, Cluster, round_generator
 from metagg.data import Dataset, load_dataset, partition
 from metagg.learned.rnn import CoordinateRNN, RNNAggregator, RNNConfig, RNNState
@@ -278,25 +285,77 @@ def meta_train(
     data: Dataset | None = None,
     progress: bool | None = None,
     threads: int | None = None,
+    resume: bool = False,
 ) -> MetaTrainResult:
     """Meta-train an RNN / ARNN aggregator by truncated BPTT (see the module docstring).
 
     `threads` sets torch's intra-op threads for the run (restored afterwards). For
     small models (d ~ 10³-10⁴) use 1: it is as fast, and on a busy shared machine two
     OpenMP threads can be 10-50× slower (every op waits for a descheduled thread).
+    `resume` continues from `cfg.out_dir`'s meta_checkpoint (same config; `iterations`
+    may be raised).
     """
+    if resume and not cfg.out_dir:
+        raise ValueError("resume needs out_dir (the directory holding meta_checkpoint.*)")
     if threads is None:
-        return _meta_train(cfg, data, progress)
+        return _meta_train(cfg, data, progress, resume)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _meta_train(cfg, data, progress)
+        return _meta_train(cfg, data, progress, resume)
     finally:
         torch.set_num_threads(before)
 
 
+CHECKPOINT = "meta_checkpoint"
+
+
+def _save_progress(out: Path, cfg: MetaTrainConfig, iteration: int, net: CoordinateRNN,
+                   opt: torch.optim.Optimizer, best: dict[str, Any], stale: int,
+                   history: list[dict[str, Any]]) -> None:
+    """Everything needed to continue after `iteration` meta-iterations, atomically."""
+    tensors = {f"phi.{k}": v for k, v in net.state_dict().items()}
+    tensors.update({f"best.{k}": v for k, v in (best["phi"] or {}).items()})
+    opt_state = opt.state_dict()
+    for idx, slots in opt_state["state"].items():
+        tensors.update({f"adam.{idx}.{k}": torch.as_tensor(v) for k, v in slots.items()})
+    meta = {"iteration": iteration, "stale": stale, "history": history,
+            "best": {k: best[k] for k in ("score", "iteration", "validation")},
+            "param_groups": opt_state["param_groups"], "config": dataclasses.asdict(cfg)}
+    save_checkpoint(out / CHECKPOINT, tensors, json.loads(json.dumps(meta, default=float)))
+
+
+def _load_progress(out: Path, cfg: MetaTrainConfig, net: CoordinateRNN,
+                   opt: torch.optim.Optimizer) -> tuple[int, dict[str, Any], int, list]:
+    path = out / CHECKPOINT
+    if not path.with_suffix(".json").exists():
+        raise CheckpointError(f"nothing to resume in {out}: no {CHECKPOINT}.json")
+    tensors, meta = load_checkpoint(path)
+    saved, mine = dict(meta.get("config", {})), json.loads(json.dumps(dataclasses.asdict(cfg)))
+    for c in (saved, mine):  # a resumed run may be longer or written elsewhere
+        c.pop("iterations", None)
+        c.pop("out_dir", None)
+    if saved != mine:
+        diff = sorted(k for k in mine if saved.get(k) != mine[k])
+        raise CheckpointError(f"{path} is from a different meta-training config "
+                              f"(differs in: {', '.join(diff)})")
+    try:
+        net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("phi.")})
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("adam."):
+                _, idx, slot = key.split(".", 2)
+                state.setdefault(int(idx), {})[slot] = value
+        opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"{path}: does not match this aggregator ({exc})") from None
+    best_phi = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+    best = {**meta["best"], "phi": best_phi or None}
+    return int(meta["iteration"]), best, int(meta["stale"]), list(meta["history"])
+
+
 def _meta_train(cfg: MetaTrainConfig, data: Dataset | None,
-                progress: bool | None) -> MetaTrainResult:
+                progress: bool | None, resume: bool = False) -> MetaTrainResult:
     env = MetaEnv(cfg, data)
     rnn_cfg = cfg.rnn_config()
     net = CoordinateRNN(rnn_cfg, seed=cfg.seed)
@@ -309,7 +368,10 @@ def _meta_train(cfg: MetaTrainConfig, data: Dataset | None,
     out = Path(cfg.out_dir) if cfg.out_dir else None
     history: list[dict[str, Any]] = []
     best = {"score": math.inf, "iteration": 0, "phi": None, "validation": {}}
-    stale = 0
+    stale, done = 0, 0
+    if resume:
+        assert out is not None
+        done, best, stale, history = _load_progress(out, cfg, net, opt)
     start = time.perf_counter()
 
     def validate(iteration: int) -> bool:
@@ -331,6 +393,8 @@ def _meta_train(cfg: MetaTrainConfig, data: Dataset | None,
             stale += 1
         log.info("meta-iteration %d: validation score %.4f (best %.4f at %d)", iteration,
                  score, best["score"], best["iteration"])
+        if out is not None:
+            _save_progress(out, cfg, iteration, net, opt, best, stale, history)
         return not (cfg.patience and stale >= cfg.patience)
 
     if progress is None:
@@ -339,11 +403,14 @@ def _meta_train(cfg: MetaTrainConfig, data: Dataset | None,
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.iterations, desc=f"meta-train {rnn_cfg.kind}-{cfg.cell}",
-                   unit="it", leave=False)
+        bar = tqdm(total=cfg.iterations, initial=done,
+                   desc=f"meta-train {rnn_cfg.kind}-{cfg.cell}", unit="it", leave=False)
     try:
-        validate(0)
-        for k in range(cfg.iterations):
+        if not resume:
+            validate(0)
+        elif cfg.patience and stale >= cfg.patience:
+            done = cfg.iterations  # the run had stopped early: nothing left to do
+        for k in range(done, cfg.iterations):
             model_seed = derive_seed(cfg.seed, _TRAIN, k)
             theta = env.task.init_params(model_seed)
             cluster = env.cluster(model_seed)
