@@ -167,3 +167,21 @@ def test_killed_meta_training_resumes_to_the_same_phi(digits, tmp_path):
                    data=digits, progress=False, resume=True)
     with pytest.raises(Exception, match="nothing to resume"):
         meta_train(cfg(6, tmp_path / "c"), data=digits, progress=False, resume=True)
+
+
+def test_attack_mixture_cycles_attacks_and_validates_on_all(digits):
+    from metagg.learned.meta_bptt import meta_train
+
+    cfg = MetaTrainConfig(attack="ipm,none,sign_flip", num_byzantine=2, num_workers=4,
+                          attack_options={"sign_flip": {"scale": 4.0}}, arnn=True,
+                          iterations=3, unroll=4, truncation=2, validate_every=3,
+                          validation_seeds=1, long_horizon=0, patience=0, hidden=8,
+                          batch_size=8)
+    envs = cfg.environments()
+    assert [(e.attack, e.num_byzantine, e.attack_options) for e in envs] == [
+        ("ipm", 2, {}), ("none", 0, {}), ("sign_flip", 2, {"scale": 4.0})]
+    result = meta_train(cfg, data=digits, progress=False)
+    last = result.history[-1]
+    assert {"ipm/mean_loss@4", "none/mean_loss@4", "sign_flip/mean_loss@4"} <= set(last)
+    with pytest.raises(ValueError, match="maps attack name"):
+        MetaTrainConfig(attack="ipm,alie", num_byzantine=2, attack_options={"eps": 0.5})

@@ -101,7 +101,10 @@ class MetaTrainConfig:
     clamp_sign: bool = True  # keep the sign of clamped entries (Ji writes +e^{-p})
     probe_lr: float = 1.0  # ARNN probe step θ − probe_lr·g_m
     trusted_samples: int = 100  # server's trusted sample (as RunConfig's default)
-    attack: str = "none"  # Byzantine training: see metagg.attacks.ATTACKS
+    # Byzantine training: an attack from metagg.attacks.ATTACKS, or a mixture
+    # "ipm,sign_flip,none" (meta-iteration k meets the (k mod n)-th; validation scores
+    # the mean over all); with a mixture attack_options maps name -> options
+    attack: str = "none"
     num_byzantine: int = 0  # workers 0..b-1 are Byzantine
     attack_options: dict[str, Any] = field(default_factory=dict)
     validate_every: int = 20  # meta-iterations between validations
@@ -124,11 +127,28 @@ class MetaTrainConfig:
                           f"got {self.num_byzantine}")
         if self.attack != "none" and self.num_byzantine == 0:
             errors.append(f"attack {self.attack!r} needs num_byzantine >= 1")
+        names = self.attack_names()
+        if len(names) > 1 and set(self.attack_options) - set(names):
+            errors.append(f"with an attack mixture, attack_options maps attack name -> "
+                          f"options; {sorted(set(self.attack_options) - set(names))} not in "
+                          f"{names}")
         if self.arnn and self.trusted_samples < 1:
             errors.append("arnn needs trusted_samples >= 1")
         if errors:
             raise ValueError("; ".join(errors))
         self.rnn_config()  # cell, output, p, scale... checked by RNNConfig, early
+
+    def attack_names(self) -> list[str]:
+        return [a.strip() for a in self.attack.split(",") if a.strip()] or ["none"]
+
+    def environments(self) -> list[MetaTrainConfig]:
+        """One config per attack of the mixture (just `self` without a mixture)."""
+        names = self.attack_names()
+        if len(names) == 1:
+            return [self]
+        return [dataclasses.replace(self, attack=n, attack_options=self.attack_options.get(n, {}),
+                                    num_byzantine=0 if n == "none" else self.num_byzantine)
+                for n in names]
 
     def rnn_config(self) -> RNNConfig:
         return RNNConfig(num_workers=self.num_workers, cell=self.cell, hidden=self.hidden,
@@ -264,6 +284,19 @@ def evaluate_aggregator(
     return out
 
 
+def evaluate_mixture(agg: Aggregator, envs: list[MetaEnv], seeds: list[int],
+                     horizons: tuple[int, ...]) -> tuple[float, dict[str, Any]]:
+    """(score, means) over every environment of an attack mixture; the score is the mean
+    of each environment's score, and means are keyed `ATTACK/mean_loss@T` when mixed."""
+    scores, means = [], {}
+    for env in envs:
+        res = evaluate_aggregator(agg, env, seeds, horizons)
+        scores.append(_score(res, horizons))
+        prefix = f"{env.cfg.attack}/" if len(envs) > 1 else ""
+        means.update({prefix + k: v for k, v in res.items() if k.startswith("mean_")})
+    return float(np.mean(scores)), means
+
+
 def _score(result: dict[str, Any], horizons: tuple[int, ...]) -> float:
     """Mean over seeds and horizons of log(final train loss): lower is better."""
     logs = [math.log(max(v, 1e-30)) for h in horizons for v in result[f"loss@{h}"]]
@@ -356,7 +389,8 @@ def _load_progress(out: Path, cfg: MetaTrainConfig, net: CoordinateRNN,
 
 def _meta_train(cfg: MetaTrainConfig, data: Dataset | None,
                 progress: bool | None, resume: bool = False) -> MetaTrainResult:
-    env = MetaEnv(cfg, data)
+    envs = [MetaEnv(c, data) for c in cfg.environments()]
+    env = envs[0]
     rnn_cfg = cfg.rnn_config()
     net = CoordinateRNN(rnn_cfg, seed=cfg.seed)
     agg = RNNAggregator(rnn_cfg, net, differentiable=True)
@@ -377,10 +411,8 @@ def _meta_train(cfg: MetaTrainConfig, data: Dataset | None,
     def validate(iteration: int) -> bool:
         """Validate the current φ; keep it if best; return False to stop early."""
         nonlocal stale
-        res = evaluate_aggregator(frozen, env, val_seeds, horizons)
-        score = _score(res, horizons)
-        row = {"iteration": iteration, "validation_score": score,
-               **{k: v for k, v in res.items() if k.startswith("mean_")},
+        score, means = evaluate_mixture(frozen, envs, val_seeds, horizons)
+        row = {"iteration": iteration, "validation_score": score, **means,
                "wall_s": round(time.perf_counter() - start, 2)}
         history.append(row)
         if score < best["score"]:
@@ -411,6 +443,7 @@ def _meta_train(cfg: MetaTrainConfig, data: Dataset | None,
         elif cfg.patience and stale >= cfg.patience:
             done = cfg.iterations  # the run had stopped early: nothing left to do
         for k in range(done, cfg.iterations):
+            env = envs[k % len(envs)]
             model_seed = derive_seed(cfg.seed, _TRAIN, k)
             theta = env.task.init_params(model_seed)
             cluster = env.cluster(model_seed)
