@@ -1,0 +1,132 @@
+"""`metagg reproduce ji2019` at the hidden tiny scale: files, CSV columns and rows, report."""
+
+import argparse
+import csv
+
+import pytest
+import torch
+
+from metagg.data import load_dataset
+from metagg.experiments.ji2019 import (
+    CSV_COLUMNS,
+    SCALES,
+    add_reproduce_ji2019_arguments,
+    check_seeds_disjoint,
+    cmd_reproduce_ji2019,
+    reproduce_ji2019,
+)
+from metagg.learned import RNNAggregator, RNNConfig, save_aggregator
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def read(path):
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        return reader.fieldnames, list(reader)
+
+
+def fmnist_available() -> bool:
+    try:
+        load_dataset("fashion_mnist")
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def test_tiny_reproduction_writes_every_figure(tmp_path, capsys):
+    # an untrained 12-input RNN stands in for the figure-7 aggregator (no zoo entry needed)
+    hetero = tmp_path / "hetero-rnn"
+    save_aggregator(hetero, RNNAggregator(RNNConfig(num_workers=12)),
+                    trained_on={"seed": 0, "iterations": 1, "validation_seeds": 1})
+    parser = argparse.ArgumentParser()
+    add_reproduce_ji2019_arguments(parser)
+    out = tmp_path / "out"
+    args = parser.parse_args(["--scale", "tiny", "--out", str(out), "--hetero-rnn", str(hetero)])
+    assert cmd_reproduce_ji2019(args) == 0
+    assert "Figure 7" in capsys.readouterr().out
+
+    for f in ("4", "5", "6", "7"):
+        assert (out / f"figure{f}.png").stat().st_size > 1000
+    assert (out / "tuning.csv").exists()
+    scale = SCALES["tiny"]
+    evals = scale.points + 1  # round 0 and every rounds // points
+    fm = fmnist_available()
+
+    cols, rows = read(out / "figure4.csv")
+    assert tuple(cols) == CSV_COLUMNS
+    tasks = {r["task"] for r in rows}
+    assert tasks == ({"digits, mlp:20:sigmoid"} | ({"fashion_mnist, mlp:20:sigmoid"} if fm else
+                                                   set()))
+    assert {r["aggregator"] for r in rows} == {"rnn-lstm", "arnn-lstm", "mean+sgd", "mean+adam"}
+    assert len(rows) == len(tasks) * 4 * scale.seeds * evals
+    rounds = scale.rounds["digits"]
+    assert {int(r["round"]) for r in rows} == set(range(0, rounds + 1, rounds // scale.points))
+    assert all(float(r["train_loss"]) > 0 and 0 <= float(r["test_accuracy"]) <= 1 for r in rows)
+    assert {r["lr"] for r in rows if r["aggregator"] == "mean+adam"} == {"0.1"}
+
+    _, rows = read(out / "figure5.csv")
+    assert {r["panel"] for r in rows} == ({"left", "right"} if fm else {"left"})
+    assert len(rows) == (5 if fm else 3) * 3 * scale.seeds * evals
+
+    _, rows = read(out / "figure6.csv")
+    assert {r["setting"] for r in rows} == set(scale.byz_settings)
+    assert len(rows) == len(scale.byz_settings) * 10 * scale.seeds * evals
+    assert {"krum", "arnn-ipm7", "zeno", "fltrust", "median"} <= {r["aggregator"] for r in rows}
+
+    _, rows = read(out / "figure7.csv")
+    assert {r["aggregator"] for r in rows} == {
+        f"{agg} ({workers})" for agg in ("rnn", "mean+sgd", "mean+adam")
+        for workers in ("4 models × 3", "12 mlp:20:sigmoid", "3 mlp:20:sigmoid only")}
+    assert len(rows) == 9 * scale.seeds * evals
+
+    report = (out / "report.md").read_text()
+    for heading in ("Figure 4", "Figure 5", "Figure 6", "Figure 7", "Stand-in datasets"):
+        assert heading in report
+    assert "43.14%" in report and "arnn-ipm7 − krum" in report
+    assert "rnn-gru: not in the zoo" in report  # missing pretrained models are named
+
+
+def test_missing_hetero_rnn_is_reported(tmp_path, monkeypatch):
+    import metagg.experiments.ji2019 as ji2019
+
+    monkeypatch.setattr(ji2019, "HETERO_RNN", "no-such-rnn")  # as if the zoo lacked it
+    report = reproduce_ji2019(tmp_path, "tiny", figures=["7"]).read_text()
+    assert "RNN rows missing" in report
+    _, rows = read(tmp_path / "figure7.csv")
+    assert rows and not any(r["aggregator"].startswith("rnn") for r in rows)
+    with pytest.raises(ValueError, match="unknown figure"):
+        reproduce_ji2019(tmp_path, "tiny", figures=["8"])
+
+
+def test_seed_clash_with_meta_training_is_refused(tmp_path):
+    save_aggregator(tmp_path, RNNAggregator(RNNConfig(num_workers=10)),
+                    trained_on={"seed": 100, "iterations": 1, "validation_seeds": 1})
+    with pytest.raises(ValueError, match="meta-train"):
+        check_seeds_disjoint([100, 101], [f"rnn:{tmp_path}"])
+    check_seeds_disjoint([101], [f"rnn:{tmp_path}", "krum"])
+
+
+def test_meta_train_fills_the_gaps_and_is_reused(tmp_path, monkeypatch):
+    import metagg.experiments.ji2019 as ji2019
+
+    monkeypatch.setattr(ji2019, "HETERO_RNN", "digits-hetero4x3-mlp20-lstm-test")  # not shipped
+    reproduce_ji2019(tmp_path, "tiny", figures=["4", "7"], meta_train=True)
+    made = sorted(p.name for p in (tmp_path / "aggregators").iterdir())
+    expected = ["digits-hetero4x3-mlp20-lstm-test", "digits-mlp20-arnn-gru", "digits-mlp20-gru"]
+    if fmnist_available():
+        expected.append("fmnist-mlp20-lstm")
+    assert made == sorted(expected)
+    _, rows = read(tmp_path / "figure4.csv")
+    assert {"rnn-gru", "arnn-gru"} <= {r["aggregator"] for r in rows}
+    _, rows = read(tmp_path / "figure7.csv")
+    assert "rnn (4 models × 3)" in {r["aggregator"] for r in rows}
+    # a second run without --meta-train finds them in OUT/aggregators
+    report = reproduce_ji2019(tmp_path, "tiny", figures=["7"]).read_text()
+    assert "RNN rows missing" not in report and "hetero" in report
