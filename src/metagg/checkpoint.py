@@ -116,16 +116,38 @@ def unflatten_state(template: Any, tensors: dict[str, torch.Tensor], prefix: str
 def save_checkpoint(
     path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
 ) -> None:
-    """Write `path`.safetensors and `path`.json atomically (tensors first, then JSON)."""
+    """Write `path`.safetensors and `path`.json atomically (tensors first, then JSON).
+
+    The tensor file also carries the metadata and a hash of its tensor data: a
+    process killed between the two renames leaves a new tensor file beside the old
+    JSON, and `load_checkpoint` then reads the new checkpoint from the tensor file
+    alone instead of refusing the pair.
+    """
     from safetensors.torch import save
 
     path = Path(path)
-    blob = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
-    atomic_write_bytes(path.with_suffix(".safetensors"), blob)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     sidecar = dict(meta)
     sidecar["metagg_version"] = __version__
+    embedded = {"metagg_meta": json.dumps(sidecar),
+                "data_sha256": hashlib.sha256(_data_region(save(tensors))).hexdigest()}
+    blob = save(tensors, metadata=embedded)
+    atomic_write_bytes(path.with_suffix(".safetensors"), blob)
     sidecar["sha256"] = hashlib.sha256(blob).hexdigest()
     atomic_write_text(path.with_suffix(".json"), json.dumps(sidecar, indent=2))
+
+
+def _data_region(blob: bytes) -> bytes:
+    """The tensor bytes of a safetensors file (after its length-prefixed JSON header)."""
+    return blob[8 + int.from_bytes(blob[:8], "little"):]
+
+
+def _embedded_meta(blob: bytes) -> dict[str, str]:
+    try:
+        header = json.loads(blob[8 : 8 + int.from_bytes(blob[:8], "little")])
+        return dict(header.get("__metadata__") or {})
+    except (ValueError, AttributeError):
+        return {}
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -141,7 +163,15 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise CheckpointError(f"{jfile}: not valid JSON ({exc})") from None
     blob = tfile.read_bytes()
     digest = hashlib.sha256(blob).hexdigest()
-    if "sha256" in meta and meta["sha256"] != digest:
+    stale = isinstance(meta, dict) and meta.get("sha256", digest) != digest
+    embedded = _embedded_meta(blob) if stale else {}
+    if "metagg_meta" in embedded and embedded.get("data_sha256") == hashlib.sha256(
+            _data_region(blob)).hexdigest():
+        # An intact newer tensor file beside a stale JSON: the writer died between the
+        # two renames (see save_checkpoint). The tensor file's own copy of the metadata
+        # is the checkpoint.
+        meta = {**json.loads(embedded["metagg_meta"]), "sha256": digest}
+    elif "sha256" in meta and meta["sha256"] != digest:
         raise CheckpointError(
             f"{tfile} does not match its sidecar (sha256 {digest[:12]}… vs "
             f"{meta['sha256'][:12]}…): the checkpoint is corrupt or from another run"

@@ -5,6 +5,8 @@
     metagg compare CONFIG.yaml --aggregators mean,median --seeds 3 --out runs/cmp
     metagg meta-train rnn --task digits-mlp20 --workers 10 --out runs/rnn
     metagg tune CONFIG.yaml --baseline slowmo --budget 300 --out runs/tune
+    metagg launch CONFIG.yaml --workers 10 --out runs/ps     # real processes, torch.distributed
+    metagg reproduce ji2019|joseph2025 --scale quick --out runs/repro
     metagg list                                   # aggregators, attacks, datasets, models
 """
 
@@ -108,6 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted run from --out's meta_checkpoint (same "
                         "options; --iterations may be raised)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
+
+    from metagg.runtime.launch import add_launch_arguments
+
+    p = sub.add_parser(
+        "launch", help="train with a real parameter server + worker processes on this machine",
+        description="Start 1 server + M worker processes (torch.distributed, gloo on "
+                    "127.0.0.1) running the config: same metrics as `metagg run`; a worker "
+                    "that dies or misses --round-timeout is left out of that round; if the "
+                    "server dies the group restarts from the last checkpoint. For many "
+                    "machines use torchrun -m metagg.runtime.ps (see README).")
+    add_launch_arguments(p)
 
     p = sub.add_parser(
         "tune", help="grid-search a baseline (FedAvg, SlowMo, server Adam, SGD, Adam)",
@@ -289,6 +302,12 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_launch(args: argparse.Namespace) -> int:
+    from metagg.runtime.launch import cmd_launch as launch
+
+    return launch(args)
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     import torch
 
@@ -373,7 +392,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 COMMANDS = {"run": cmd_run, "compare": cmd_compare, "demo": cmd_demo,
             "meta-train": cmd_meta_train, "tune": cmd_tune,
-            "reproduce": cmd_reproduce, "zoo": cmd_zoo, "list": cmd_list}
+            "launch": cmd_launch, "reproduce": cmd_reproduce, "zoo": cmd_zoo, "list": cmd_list}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

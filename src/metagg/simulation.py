@@ -136,6 +136,7 @@ class Simulation:
         self.round = 0
         self.dropped_updates = 0
         self.skipped_rounds = 0
+        self.missing_updates = 0
         self.last_worker_loss = float("nan")
         self.wall_offset = 0.0
 
@@ -150,21 +151,47 @@ class Simulation:
     # ------------------------------------------------------------------ one round
     def step(self) -> None:
         """Run one communication round and advance θ."""
+        out = self.cluster.compute(self.params, self.round)
+        present = self.cluster.present(self.round, self.cfg.workers.failure_prob)
+        self.apply_updates(out.updates, present, out.losses)
+
+    def apply_updates(
+        self,
+        updates: torch.Tensor,
+        present: torch.Tensor,
+        losses: torch.Tensor,
+        received: torch.Tensor | None = None,
+    ) -> None:
+        """The server's half of a round: attack, safety checks, aggregation, θ ← θ − step.
+
+        `updates` [M, d] and `losses` [M] are the workers' honest outputs; `present`
+        (bool [M]) says who delivers this round. The multi-process server passes
+        `received` (bool [M]), the rows that actually arrived: the attack then sees
+        only those, and the others count as missing. The simulator passes None (all).
+        """
         t, cfg = self.round, self.cfg
-        out = self.cluster.compute(self.params, t)
-        updates = out.updates
-        present = self.cluster.present(t, cfg.workers.failure_prob)
-        if len(self.byzantine) and self.attack.drops_workers:
-            present[self.byzantine] = False
-        elif len(self.byzantine) and not self.attack.flips_labels:
-            ctx = self.context(torch.arange(cfg.workers.num_workers))
+        if received is not None and bool(received.all()):
+            received = None
+        present = present.clone() if received is None else present & received
+        byzantine = self.byzantine if received is None else self.byzantine[
+            received[self.byzantine]]
+        if len(byzantine) and self.attack.drops_workers:
+            present[byzantine] = False
+        elif len(byzantine) and not self.attack.flips_labels:
+            rows = (torch.arange(cfg.workers.num_workers) if received is None
+                    else received.nonzero().squeeze(1))
+            ctx = self.context(rows)
             ctx.extras["aggregator"] = self.aggregator
             ctx.extras["aggregator_state"] = self.agg_state
-            forged = self.attack.forge(updates, self.byzantine, ctx,
+            seen = updates if received is None else updates[rows]
+            where = byzantine if received is None else torch.searchsorted(rows, byzantine)
+            forged = self.attack.forge(seen, where, ctx,
                                        round_generator(cfg.seed, t, STREAM_ATTACK))
-            updates = updates.index_put((self.byzantine,), forged.to(updates.dtype))
-        if self.honest.any():
-            self.last_worker_loss = float(out.losses[self.honest].mean())
+            updates = updates.index_put((byzantine,), forged.to(updates.dtype))
+        reporting = self.honest if received is None else self.honest & received
+        if reporting.any():
+            self.last_worker_loss = float(losses[reporting].mean())
+        self.missing_updates += int((~present).sum())
 
         # Server safety: a non-finite update never reaches the aggregator. One sum
         # is a cheap test that every entry is finite; rows are checked only if not.
@@ -207,6 +234,7 @@ class Simulation:
             "round": self.round,
             "dropped_updates": self.dropped_updates,
             "skipped_rounds": self.skipped_rounds,
+            "missing_updates": self.missing_updates,
             "last_worker_loss": self.last_worker_loss,
             "wall_s": wall_s,
             "config": config_to_dict(self.cfg),
@@ -238,6 +266,7 @@ class Simulation:
         self.round = int(meta["round"])
         self.dropped_updates = int(meta["dropped_updates"])
         self.skipped_rounds = int(meta["skipped_rounds"])
+        self.missing_updates = int(meta.get("missing_updates", 0))
         self.last_worker_loss = float(meta["last_worker_loss"])
         self.wall_offset = float(meta["wall_s"])
 
@@ -278,7 +307,8 @@ class Simulation:
             worker_loss = self.last_worker_loss if math.isfinite(self.last_worker_loss) else None
             row = {"round": self.round, **self.evaluate(), "worker_loss": worker_loss,
                    "dropped_updates": self.dropped_updates,
-                   "skipped_rounds": self.skipped_rounds, "wall_s": round(wall(), 4)}
+                   "skipped_rounds": self.skipped_rounds,
+                   "missing_updates": self.missing_updates, "wall_s": round(wall(), 4)}
             rows.append(row)
             if metrics_fh is not None:
                 metrics_fh.write(json.dumps(row) + "\n")
@@ -359,6 +389,7 @@ def summarize(rows: list[dict[str, Any]], cfg: RunConfig, aggregator: str) -> di
         "diverged": not math.isfinite(last["train_loss"]),
         "dropped_updates": last["dropped_updates"],
         "skipped_rounds": last["skipped_rounds"],
+        "missing_updates": last.get("missing_updates", 0),
         "wall_s": last["wall_s"],
         **reached,
     }
