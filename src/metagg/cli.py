@@ -90,26 +90,51 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output directory (default runs/demo)")
     p.add_argument("--rounds", type=int, default=300, help="rounds per run (default 300)")
 
+    from metagg.learned.meta_pes import add_meta_train_pes_arguments
+
     p = sub.add_parser(
-        "meta-train", help="meta-train a learned aggregator (rnn / arnn: Ji et al. 2019)",
-        description="Meta-train the coordinatewise RNN (or ARNN) aggregator by truncated "
-                    "BPTT and write the best one (aggregator.safetensors + .json) to --out; "
-                    "use it with --set aggregator=rnn:OUT.")
-    p.add_argument("kind", choices=["rnn", "arnn"], help="which learned aggregator")
-    p.add_argument("--task", default="digits-mlp20", choices=sorted(META_TASKS),
-                   help="dataset + worker model (default digits-mlp20)")
-    p.add_argument("--workers", type=int, default=10, help="number of workers M (default 10)")
-    p.add_argument("--iterations", type=int, default=300, help="meta-iterations (default 300)")
-    p.add_argument("--attack", default="none", metavar="NAME:B",
-                   help="train against an attack, e.g. ipm:7 (default none)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other MetaTrainConfig field, e.g. --set cell=gru --set unroll=50")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default 1: as fast for small models, robust to load)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from --out's meta_checkpoint (same "
-                        "options; --iterations may be raised)")
-    p.add_argument("--out", type=Path, required=True, help="output directory")
+        "meta-train", help="meta-train a learned aggregator (rnn/arnn, lagg/lopt)",
+        description="Meta-train a learned aggregator and write the best one "
+                    "(aggregator.safetensors + .json) to --out; use it with "
+                    "--set aggregator=KIND:OUT.")
+    kinds = p.add_subparsers(dest="kind", metavar="KIND", required=True)
+    for kind, what in (("rnn", "the coordinatewise LSTM/GRU aggregator (Ji et al. 2019)"),
+                       ("arnn", "the RNN that also sees each worker's trusted-sample loss")):
+        q = kinds.add_parser(kind, help=f"{what}, by truncated BPTT",
+                             description=f"Meta-train {what} by truncated BPTT.")
+        q.add_argument("--task", default="digits-mlp20", choices=sorted(META_TASKS),
+                       help="dataset + worker model (default digits-mlp20)")
+        q.add_argument("--workers", type=int, default=10,
+                       help="number of workers M (default 10)")
+        q.add_argument("--iterations", type=int, default=300,
+                       help="meta-iterations (default 300)")
+        q.add_argument("--attack", default="none", metavar="NAME[,NAME...]:B",
+                       help="train against an attack, e.g. ipm:7, or a mixture "
+                            "ipm,sign_flip,none:7 (default none)")
+        q.add_argument("--set", dest="overrides", action="append", default=[],
+                       metavar="KEY=VALUE",
+                       help="any other MetaTrainConfig field, e.g. --set cell=gru "
+                            "--set unroll=50")
+        q.add_argument("--threads", type=int, default=1,
+                       help="torch threads (default 1: as fast for small models, robust "
+                            "to load)")
+        q.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run from --out's meta_checkpoint (same "
+                            "options; --iterations may be raised)")
+        q.add_argument("--out", type=Path, required=True, help="output directory")
+    for kind, what in (("lagg", "LAgg-A (sees every worker's update; fixed K)"),
+                       ("lopt", "LOpt-A (sees the mean update; any K)")):
+        q = kinds.add_parser(kind, help=f"{what}, by persistent evolution strategies",
+                             description=f"Meta-train {what} (Joseph et al. 2025) by truncated "
+                                         "PES with vmapped antithetic perturbations.")
+        add_meta_train_pes_arguments(q)
+
+    p = sub.add_parser("zoo", help="pretrained aggregators shipped in the package",
+                       description="List the pretrained learned aggregators shipped with "
+                                   "metagg; use one with --set aggregator=KIND:pretrained/NAME.")
+    p.add_argument("action", choices=["list"], help="what to do")
+
+    sub.add_parser("list", help="list aggregators, attacks, datasets, partitions, models")
 
     from metagg.runtime.launch import add_launch_arguments
 
@@ -175,12 +200,6 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     q.add_argument("--out", type=Path, required=True, help="output directory")
 
-    p = sub.add_parser("zoo", help="pretrained aggregators shipped in the package",
-                       description="List the pretrained learned aggregators shipped with "
-                                   "metagg; use one with --set aggregator=KIND:pretrained/NAME.")
-    p.add_argument("action", choices=["list"], help="what to do")
-
-    sub.add_parser("list", help="list aggregators, attacks, datasets, partitions, models")
     return parser
 
 
@@ -266,6 +285,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_meta_train(args: argparse.Namespace) -> int:
     import dataclasses
+
+    if args.kind in ("lagg", "lopt"):
+        from metagg.learned.meta_pes import cmd_meta_train_pes
+
+        return cmd_meta_train_pes(args)
 
     from metagg.data import load_dataset
     from metagg.learned import MetaTrainConfig, meta_train

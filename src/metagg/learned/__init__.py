@@ -1,4 +1,5 @@
-"""Learned aggregators: the RNN / ARNN of Ji et al. (2019), their storage and meta-training.
+"""Learned aggregators: the RNN / ARNN of Ji et al. (2019) (BPTT) and LAgg-A / LOpt-A of
+Joseph et al. (2025) (PES), their storage and meta-training.
 
     from metagg.learned import meta_train_rnn, load_aggregator
     result = meta_train_rnn(iterations=300, out_dir="runs/rnn-digits")
@@ -14,6 +15,7 @@ from metagg.learned.meta_bptt import (
     meta_train,
     meta_train_rnn,
 )
+from metagg.learned.meta_pes import MetaTrainPESConfig, meta_train_pes
 from metagg.learned.rnn import (
     CoordinateRNN,
     RNNAggregator,
@@ -33,6 +35,7 @@ __all__ = [
     "LOptA",
     "MetaEnv",
     "MetaTrainConfig",
+    "MetaTrainPESConfig",
     "MetaTrainResult",
     "RNNAggregator",
     "RNNConfig",
@@ -44,6 +47,7 @@ __all__ = [
     "log_norm_feature",
     "loss_features",
     "meta_train",
+    "meta_train_pes",
     "meta_train_rnn",
     "read_aggregator_info",
     "save_aggregator",

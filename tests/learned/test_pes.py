@@ -1,0 +1,358 @@
+"""Truncated PES: the generic estimator against true gradients, the functional LAgg-A step
+against the aggregator class, the vmapped unroll against a loop over particles, and the
+meta-training loop's checkpoint / resume, outputs and CLI pair."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+
+import pytest
+import torch
+from torch.func import grad_and_value, vmap
+
+import metagg.learned.meta_pes as mp
+from metagg.aggregators.base import RoundContext
+from metagg.aggregators.registry import build_aggregator
+from metagg.checkpoint import load_checkpoint
+from metagg.config import ConfigError
+from metagg.learned.features import AdaState
+from metagg.learned.meta_pes import (
+    MetaTrainPESConfig,
+    PESTrainer,
+    add_meta_train_pes_arguments,
+    antithetic_noise,
+    cmd_meta_train_pes,
+    evaluate_local_sgd,
+    lr_schedule,
+    meta_train_pes,
+    mlp_grad_fn,
+    pes_step,
+    reset_pairs,
+)
+from metagg.models import build_model
+from metagg.tasks import Task
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+
+# --------------------------------------------------------------------------- generic PES
+
+
+def test_single_truncation_is_antithetic_es_and_matches_the_gradient():
+    """Fresh accumulators: PES is antithetic ES; on a quadratic it is unbiased, so with many
+    pairs its cosine with ∇L is near 1 (and a lone pair's is not)."""
+    gen = torch.Generator().manual_seed(0)
+    n = 12
+    q = torch.randn(n, n, generator=gen)
+    q = q @ q.T / n + torch.eye(n)
+    c = torch.randn(n, generator=gen)
+    theta = torch.randn(n, generator=gen)
+
+    def unroll(batch, inner, seed):
+        z = batch - c
+        return 0.5 * torch.einsum("pi,ij,pj->p", z, q, z), inner
+
+    true = q @ (theta - c)
+    for pairs, lo, hi in ((4000, 0.97, 1.0), (1, -1.0, 0.9)):
+        eps = antithetic_noise(pairs, n, 0.01, gen)
+        res = pes_step(unroll, theta, torch.zeros(pairs, n), None, eps, sigma=0.01)
+        assert lo < cosine(res.grad, true) < hi
+        assert torch.equal(res.accum, eps)
+        assert res.loss_pos.shape == res.loss_neg.shape == (pairs,)
+
+
+def _lr_problem():
+    """Inner GD on f(w) = ½ Σ a_j w_j² with learnable per-coordinate lr exp(θ_j)."""
+    dt = torch.float64
+    a = torch.tensor([1.0, 0.3, 0.05], dtype=dt)
+    w0 = torch.tensor([1.0, -2.0, 3.0], dtype=dt)
+    tau = 5
+
+    def unroll(batch, w, seed):
+        losses = torch.zeros(batch.shape[0], dtype=dt)
+        for _ in range(tau):
+            losses = losses + 0.5 * (a * w * w).sum(-1)
+            w = w - torch.exp(batch) * a * w
+        return losses / tau, w
+
+    theta = torch.log(torch.tensor([0.3, 0.5, 0.8], dtype=dt))
+    return unroll, theta, w0
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_pes_is_unbiased_over_truncations_and_resets(persistent):
+    """Σ over the truncations of the PES estimates ≈ ∇ of the whole-horizon loss (autograd),
+    also across an inner reset; truncated ES (accumulators dropped) is biased."""
+    unroll, theta, w0 = _lr_problem()
+    truncations, runs, pairs, sigma = 4, 2, 4000, 0.01
+
+    def horizon_loss(th):
+        total, w = 0.0, w0[None]
+        for _ in range(truncations):
+            loss, w = unroll(th[None], w, 0)
+            total = total + loss[0]
+        return total
+
+    th = theta.clone().requires_grad_()
+    true = runs * torch.autograd.grad(horizon_loss(th), th)[0]
+    gen = torch.Generator().manual_seed(1)
+    accum = torch.zeros(pairs, 3, dtype=torch.float64)
+    w = w0.expand(2 * pairs, 3).clone()
+    total = torch.zeros(3, dtype=torch.float64)
+    for k in range(runs * truncations):
+        eps = torch.randn(pairs, 3, generator=gen, dtype=torch.float64) * sigma
+        res = pes_step(unroll, theta, accum, w, eps, sigma=sigma)
+        total += res.grad
+        done = torch.full((pairs,), not persistent or (k + 1) % truncations == 0)
+        accum, w = reset_pairs(res.accum, done), res.inner
+        if (k + 1) % truncations == 0:
+            w = w0.expand(2 * pairs, 3).clone()  # the inner runs restart
+    rel = float((total - true).norm() / true.norm())
+    if persistent:
+        assert rel < 0.05 and cosine(total, true) > 0.999
+    else:
+        assert rel > 0.3
+
+
+def test_reset_pairs_and_shape_checks():
+    accum = torch.ones(3, 2)
+    out = reset_pairs(accum, torch.tensor([False, True, False]))
+    assert out.tolist() == [[1, 1], [0, 0], [1, 1]] and accum.sum() == 6
+    with pytest.raises(ValueError, match="do not fit"):
+        pes_step(lambda b, i, s: (b.sum(1), i), torch.zeros(2), torch.zeros(3, 2), None,
+                 torch.zeros(2, 2), sigma=0.1)
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def tiny_config(**options) -> MetaTrainPESConfig:
+    base = dict(dataset="digits", num_workers=3, local_steps=2, batch_size=8, pairs=2,
+                unroll=3, min_inner=4, max_inner=9, steps=6, warmup=2, lr=1e-2,
+                validate_every=3, validation_seeds=2, validation_rounds=(4, 8),
+                checkpoint_every=2)
+    base.update(options)
+    return MetaTrainPESConfig(**base)
+
+
+@pytest.mark.parametrize("spec", ["mlp:16,7:relu", "mlp:5:sigmoid", "mlp:4:tanh", "linear"])
+def test_mlp_grad_fn_matches_autograd(spec):
+    task = Task(build_model(spec, (1, 8, 8), 10), num_classes=10)
+    gen = torch.Generator().manual_seed(2)
+    params = torch.randn(5, task.dim, generator=gen) * 0.3
+    x, y = torch.rand(5, 9, 1, 8, 8, generator=gen), torch.randint(0, 10, (5, 9), generator=gen)
+    grads, losses = mlp_grad_fn(task)(params, x, y)
+    want_g, want_l = vmap(grad_and_value(task.loss))(params, x, y)
+    torch.testing.assert_close(grads, want_g, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses, want_l, rtol=1e-6, atol=1e-6)
+
+
+def test_mlp_grad_fn_declines_other_models():
+    task = Task(build_model("cnn:ji2019", (1, 8, 8), 10), num_classes=10)
+    assert mlp_grad_fn(task) is None
+
+
+@pytest.mark.parametrize("kind", ["lagg", "lopt"])
+@pytest.mark.parametrize("mode", ["reference", "residual"])
+def test_functional_step_equals_the_aggregator(digits, kind, mode):
+    cfg = tiny_config(kind=kind, step_mode=mode, model="mlp:6,5:relu")
+    trainer = PESTrainer(cfg, digits)
+    fa, env = trainer.fa, trainer.env
+    gen = torch.Generator().manual_seed(3)
+    phi = fa.init_phi(1) + 0.05 * torch.randn(fa.dim, generator=gen)
+    agg = fa.to_aggregator(phi)
+    state, acc = agg.init(env.task.layout, 3), fa.init_state()
+    theta = env.task.init_params(4)
+    cluster = env.cluster(5)
+    for t in range(6):
+        updates = cluster.compute(theta, t).updates
+        ctx = RoundContext(round=t, params=theta, layout=env.task.layout, num_workers=3,
+                           worker_ids=torch.arange(3))
+        want, state = agg.step(state, updates, ctx)
+        got, acc = fa.step(phi, acc, theta, updates)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+        theta = theta - want
+    for a, b in zip(acc, state, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    cfg = tiny_config(steps=20, warmup=4, lr=1.0, final_lr=0.1)
+    lrs = [lr_schedule(cfg, s) for s in range(20)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in itertools.pairwise(lrs[3:]))
+    assert lrs[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(15 / 16 * math.pi)))
+
+
+def test_adamw_matches_torch():
+    cfg = tiny_config(weight_decay=0.1, beta1=0.8, beta2=0.95)
+    p = torch.nn.Parameter(torch.randn(4))
+    ref = torch.optim.AdamW([p], lr=0.01, weight_decay=0.1, betas=(0.8, 0.95), eps=1e-8)
+    run = mp._Run(0, p.detach().clone(), torch.zeros(4), torch.zeros(4), 0, torch.zeros(1, 4),
+                  None, 0, 0.0, 0, torch.zeros(4), {}, {}, 0.0)
+    for k in range(5):
+        g = torch.randn(4, generator=torch.Generator().manual_seed(k))
+        p.grad = g.clone()
+        ref.step()
+        mp._adamw(cfg, run, g, 0.01)
+        torch.testing.assert_close(run.phi, p.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="pairs"):
+        tiny_config(pairs=0)
+    with pytest.raises(ValueError, match="max_inner"):
+        tiny_config(min_inner=10, max_inner=5)
+    with pytest.raises(ValueError, match="step_mode"):
+        tiny_config(step_mode="fancy")
+    assert tiny_config(validation_rounds=[8, 4]).validation_rounds == (4, 8)
+
+
+# --------------------------------------------------------------------------- vmapped vs looped
+
+
+def looped_unroll(trainer: PESTrainer, phi_batch: torch.Tensor, inner: mp.InnerState):
+    """The same truncation one particle at a time, through the ordinary aggregator class and
+    `Cluster.compute` (autograd): what `lagg:PATH` does in the simulator."""
+    cfg, env = trainer.cfg, trainer.env
+    pairs = len(inner.seed)
+    losses, thetas, accs = [], [], []
+    for i in range(phi_batch.shape[0]):
+        agg = trainer.fa.to_aggregator(phi_batch[i])
+        theta, state = inner.theta[i], AdaState(*(x[i] for x in inner.acc))
+        cluster = env.cluster(int(inner.seed[i % pairs]))
+        start, total = int(inner.round[i % pairs]), 0.0
+        for t in range(start, start + cfg.unroll):
+            out = cluster.compute(theta, t)
+            total += float(env.clip_loss(out.losses.mean()))
+            ctx = RoundContext(round=t, params=theta, layout=env.task.layout,
+                               num_workers=cfg.num_workers, worker_ids=torch.arange(3))
+            step, state = agg.step(state, out.updates, ctx)
+            theta = theta - step
+        losses.append(total / cfg.unroll)
+        thetas.append(theta)
+        accs.append(state)
+    acc = AdaState(*(torch.stack(x) for x in zip(*accs, strict=True)))
+    return torch.tensor(losses), inner._replace(theta=torch.stack(thetas), acc=acc,
+                                                round=inner.round + cfg.unroll)
+
+
+@pytest.mark.parametrize("kind", ["lagg", "lopt"])
+def test_vmapped_pes_step_equals_looped(digits, kind):
+    cfg = tiny_config(kind=kind, step_mode="reference")
+    trainer = PESTrainer(cfg, digits)
+    n = trainer.fa.dim
+    phi = trainer.fa.init_phi(0)
+    accum = torch.zeros(cfg.pairs, n)
+    inner_v = inner_l = trainer.fresh_inner(range(cfg.pairs))
+    assert len(set(inner_v.seed.tolist())) == cfg.pairs  # every pair its own problem
+    for k in range(2):  # the second truncation starts mid-run, with accumulated ε
+        eps = antithetic_noise(cfg.pairs, n, cfg.sigma, torch.Generator().manual_seed(k))
+        got = pes_step(trainer.unroll, phi, accum, inner_v, eps, sigma=cfg.sigma)
+        want = pes_step(lambda b, i, s: looped_unroll(trainer, b, i), phi, accum, inner_l, eps,
+                        sigma=cfg.sigma)
+        torch.testing.assert_close(got.loss_pos, want.loss_pos, rtol=0, atol=2e-6)
+        torch.testing.assert_close(got.loss_neg, want.loss_neg, rtol=0, atol=2e-6)
+        torch.testing.assert_close(got.inner.theta, want.inner.theta, rtol=1e-4, atol=1e-6)
+        assert cosine(got.grad, want.grad) > 0.999
+        assert torch.equal(got.inner.round, want.inner.round)
+        accum, inner_v, inner_l = got.accum, got.inner, want.inner
+    # the pairs' antithetic twins really differ
+    assert not torch.equal(got.loss_pos, got.loss_neg)
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+def _strip(rows):
+    return [{k: v for k, v in r.items() if k not in ("wall_s", "step_s")} for r in rows]
+
+
+def _rows(path):
+    return [json.loads(line) for line in (path / "meta_train.jsonl").read_text().splitlines()]
+
+
+def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, digits, monkeypatch):
+    cfg = tiny_config()
+    straight = meta_train_pes(cfg, tmp_path / "a", progress=False, data=digits)
+    assert straight["steps_done"] == 6
+    rows = _rows(tmp_path / "a")
+    assert sum(r.get("resets", 0) for r in rows) >= 2  # inner runs of 6-9 rounds did reset
+    assert [r["step"] for r in rows if "validation_score" in r] == [0, 3, 6]
+
+    calls = {"n": 0}
+    real = mp.pes_step
+
+    def dies_in_step_5(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt  # killed mid-step; the last checkpoint is step 4
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mp, "pes_step", dies_in_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        meta_train_pes(cfg, tmp_path / "b", progress=False, data=digits)
+    _, meta = load_checkpoint(tmp_path / "b" / "pes_state")
+    assert meta["step"] == 4
+    monkeypatch.setattr(mp, "pes_step", real)
+    resumed = meta_train_pes(cfg, tmp_path / "b", progress=False, resume=True, data=digits)
+
+    ta, _ = load_checkpoint(tmp_path / "a" / "pes_state")
+    tb, _ = load_checkpoint(tmp_path / "b" / "pes_state")
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        assert torch.equal(ta[key], tb[key]), key
+    assert _strip(_rows(tmp_path / "b")) == _strip(rows)
+    assert resumed["best_step"] == straight["best_step"]
+    assert resumed["best_score"] == straight["best_score"]
+
+
+def test_outputs_load_as_aggregator_and_match_validation(tmp_path, digits):
+    """lagg:OUT loads the best φ; run through the simulator-style loop it gives the
+    recorded validation losses; the untrained residual-momentum φ is SlowMo."""
+    cfg = tiny_config(steps=3)
+    summary = meta_train_pes(cfg, tmp_path, progress=False, data=digits, stop_at=3)
+    agg = build_aggregator(f"lagg:{tmp_path}")
+    assert agg.config == cfg.lagg_config()
+    trainer = PESTrainer(cfg, digits)
+    res = evaluate_local_sgd(agg, trainer.env, trainer.validation_seeds, cfg.validation_rounds)
+    best = summary["best_validation"]
+    for h in cfg.validation_rounds:
+        assert res[f"mean_loss@{h}"] == pytest.approx(best[f"mean_loss@{h}"], rel=1e-4)
+    first = _rows(tmp_path)[0]
+    slowmo = summary["baselines"]["slowmo"]
+    for h in cfg.validation_rounds:
+        assert first[f"mean_loss@{h}"] == pytest.approx(slowmo[f"mean_loss@{h}"], rel=1e-4)
+    info = json.loads((tmp_path / "aggregator.json").read_text())
+    assert info["trained_on"]["meta_gradient"] == "truncated_pes"
+    assert "fedavg" in info["validation"]["baselines"]
+    assert json.loads((tmp_path / "summary.json").read_text())["steps_done"] == 3
+
+
+def test_resume_rejects_another_config(tmp_path, digits):
+    meta_train_pes(tiny_config(steps=2, validate_every=2), tmp_path, progress=False,
+                   data=digits)
+    with pytest.raises(mp.CheckpointError, match="sigma"):
+        meta_train_pes(tiny_config(steps=2, validate_every=2, sigma=0.1), tmp_path,
+                       progress=False, resume=True, data=digits)
+
+
+def test_cli_pair(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("kind")
+    add_meta_train_pes_arguments(parser)
+    common = ["--task", "digits-mlp", "--workers", "3", "--local-steps", "2", "--steps", "2",
+              "--set", "batch_size=8", "--set", "pairs=1", "--set", "unroll=2",
+              "--set", "validation_rounds=[3]", "--set", "validate_every=2",
+              "--set", "model=mlp:4:relu", "--out", str(tmp_path)]
+    assert cmd_meta_train_pes(parser.parse_args(["lopt", *common])) == 0
+    out = capsys.readouterr().out
+    assert "lopt:" in out and json.loads(out[: out.rindex("}") + 1])["steps_done"] == 2
+    assert build_aggregator(f"lopt:{tmp_path}").config.kind == "lopt"
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        cmd_meta_train_pes(parser.parse_args(["lopt", *common, "--set", "nope=1"]))
