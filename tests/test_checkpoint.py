@@ -53,3 +53,19 @@ def test_save_load_and_corruption(tmp_path):
         load_checkpoint(path)
     with pytest.raises(CheckpointError, match="missing"):
         load_checkpoint(tmp_path / "other")
+
+
+def test_tensor_file_metadata_is_trusted_only_when_its_own_hash_holds(tmp_path):
+    """After a kill between the two renames the tensor file's own metadata is used, but
+    an edit to that metadata (its header is not covered by the old JSON's hash) is
+    refused, not loaded."""
+    path = tmp_path / "checkpoint"
+    save_checkpoint(path, {"params": torch.zeros(3)}, {"round": 10})
+    old_json = path.with_suffix(".json").read_text()
+    save_checkpoint(path, {"params": torch.ones(3)}, {"round": 20})
+    path.with_suffix(".json").write_text(old_json)  # the JSON rename never happened
+    assert load_checkpoint(path)[1]["round"] == 20
+    tfile = path.with_suffix(".safetensors")
+    tfile.write_bytes(tfile.read_bytes().replace(b'\\"round\\": 20', b'\\"round\\": 70'))
+    with pytest.raises(CheckpointError, match="does not match its sidecar"):
+        load_checkpoint(path)

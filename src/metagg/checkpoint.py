@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from metagg import __version__
 
@@ -129,29 +129,34 @@ def save_checkpoint(
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     sidecar = dict(meta)
     sidecar["metagg_version"] = __version__
-    embedded = {"metagg_meta": json.dumps(sidecar),
-                "data_sha256": hashlib.sha256(_data_region(save(tensors))).hexdigest()}
-    blob = save(tensors, metadata=embedded)
+    meta_json = json.dumps(sidecar)
+    # the hash covers the embedded metadata, the tensor index and the tensor bytes
+    content = hashlib.sha256(save(tensors, metadata={"metagg_meta": meta_json})).hexdigest()
+    blob = save(tensors, metadata={"metagg_meta": meta_json, "content_sha256": content})
     atomic_write_bytes(path.with_suffix(".safetensors"), blob)
     sidecar["sha256"] = hashlib.sha256(blob).hexdigest()
     atomic_write_text(path.with_suffix(".json"), json.dumps(sidecar, indent=2))
 
 
-def _data_region(blob: bytes) -> bytes:
-    """The tensor bytes of a safetensors file (after its length-prefixed JSON header)."""
-    return blob[8 + int.from_bytes(blob[:8], "little"):]
+def _self_checked(blob: bytes, tensors: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+    """The metadata a tensor file carries, if its own content hash proves it intact."""
+    from safetensors.torch import save
 
-
-def _embedded_meta(blob: bytes) -> dict[str, str]:
     try:
         header = json.loads(blob[8 : 8 + int.from_bytes(blob[:8], "little")])
-        return dict(header.get("__metadata__") or {})
-    except (ValueError, AttributeError):
-        return {}
+        embedded = header.get("__metadata__") or {}
+        meta_json, content = embedded["metagg_meta"], embedded["content_sha256"]
+        again = hashlib.sha256(save(tensors, metadata={"metagg_meta": meta_json})).hexdigest()
+        meta = json.loads(meta_json) if again == content else None
+    except (ValueError, KeyError, AttributeError, TypeError):
+        return None
+    return meta if isinstance(meta, dict) else None
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a checkpoint pair; raise CheckpointError with the reason if unusable."""
+    from safetensors.torch import load
+
     path = Path(path)
     tfile, jfile = path.with_suffix(".safetensors"), path.with_suffix(".json")
     for f in (tfile, jfile):
@@ -161,25 +166,23 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         meta = json.loads(jfile.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{jfile}: not valid JSON ({exc})") from None
-    blob = tfile.read_bytes()
-    digest = hashlib.sha256(blob).hexdigest()
-    stale = isinstance(meta, dict) and meta.get("sha256", digest) != digest
-    embedded = _embedded_meta(blob) if stale else {}
-    if "metagg_meta" in embedded and embedded.get("data_sha256") == hashlib.sha256(
-            _data_region(blob)).hexdigest():
-        # An intact newer tensor file beside a stale JSON: the writer died between the
-        # two renames (see save_checkpoint). The tensor file's own copy of the metadata
-        # is the checkpoint.
-        meta = {**json.loads(embedded["metagg_meta"]), "sha256": digest}
-    elif "sha256" in meta and meta["sha256"] != digest:
-        raise CheckpointError(
-            f"{tfile} does not match its sidecar (sha256 {digest[:12]}… vs "
-            f"{meta['sha256'][:12]}…): the checkpoint is corrupt or from another run"
-        )
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{jfile}: expected a JSON object")
+    blob = tfile.read_bytes()  # hashed and parsed from the same bytes
     try:
-        tensors = load_file(tfile)
-    except (SafetensorError, OSError, ValueError) as exc:
+        tensors = load(blob)
+    except (SafetensorError, ValueError) as exc:
         raise CheckpointError(f"{tfile}: cannot read safetensors ({exc})") from None
+    digest = hashlib.sha256(blob).hexdigest()
+    if "sha256" in meta and meta["sha256"] != digest:
+        # The writer may have died between the two renames (see save_checkpoint): an
+        # intact newer tensor file beside the old JSON carries its own metadata.
+        embedded = _self_checked(blob, tensors)
+        if embedded is None:
+            raise CheckpointError(
+                f"{tfile} does not match its sidecar (sha256 {digest[:12]}… vs "
+                f"{meta['sha256'][:12]}…): the checkpoint is corrupt or from another run")
+        meta = {**embedded, "sha256": digest}
     return tensors, meta
 
 
