@@ -240,6 +240,9 @@ class AggregatorStrategy(FedAvg):
         if self.params is None or self.layout is None:
             raise ValueError("no global parameters yet: pass initial_parameters")
         theta, layout = self.params, self.layout
+        # Flower collects results from a set of futures: sort by client id so that
+        # slots and row order do not depend on which client finished first.
+        results = sorted(results, key=lambda item: str(item[0].cid))
 
         # Client -> worker id, stable across rounds (even for clients dropped below).
         ids = [self._worker_id(proxy.cid) for proxy, _ in results]
@@ -253,11 +256,15 @@ class AggregatorStrategy(FedAvg):
             else:
                 rows.append(row)
                 kept.append(k)
-        if bad and not rows:
-            raise ValueError(f"round {server_round}: no client returned parameters of the "
-                             f"global model's shapes {self._shapes()}; " + "; ".join(bad))
         for msg in bad:
             log.warning("round %d: dropped %s", server_round, msg)
+        if not rows:  # every client sent garbage: count it, keep θ, keep serving
+            log.warning("round %d skipped: no client returned parameters of the global "
+                        "model's shapes %s", server_round, self._shapes())
+            self.dropped_updates += len(bad)
+            self.skipped_rounds += 1
+            metrics.update(dropped_malformed=len(bad))
+            return None, metrics
 
         # Server safety: a non-finite update never reaches the aggregator.
         updates = theta.unsqueeze(0) - torch.from_numpy(np.stack(rows))  # u_k = θ − θ_k
