@@ -48,3 +48,13 @@ def test_tiny_reproduction_writes_report_tables_and_figures(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "2–6× fewer" in report and "K=4 workers" in report and "digits" in report
     assert any("tuning fedavg" in line for line in lines)
+
+
+def test_a_diverged_baseline_never_sets_the_target():
+    from metagg.experiments.joseph2025 import _best_baseline
+
+    nan = float("nan")
+    assert _best_baseline({"fedavg": nan, "sgd": 0.7, "adam": 0.5}, ["fedavg", "sgd", "adam"]) \
+        == "adam"
+    with pytest.raises(RuntimeError, match="diverged"):
+        _best_baseline({"fedavg": nan, "sgd": float("inf")}, ["fedavg", "sgd"])

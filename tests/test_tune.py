@@ -105,3 +105,22 @@ def test_cli_tune_writes_best_config(tmp_path, capsys):
     assert load_config(tmp_path / "best.yaml").workers.mode == "gradient"
     assert main(["tune", "--baseline", "sgd", "--budget", "3", "--grid", "optimizer.lr",
                  "--out", str(tmp_path)]) == 2
+
+
+def test_interrupted_search_resumes_with_the_trials_it_finished(tmp_path):
+    cfg = load_config(None, TINY)
+    kw = dict(budget=3, grid={"optimizer.lr": [1.0, 0.1, 0.01]}, progress=False)
+    full = tune(cfg, "sgd", out_dir=tmp_path / "a", **kw)
+    lines = (tmp_path / "a" / "trials.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    # as if killed during the third trial, with a torn line
+    (tmp_path / "a" / "trials.jsonl").write_text("\n".join(lines[:2]) + '\n{"tri')
+    ran = []
+    resumed = tune(cfg, "sgd", out_dir=tmp_path / "a", resume=True, on_trial=ran.append, **kw)
+    assert [r["trial"] for r in ran] == [2]
+    assert resumed == full
+    assert len((tmp_path / "a" / "trials.jsonl").read_text().splitlines()) == 3  # no torn line
+    with pytest.raises(ConfigError, match="different search"):
+        tune(cfg, "sgd", out_dir=tmp_path / "a", resume=True, **{**kw, "budget": 4})
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        tune(cfg, "sgd", out_dir=tmp_path / "b", resume=True, **kw)

@@ -170,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample this many grid points (seeded) if the grid is larger")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: fastest for small models)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the trials an interrupted search in --out finished")
     p.add_argument("--out", type=Path, required=True, help="output directory")
 
     p = sub.add_parser("reproduce", help="reproduce a paper's figures and tables",
@@ -349,7 +351,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     result = tune(cfg, args.baseline, budget=args.budget, out_dir=args.out, seeds=args.seeds,
                   grid=parse_grid(args.grid), metric=args.metric, max_trials=args.max_trials,
-                  on_trial=report)
+                  on_trial=report, resume=args.resume)
     best = ", ".join(f"{k}={v}" for k, v in result["best"].items())
     print(f"best {args.baseline} ({result['trials']} trials): {best} -> "
           f"{args.metric} {result['score']:.4f}")

@@ -153,6 +153,7 @@ def tune(
     max_trials: int | None = None,
     on_trial: Callable[[dict[str, Any]], None] | None = None,
     progress: bool | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Grid-search `baseline` on the task in `cfg`; return (and write) the best setting.
 
@@ -160,8 +161,8 @@ def tune(
         cfg: the task (model, data, workers, K, B); its aggregator/optimizer are replaced.
         baseline: one of `BASELINES` (fedavg, slowmo, fedadam, sgd, adam).
         budget: communication rounds per trial; the score is `metric` at that round.
-        out_dir: writes trials.csv (every grid point), best.yaml (a runnable config)
-            and summary.json.
+        out_dir: writes trials.jsonl (each trial as it finishes), trials.csv (every grid
+            point), best.yaml (a runnable config) and summary.json.
         seeds: seeds per grid point (cfg.seed, cfg.seed + 1, ...); the score is the mean.
         grid: replaces or adds axes, {config key: values}.
         metric: train_loss (default) or test_loss (lower is better), or
@@ -169,6 +170,8 @@ def tune(
         max_trials: sample this many grid points (seeded by cfg.seed) if there are more.
         on_trial: called with each finished trial's row.
         progress: tqdm bar (default: only on a terminal).
+        resume: keep the trials already in out_dir/trials.csv (written as each trial
+            finishes) and run only the others; the search must be the same one.
 
     Returns:
         {"baseline", "metric", "score", "best": {key: value}, "trials", "config": dict}.
@@ -187,6 +190,9 @@ def tune(
     dataset = load_dataset(d.name, data_dir=d.data_dir, path=d.path, classes=d.classes,
                            image_size=d.image_size)
     sign = -1.0 if metric == "test_accuracy" else 1.0  # lower score is better
+    search = {"baseline": baseline, "budget": budget, "seeds": seeds, "metric": metric,
+              "points": points, "task": config_to_dict(cfg)}
+    done = _start_trials_file(out_dir, search, resume)
 
     if progress is None:
         progress = sys.stderr.isatty()
@@ -198,22 +204,30 @@ def tune(
     rows: list[dict[str, Any]] = []
     try:
         for i, point in enumerate(points):
+            if i in done:
+                rows.append({"trial": i, **point, **done[i]})
+                if bar is not None:
+                    bar.update(1)
+                continue
             start = time.perf_counter()
-            values = []
+            values, diverged = [], False
             for s in range(seeds):
                 sim = Simulation(trial_config(cfg, baseline, point, budget, cfg.seed + s),
                                  dataset=dataset)
                 for _ in range(budget):
                     sim.step()
-                values.append(sim.evaluate()[metric])
-            finite = [v for v in values if math.isfinite(v)]
-            diverged = len(finite) < len(values)
+                ev = sim.evaluate()
+                values.append(ev[metric])
+                # a run whose loss blew up has diverged whatever its accuracy says
+                diverged |= not (math.isfinite(ev[metric]) and math.isfinite(ev["train_loss"]))
             mean = statistics.fmean(values) if not diverged else math.nan
             row = {"trial": i, **point, metric: mean,
                    "std": statistics.pstdev(values) if not diverged else math.nan,
                    "seeds": seeds, "diverged": diverged,
                    "wall_s": round(time.perf_counter() - start, 2)}
             rows.append(row)
+            if out_dir is not None:
+                _append_trial(Path(out_dir), row)
             if on_trial is not None:
                 on_trial(row)
             if bar is not None:
@@ -242,6 +256,44 @@ def tune(
 def _best(rows: list[dict[str, Any]], metric: str, sign: float) -> dict[str, Any] | None:
     ok = [r for r in rows if not r["diverged"]]
     return min(ok, key=lambda r: (sign * r[metric], r["std"], r["trial"])) if ok else None
+
+
+def _start_trials_file(out_dir: str | Path | None, search: dict[str, Any],
+                       resume: bool) -> dict[int, dict[str, Any]]:
+    """Prepare out_dir for a search; with `resume`, the results of finished trials."""
+    if out_dir is None:
+        if resume:
+            raise ConfigError("resume needs an output directory")
+        return {}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state, trials = out / "search.json", out / "trials.jsonl"
+    mine = json.loads(json.dumps(search))
+    if not resume:
+        atomic_write_text(state, json.dumps(mine, indent=1))
+        atomic_write_text(trials, "")
+        return {}
+    if not state.exists():
+        raise ConfigError(f"nothing to resume in {out}: no search.json")
+    if json.loads(state.read_text()) != mine:
+        raise ConfigError(f"{out} holds a different search (baseline, budget, seeds, metric, "
+                          f"grid or task changed); use another --out or drop --resume")
+    done, good = {}, []
+    for line in trials.read_text().splitlines() if trials.exists() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a torn last line: that trial runs again
+        good.append(line)
+        done[row.pop("trial")] = {k: row[k] for k in (search["metric"], "std", "seeds",
+                                                      "diverged", "wall_s")}
+    atomic_write_text(trials, "".join(line + "\n" for line in good))  # drop a torn tail
+    return done
+
+
+def _append_trial(out: Path, row: dict[str, Any]) -> None:
+    with open(out / "trials.jsonl", "a") as fh:
+        fh.write(json.dumps(row) + "\n")
 
 
 def _write(out: Path, rows: list[dict[str, Any]], result: dict[str, Any], baseline: str) -> None:

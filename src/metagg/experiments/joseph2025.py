@@ -148,6 +148,14 @@ def _mean_curve(runs: Sequence[Sequence[Mapping[str, Any]]]) -> list[tuple[int, 
             for i in range(n)]
 
 
+def _best_baseline(finals: Mapping[str, float], baselines: Sequence[str]) -> str:
+    """The baseline with the lowest final loss; a diverged (NaN/inf) one never wins."""
+    finite = [b for b in baselines if math.isfinite(finals[b])]
+    if not finite:
+        raise RuntimeError(f"every tuned baseline diverged ({finals}); no target loss")
+    return min(finite, key=lambda b: finals[b])
+
+
 def rounds_to_reach(runs: Sequence[Sequence[Mapping[str, Any]]], target: float) -> int | None:
     """First evaluated round at which the seed-mean training loss is <= target."""
     return next((r for r, loss in _mean_curve(runs) if loss <= target), None)
@@ -210,7 +218,7 @@ def reproduce_joseph2025(
 
     # 3. rounds to reach the best tuned baseline's loss at round R
     finals = {label: _mean_curve(runs)[-1][1] for label, runs in curves.items()}
-    best_baseline = min(BASELINES, key=lambda b: finals[b])
+    best_baseline = _best_baseline(finals, BASELINES)
     target = finals[best_baseline]
     speed_rows = []
     speedups = {}
@@ -280,7 +288,7 @@ def _generalization(sc: Scale, base: RunConfig, lagg: str, lopt: str,
             dataset = _dataset_for(cfg2)
             curves[label] = [_curve(_with_seed(cfg2, s), dataset, sc.evals) for s in seeds]
         finals = {label: _mean_curve(runs)[-1][1] for label, runs in curves.items()}
-        best = min((b for b in BASELINES if b in finals), key=lambda b: finals[b])
+        best = _best_baseline(finals, [b for b in BASELINES if b in finals])
         for label in curves:
             hit = rounds_to_reach(curves[label], finals[best])
             rows.append({"setting": name, "method": label, "final_train_loss": finals[label],
