@@ -130,3 +130,15 @@ def test_meta_train_fills_the_gaps_and_is_reused(tmp_path, monkeypatch):
     # a second run without --meta-train finds them in OUT/aggregators
     report = reproduce_ji2019(tmp_path, "tiny", figures=["7"]).read_text()
     assert "RNN rows missing" not in report and "hetero" in report
+
+
+def test_interrupted_meta_training_is_not_taken_for_a_finished_one(tmp_path):
+    import json
+
+    from metagg.experiments.ji2019 import _meta_iterations_done
+
+    assert _meta_iterations_done(tmp_path) is None  # nothing there
+    (tmp_path / "meta_checkpoint.json").write_text(json.dumps({"iteration": 40}))
+    assert _meta_iterations_done(tmp_path) == 40
+    (tmp_path / "meta_checkpoint.json").write_text("{torn")
+    assert _meta_iterations_done(tmp_path) is None

@@ -238,6 +238,16 @@ def check_seeds_disjoint(seeds: Sequence[int], names: Sequence[str]) -> None:
             raise ValueError(f"evaluation seeds {clash} were used to meta-train {name}")
 
 
+def _meta_iterations_done(path: Path) -> int | None:
+    """Meta-iterations a (possibly interrupted) meta-training in `path` has done; None
+    when it left no meta_checkpoint (nothing there, or written before checkpoints)."""
+    ckpt = path / "meta_checkpoint.json"
+    try:
+        return int(json.loads(ckpt.read_text())["iteration"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _exists(name: str) -> bool:
     """Whether a learned aggregator 'rnn:PATH' can be loaded (its JSON is there)."""
     _, _, path = name.partition(":")
@@ -384,18 +394,22 @@ class Ji2019:
 
         kind = "arnn" if options.get("arnn") else "rnn"
         path = self.out / "aggregators" / name
-        if (path / "aggregator.json").exists():
+        s = self.scale
+        # an interrupted meta-training leaves its best-so-far aggregator.json behind:
+        # reuse only a finished one, and finish (resume) an unfinished one
+        done = _meta_iterations_done(path)
+        if (path / "aggregator.json").exists() and (done is None or done >= s.meta_iterations):
             self.log(f"  reusing meta-trained {path}")
             return f"{kind}:{path}"
         if not self.meta_train:
             return None
-        s = self.scale
+        resume = done is not None
         self.log(f"  meta-training {name} ({s.meta_iterations} iterations, unroll "
-                 f"{s.meta_unroll})")
+                 f"{s.meta_unroll}{f', resuming after {done}' if resume else ''})")
         meta_train_rnn(out_dir=str(path), iterations=s.meta_iterations, unroll=s.meta_unroll,
                        truncation=min(20, s.meta_unroll), long_horizon=1,
                        validate_every=max(1, s.meta_iterations // 5), validation_seeds=2,
-                       patience=0, progress=False, **options)
+                       patience=0, progress=False, resume=resume, **options)
         return f"{kind}:{path}"
 
     # ------------------------------------------------------------------ figures 4 and 5

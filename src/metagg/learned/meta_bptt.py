@@ -441,7 +441,9 @@ def _meta_train(cfg: MetaTrainConfig, data: Dataset | None,
         if not resume:
             validate(0)
         elif cfg.patience and stale >= cfg.patience:
-            done = cfg.iterations  # the run had stopped early: nothing left to do
+            log.warning("the run in %s had stopped early (patience %d): nothing to resume",
+                        out, cfg.patience)
+            done = cfg.iterations
         for k in range(done, cfg.iterations):
             env = envs[k % len(envs)]
             model_seed = derive_seed(cfg.seed, _TRAIN, k)
@@ -513,6 +515,7 @@ def meta_train_rnn(
     data: Dataset | None = None,
     progress: bool | None = None,
     threads: int | None = None,
+    resume: bool = False,
     **options: Any,
 ) -> MetaTrainResult:
     """Meta-train an RNN / ARNN aggregator; keyword options are `MetaTrainConfig` fields.
@@ -526,6 +529,7 @@ def meta_train_rnn(
         data: a `Dataset` to use instead of loading `dataset` by name.
         progress: tqdm bar (default: when stderr is a terminal).
         threads: torch threads during the run (see `meta_train`; 1 for small models).
+        resume: continue an interrupted run in `out_dir` (see `meta_train`).
         **options: dataset, model, num_workers, batch_size, unroll, truncation,
             iterations, lr, seed, out_dir, cell, output, arnn, attack, num_byzantine, ...
 
@@ -537,4 +541,5 @@ def meta_train_rnn(
     if unknown:
         raise ValueError(f"unknown meta-training option(s) {', '.join(unknown)}; "
                          f"allowed: {', '.join(allowed)}")
-    return meta_train(MetaTrainConfig(**options), data=data, progress=progress, threads=threads)
+    return meta_train(MetaTrainConfig(**options), data=data, progress=progress, threads=threads,
+                      resume=resume)
