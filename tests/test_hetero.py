@@ -19,13 +19,7 @@ from metagg.learned import RNNAggregator, RNNConfig, evaluate_aggregator
 from metagg.models import build_model
 from metagg.tasks import Task
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def task(spec, digits):

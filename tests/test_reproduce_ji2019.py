@@ -4,7 +4,6 @@ import argparse
 import csv
 
 import pytest
-import torch
 
 from metagg.data import load_dataset
 from metagg.experiments.ji2019 import (
@@ -17,13 +16,7 @@ from metagg.experiments.ji2019 import (
 )
 from metagg.learned import RNNAggregator, RNNConfig, save_aggregator
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def read(path):

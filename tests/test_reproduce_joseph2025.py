@@ -5,17 +5,10 @@ from __future__ import annotations
 import csv
 
 import pytest
-import torch
 
 from metagg.experiments.joseph2025 import BASELINES, reproduce_joseph2025, rounds_to_reach
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_rounds_to_reach_uses_the_seed_mean():

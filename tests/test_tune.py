@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 
 import pytest
-import torch
 import yaml
 
 from metagg.config import ConfigError, load_config
@@ -16,12 +15,7 @@ TINY = ["rounds=5", "model=mlp:8:sigmoid", "workers.num_workers=3", "workers.bat
         "trusted_samples=0"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_parse_grid_reads_yaml_values_and_rejects_garbage():

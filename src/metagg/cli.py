@@ -24,7 +24,7 @@ import yaml
 
 from metagg import __version__
 from metagg.checkpoint import CheckpointError
-from metagg.config import ConfigError, load_config, parse_value
+from metagg.config import ConfigError, build_dataclass, load_config
 
 __all__ = ["main"]
 
@@ -286,7 +286,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_meta_train(args: argparse.Namespace) -> int:
-    import dataclasses
 
     if args.kind in ("lagg", "lopt"):
         from metagg.learned.meta_pes import cmd_meta_train_pes
@@ -301,7 +300,6 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     if "@" in dataset:
         dataset, size = dataset.split("@")
         image_size = int(size)
-    fields = {f.name for f in dataclasses.fields(MetaTrainConfig)}
     options: dict = {"dataset": dataset, "model": model, "num_workers": args.workers,
                      "iterations": args.iterations, "arnn": args.kind == "arnn",
                      "out_dir": str(args.out)}
@@ -310,16 +308,7 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
         if not count.isdigit():
             raise ConfigError(f"--attack expects NAME:COUNT (e.g. ipm:7), got {args.attack!r}")
         options.update(attack=name, num_byzantine=int(count))
-    for item in args.overrides:
-        key, eq, raw = item.partition("=")
-        if not eq or key not in fields:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with KEY one of "
-                              f"{', '.join(sorted(fields))}")
-        options[key] = parse_value(raw)
-    try:
-        cfg = MetaTrainConfig(**options)
-    except TypeError as exc:
-        raise ConfigError(f"meta-train: {exc}") from None
+    cfg = build_dataclass(MetaTrainConfig, options, args.overrides, "meta-train")
     data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, image_size=image_size)
     result = meta_train(cfg, data=data, threads=args.threads, resume=args.resume)
     print(json.dumps({"best_iteration": result.best_iteration, "best_score": result.best_score,

@@ -26,6 +26,7 @@ __all__ = [
     "RunConfig",
     "WorkersConfig",
     "apply_overrides",
+    "build_dataclass",
     "config_from_dict",
     "config_to_dict",
     "load_config",
@@ -204,6 +205,23 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, raw = item.split("=", 1)
         _set_path(data, key.strip(), parse_value(raw))
     return data
+
+
+def build_dataclass(cls: type, options: dict[str, Any], overrides: list[str], what: str) -> Any:
+    """`cls(**options)` after `--set KEY=VALUE` overrides of its fields; one-line errors."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    options = dict(options)
+    for item in overrides:
+        key, eq, raw = item.partition("=")
+        key = key.strip()
+        if not eq or key not in fields:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with KEY one of "
+                              f"{', '.join(sorted(fields))}")
+        options[key] = parse_value(raw)
+    try:
+        return cls(**options)
+    except TypeError as exc:
+        raise ConfigError(f"{what}: {exc}") from None
 
 
 def parse_value(raw: str) -> Any:

@@ -27,11 +27,5 @@ def make_ctx():
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """These tests use small d, where one thread is as fast as two; two OpenMP
-    threads on a shared, busy machine can be 10-50x slower (each parallel region
-    waits for a descheduled thread)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _learned_tests_use_one_thread(one_thread):
+    """Every learned-aggregator test runs on one thread (see tests/conftest.py)."""

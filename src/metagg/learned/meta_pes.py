@@ -1046,25 +1046,14 @@ def add_meta_train_pes_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_meta_train_pes(args: argparse.Namespace) -> int:
     """Run `metagg meta-train lagg|lopt` from parsed arguments (`args.kind` set)."""
-    from metagg.config import ConfigError, parse_value
+    from metagg.config import ConfigError, build_dataclass
 
     dataset, model = PES_TASKS[args.task]
-    fields = {f.name for f in dataclasses.fields(MetaTrainPESConfig)}
     options: dict[str, Any] = {"kind": args.kind, "dataset": dataset, "model": model,
                                "num_workers": args.workers, "local_steps": args.local_steps}
     if args.steps is not None:
         options["steps"] = args.steps
-    for item in args.overrides:
-        key, eq, raw = item.partition("=")
-        key = key.strip()
-        if not eq or key not in fields:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with KEY one of "
-                              f"{', '.join(sorted(fields))}")
-        options[key] = parse_value(raw)
-    try:
-        cfg = MetaTrainPESConfig(**options)
-    except TypeError as exc:
-        raise ConfigError(f"meta-train: {exc}") from None
+    cfg = build_dataclass(MetaTrainPESConfig, options, args.overrides, "meta-train")
     if args.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {args.threads}")
     before = torch.get_num_threads()
