@@ -21,9 +21,17 @@ import torch
 
 from metagg.checkpoint import load_checkpoint, save_checkpoint
 from metagg.config import ConfigError, config_from_dict, save_config
-from metagg.runtime.launch import launch
+from metagg.runtime.launch import _runtime_args, launch
 from metagg.runtime.launch import main as launch_main
-from metagg.runtime.ps import DistEnv, RuntimeOptions, parse_fault
+from metagg.runtime.ps import (
+    EXIT_TOO_FEW_WORKERS,
+    DistEnv,
+    RuntimeOptions,
+    build_parser,
+    parse_fault,
+    resumable,
+    runtime_options,
+)
 from metagg.runtime.ps import main as ps_main
 from metagg.simulation import Simulation, read_metrics
 
@@ -195,6 +203,77 @@ def test_nan_worker_dropped_and_straggler_counted_missing(digits, tmp_path, grou
     assert stats["live_workers"] == 3  # slow is not dead
 
 
+def test_stale_checkpoint_in_out_is_not_resumed_after_a_restart(digits, tmp_path, group,
+                                                                capsys):
+    """A launch into an older run's directory, without --resume, whose server dies
+    before writing its first checkpoint: the restart starts afresh instead of
+    continuing the older run from its checkpoint."""
+    cfg = config()
+    want = simulate(cfg, digits, tmp_path / "sim")
+    out = tmp_path / "ps"
+    # The older run (same config) stopped at round 10; its θ is zeroed so that
+    # continuing from it would show in the metrics.
+    Simulation(cfg, dataset=digits).run(out, stop_after=10)
+    tensors, meta = load_checkpoint(out / "checkpoint")
+    meta.pop("sha256")
+    save_checkpoint(out / "checkpoint", {**tensors, "params": torch.zeros_like(tensors["params"])},
+                    meta)
+    thread, result = group(cfg, out)
+    deadline = time.monotonic() + LIMIT
+    while not (out / "launch/pids.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(pids(out)["server"], signal.SIGKILL)  # long before its round-10 checkpoint
+    thread.join(LIMIT + 10)
+    assert result["code"] == 0
+    assert pids(out)["attempt"] == 1
+    assert_same_metrics(read_metrics(out / "metrics.jsonl"), want)
+    assert "resuming" not in capsys.readouterr().err
+    assert load_checkpoint(out / "checkpoint")[1]["run_id"] == pids(out)["run_id"]
+
+
+def test_worker_failing_at_startup_stops_the_launch_at_once(tmp_path, group, capsys):
+    out = tmp_path / "ps"
+    start = time.monotonic()
+    thread, result = group(config(), out, options=RuntimeOptions(faults=[parse_fault("fail:2")]))
+    thread.join(LIMIT + 10)
+    assert time.monotonic() - start < 20  # not the 300 s start-up timeout, nor restarts
+    assert result["code"] == 1
+    err = capsys.readouterr().err
+    assert "worker rank 2 exited with code 1 during start-up: rank 2: failed: injected fault" in err
+    assert "restarting" not in err
+    assert pids(out)["attempt"] == 0
+
+
+def test_all_workers_killed_stops_the_run_with_an_error(tmp_path, group, capsys):
+    cfg = config(rounds=400)
+    out = tmp_path / "ps"
+    opts = RuntimeOptions(heartbeat_timeout=2.0, faults=[parse_fault("delay:all:0.05")])
+    thread, result = group(cfg, out, options=opts)
+    wait_for_round(out, 5, thread)
+    for pid in pids(out)["workers"].values():
+        os.kill(pid, signal.SIGKILL)
+    thread.join(LIMIT + 10)
+    assert result["code"] == EXIT_TOO_FEW_WORKERS
+    lines = [line for line in capsys.readouterr().err.splitlines() if "live worker" in line]
+    assert len(lines) == 1
+    assert "0 live worker(s) left, fewer than the 1 that mean needs" in lines[0]
+    assert "restarting" not in lines[0] and pids(out)["attempt"] == 0
+    assert read_metrics(out / "metrics.jsonl")[-1]["round"] < 400
+
+
+def test_worker_that_never_answers_is_dead_after_max_missed_rounds(tmp_path, group):
+    """Rank 3's heartbeat goes on but its updates take far longer than the rounds."""
+    out = tmp_path / "ps"
+    opts = RuntimeOptions(round_timeout=0.5, max_missed_rounds=3,
+                          faults=[parse_fault("delay:3:4")])
+    thread, result = group(config(rounds=10), out, options=opts)
+    thread.join(LIMIT + 10)
+    assert result["code"] == 0
+    assert json.loads((out / "runtime.json").read_text())["live_workers"] == 2
+    assert "left its last 3 rounds unanswered" in (out / "launch/attempt0.rank0.log").read_text()
+    assert read_metrics(out / "metrics.jsonl")[-1]["missing_updates"] >= 10
+
+
 def test_checkpoint_killed_between_its_two_files_still_loads(tmp_path):
     """A server killed between writing checkpoint.safetensors and checkpoint.json (the
     restart test hit this) resumes from the new checkpoint, not a refused pair."""
@@ -216,13 +295,38 @@ def test_fault_and_option_errors_are_one_line():
     for bad in ("nan", "nan:0", "delay:1", "delay:1:-2", "boom:1"):
         with pytest.raises(ValueError, match="--fault"):
             parse_fault(bad)
+    assert parse_fault("fail:all").rank is None
     with pytest.raises(ValueError, match="round-timeout must be > 0"):
         RuntimeOptions(round_timeout=0)
+    with pytest.raises(ValueError, match="max-missed-rounds must be >= 1"):
+        RuntimeOptions(max_missed_rounds=0)
     with pytest.raises(ConfigError, match="torchrun"):
         DistEnv.from_environ({})
     with pytest.raises(ConfigError, match="WORLD_SIZE"):
         DistEnv.from_environ({"RANK": "3", "WORLD_SIZE": "2", "MASTER_ADDR": "x",
                               "MASTER_PORT": "1"})
+
+
+def test_launch_passes_every_runtime_option_to_the_processes():
+    opts = RuntimeOptions(round_timeout=3.5, heartbeat_timeout=4.0, startup_timeout=5.0,
+                          max_missed_rounds=2, backend="gloo", threads=2,
+                          faults=[parse_fault("delay:all:0.5"), parse_fault("nan:1"),
+                                  parse_fault("fail:2")])
+    args = build_parser().parse_args(["--out", "x", *_runtime_args(opts)])
+    assert runtime_options(args) == opts
+
+
+def test_restart_resumes_by_itself_only_under_torchrun_and_from_its_own_run(tmp_path):
+    env = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "x", "MASTER_PORT": "1"}
+    launched = DistEnv.from_environ({**env, "METAGG_ATTEMPT": "1", "METAGG_RUN_ID": "abc"})
+    assert (launched.attempt, launched.elastic, launched.run_id) == (1, False, "abc")
+    elastic = DistEnv.from_environ({**env, "TORCHELASTIC_RESTART_COUNT": "2",
+                                    "TORCHELASTIC_RUN_ID": "none"})
+    assert (elastic.attempt, elastic.elastic, elastic.run_id) == (2, True, None)
+    assert not resumable(tmp_path, None)
+    save_checkpoint(tmp_path / "checkpoint", {"params": torch.zeros(3)}, {"run_id": "abc"})
+    assert resumable(tmp_path, "abc") and resumable(tmp_path, None)
+    assert not resumable(tmp_path, "xyz")
 
 
 def test_ps_rejects_wrong_world_size(tmp_path, monkeypatch, capsys):
@@ -292,3 +396,4 @@ def test_torchrun_restart_after_server_kill_equals_simulator(digits, tmp_path):
             proc.wait()
     assert proc.returncode == 0, output.decode()[-3000:]
     assert_same_metrics(read_metrics(out / "metrics.jsonl"), want)
+    assert load_checkpoint(out / "checkpoint")[1]["run_id"]  # torchrun's rdzv id

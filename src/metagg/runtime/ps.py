@@ -14,12 +14,11 @@ A round t on the server:
 1. write `round` = t to the store, then send θ (gloo/NCCL `isend`, tag t) to every
    live worker;
 2. wait for answers: a worker posts its update (`isend`) and then pushes
-   "RANK t ok LOSS" onto the store queue `answers`; the server pops that queue (one
-   blocking pop wakes it for whichever worker is first) and receives an update only
+   "RANK t ok LOSS" onto the store queue `answers`; the server polls that queue
+   (non-blocking pops, a short sleep when it is empty) and receives an update only
    after its answer, so a dead or hung worker never blocks it;
-3. at the deadline (`--round-timeout`) give up on the rest for this round; a worker
-   whose heartbeat counter has not moved for `--heartbeat-timeout` seconds, or whose
-   connection failed, is dead and is never waited for again;
+3. at the deadline (`--round-timeout`) give up on the rest for this round (a round
+   with too few updates for the aggregator is skipped, as in the simulator);
 4. `Simulation.apply_updates`: the configured attack forges the Byzantine rows
    (attacks are omniscient, so the server plays them; Byzantine worker processes
    send honest updates), workers that sent nothing count in `missing_updates`,
@@ -33,18 +32,34 @@ send, and the server counts them missing.
 
 A late update (a worker that missed the deadline) is received later and discarded,
 and a worker that finds its round already superseded skips it instead of computing
-it, so a straggler catches up and rejoins. Metrics, checkpoints and the summary are
-`Simulation.run`'s own files, plus `runtime.json` (bytes moved, time per round).
+it, so a straggler catches up and rejoins. A worker is dead, and never waited for
+or sent to again, when its heartbeat counter has not moved for `--heartbeat-timeout`
+seconds, when its connection failed, or when it has left `--max-missed-rounds`
+rounds in a row unanswered, not even late (a hung worker whose heartbeat thread
+still runs; this also bounds the θ sends kept pending for a worker). When fewer
+live workers remain than the aggregator needs (its `min_updates`), the server stops
+with a one-line error and exit code 3 (EXIT_TOO_FEW_WORKERS).
+
+Metrics, checkpoints and the summary are `Simulation.run`'s own files, plus
+`runtime.json` (bytes moved, time per round).
 
 Control goes through the key-value store that `init_process_group` uses (answers,
 heartbeats, the current round), data by point-to-point messages: every restart
 attempt gets its own key prefix, and the processes end with `os._exit` because
 `destroy_process_group` can hang while a send to a hung worker is pending. Updates
 are a deterministic function of (seed, round, rank, θ), so a run resumed from a
-checkpoint (`--resume`, or automatically after a torchrun restart) ends with the
-metrics of an uninterrupted one. When CUDA gives each process on a machine its own
-GPU the backend is NCCL and θ and the updates travel on GPU `LOCAL_RANK`; the fault
-handling above was tested with gloo.
+checkpoint ends with the metrics of an uninterrupted one.
+
+Resuming: `--resume` continues from the checkpoint in --out, whatever run wrote it.
+Under `metagg launch` only that flag counts (the launcher decides for each
+attempt). Under torchrun a restarted group (TORCHELASTIC_RESTART_COUNT > 0) resumes
+by itself, but only from a checkpoint of the same run: the server writes its run
+id (METAGG_RUN_ID, else torchrun's TORCHELASTIC_RUN_ID, i.e. --rdzv-id, which
+torchrun makes random on one node) into the checkpoint. With neither (torchrun's rdzv id "none")
+any checkpoint in --out is resumed after a restart.
+
+When CUDA gives each process on a machine its own GPU the backend is NCCL and θ and
+the updates travel on GPU `LOCAL_RANK`; the fault handling above was tested with gloo.
 """
 
 from __future__ import annotations
@@ -57,7 +72,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -71,15 +86,19 @@ from metagg.checkpoint import CheckpointError, atomic_write_text
 from metagg.config import ConfigError, RunConfig, config_to_dict, load_config
 from metagg.simulation import Simulation
 
-__all__ = ["DistEnv", "Fault", "RuntimeOptions", "ServerSimulation", "main", "parse_fault"]
+__all__ = ["DistEnv", "Fault", "RuntimeOptions", "ServerSimulation", "TooFewWorkers", "main",
+           "parse_fault", "resumable"]
 
 log = logging.getLogger("metagg.runtime")
 
 HEARTBEAT_EVERY = 0.25  # seconds between a worker's heartbeats
-WAIT_SLICE = 1.0  # longest blocking store wait before the server looks at heartbeats again
+POLL_MIN, POLL_MAX = 0.0005, 0.004  # the server's sleep between looks at an empty queue
 GOODBYE_WAIT = 10.0  # how long the server waits for workers to say goodbye at the end
 NOT_POSTED = "?"  # what compare_set returns for a key that does not exist
 ANSWERS = "answers"  # the store queue of "RANK ROUND ok LOSS" / "RANK ROUND skip nan"
+EXIT_FAILED = 1  # a peer or the store went away (a restart may help)
+EXIT_BAD_INPUT = 2  # the config, options or checkpoint were rejected
+EXIT_TOO_FEW_WORKERS = 3  # fewer live workers than the aggregator needs
 
 
 # --------------------------------------------------------------------------- options
@@ -90,7 +109,8 @@ class Fault:
     """Injected misbehaviour of worker processes, for tests and demonstrations.
 
     kind "nan": the worker sends NaN in its update; kind "delay": it sleeps
-    `seconds` before sending each update. `rank` None means every worker.
+    `seconds` before sending each update; kind "fail": it exits with an error during
+    start-up, before joining the group. `rank` None means every worker.
     """
 
     kind: str
@@ -102,12 +122,13 @@ class Fault:
 
 
 def parse_fault(text: str) -> Fault:
-    """Parse `nan:RANK` or `delay:RANK:SECONDS` (RANK a worker rank >= 1, or `all`)."""
+    """Parse `nan:RANK`, `fail:RANK` or `delay:RANK:SECONDS` (RANK a worker rank >= 1,
+    or `all`)."""
     parts = text.split(":")
     kind = parts[0]
-    want = {"nan": 2, "delay": 3}
+    want = {"nan": 2, "fail": 2, "delay": 3}
     if kind not in want or len(parts) != want[kind]:
-        raise ValueError(f"--fault {text!r}: expected nan:RANK or delay:RANK:SECONDS "
+        raise ValueError(f"--fault {text!r}: expected nan:RANK, fail:RANK or delay:RANK:SECONDS "
                          "(RANK a worker rank >= 1 or 'all')")
     rank: int | None = None
     if parts[1] != "all":
@@ -132,6 +153,7 @@ class RuntimeOptions:
     round_timeout: float = 30.0  # per-round deadline; later updates are discarded
     heartbeat_timeout: float = 10.0  # a worker silent this long is dead for the rest of the run
     startup_timeout: float = 300.0  # rendezvous, store and point-to-point timeouts
+    max_missed_rounds: int = 5  # a worker leaving this many rounds in a row unanswered is dead
     backend: str = "auto"  # auto: nccl when every local process has a GPU, else gloo
     threads: int = 1  # torch threads per process
     faults: list[Fault] = field(default_factory=list)
@@ -144,6 +166,8 @@ class RuntimeOptions:
             raise ValueError(f"backend must be auto, gloo or nccl, got {self.backend!r}")
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.max_missed_rounds < 1:
+            raise ValueError(f"max-missed-rounds must be >= 1, got {self.max_missed_rounds}")
 
 
 @dataclass(frozen=True)
@@ -158,6 +182,8 @@ class DistEnv:
     local_world_size: int  # processes on this machine
     attempt: int  # restart count: each attempt uses its own store key prefix
     agent_store: bool  # torchrun's agent hosts the store (all ranks are clients)
+    elastic: bool = False  # started by torchrun: a restart resumes by itself
+    run_id: str | None = None  # written into checkpoints; None: unknown
 
     @classmethod
     def from_environ(cls, environ: dict[str, str] | None = None) -> DistEnv:
@@ -177,8 +203,11 @@ class DistEnv:
         if world < 2 or not 0 <= rank < world:
             raise ConfigError(f"need WORLD_SIZE >= 2 and 0 <= RANK < WORLD_SIZE, got RANK={rank} "
                               f"WORLD_SIZE={world}")
+        run_id = env.get("METAGG_RUN_ID") or env.get("TORCHELASTIC_RUN_ID")
         return cls(rank, world, env["MASTER_ADDR"], port, local_rank, local_world, attempt,
-                   env.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
+                   env.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
+                   elastic="TORCHELASTIC_RESTART_COUNT" in env,
+                   run_id=None if run_id in (None, "", "none") else run_id)
 
 
 # --------------------------------------------------------------------------- store keys
@@ -206,8 +235,7 @@ def connect_store(env: DistEnv, timeout: float) -> dist.Store:
 
 
 def _client_store(env: DistEnv, timeout: float) -> dist.Store:
-    """Another connection to the store: for a worker's heartbeat thread, and for the
-    server's blocking pops (whose timeout changes from call to call)."""
+    """Another connection to the store, for a worker's heartbeat thread."""
     base = dist.TCPStore(env.master_addr, env.master_port, None, is_master=False,
                          timeout=timedelta(seconds=timeout))
     return dist.PrefixStore(f"metagg/attempt{env.attempt}/", base)
@@ -217,7 +245,26 @@ def _config_text(cfg: RunConfig) -> str:
     return json.dumps(config_to_dict(cfg), sort_keys=True)
 
 
+def resumable(out: Path, run_id: str | None) -> bool:
+    """Whether `out` holds a checkpoint written by run `run_id` (None: by any run), as
+    its checkpoint.json says."""
+    path = out / "checkpoint.json"
+    if not path.exists():
+        return False
+    if run_id is None:
+        return True
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("run_id") == run_id
+
+
 # --------------------------------------------------------------------------- the server
+
+
+class TooFewWorkers(RuntimeError):
+    """Fewer live workers remain than the aggregator needs: the run cannot go on."""
 
 
 class ServerSimulation(Simulation):
@@ -225,15 +272,16 @@ class ServerSimulation(Simulation):
 
     Only `step` differs: it sends θ out, gathers the updates that arrive in time
     and hands them to `Simulation.apply_updates`. Metrics, checkpoints, resume and
-    the summary are `Simulation.run`'s.
+    the summary are `Simulation.run`'s; checkpoints also hold `run_id`.
     """
 
-    def __init__(self, cfg: RunConfig, options: RuntimeOptions, device: torch.device):
+    def __init__(self, cfg: RunConfig, options: RuntimeOptions, device: torch.device,
+                 run_id: str | None = None):
         super().__init__(cfg)
         self.options = options
         self.device = device
+        self.run_id = run_id
         self.store: dist.Store | None = None
-        self.answers: dist.Store | None = None  # own connection: its timeout changes per wait
         m = cfg.workers.num_workers
         self.live = set(range(1, m + 1))  # worker ranks not known to be dead
         # θ sends that have no answer yet, per rank, oldest first: (round, Work, θ). The
@@ -247,12 +295,18 @@ class ServerSimulation(Simulation):
         self.stats = {"rounds": 0, "bytes_sent": 0, "bytes_received": 0, "late_discarded": 0,
                       "round_s": 0.0, "gather_s": 0.0}
 
-    def attach(self, store: dist.Store, answers: dist.Store) -> None:
+    def attach(self, store: dist.Store) -> None:
         """Use the store of an initialised process group; publish the config."""
-        self.store, self.answers = store, answers
+        self.store = store
         store.set("config", _config_text(self.cfg))
         now = time.monotonic()
         self.beats = {r: (-1, now) for r in self.live}
+
+    def _checkpoint_meta(self, wall_s: float) -> dict[str, Any]:
+        meta = super()._checkpoint_meta(wall_s)
+        if self.run_id is not None:  # a restart resumes only a checkpoint of its own run
+            meta["run_id"] = self.run_id
+        return meta
 
     # ---------------------------------------------------------------- one round
     def step(self) -> None:
@@ -268,7 +322,7 @@ class ServerSimulation(Simulation):
 
     def gather(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Send θ, collect this round's updates: ([M, d], losses [M], received bool [M])."""
-        assert self.store is not None, "attach() the stores first"
+        assert self.store is not None, "attach() the store first"
         t, store = self.round, self.store
         m, d = self.cfg.workers.num_workers, self.task.dim
         if not self.started:  # workers wait for this before their first round
@@ -276,7 +330,11 @@ class ServerSimulation(Simulation):
             self.started = True
         store.set("round", str(t))
         theta = self.params.to(self.device).contiguous()
+        most = self.options.max_missed_rounds
         for r in sorted(self.live):
+            if len(self.inflight[r]) >= most:  # alive (heartbeats) but not answering
+                self._declare_dead(r, f"left its last {most} rounds unanswered")
+                continue
             self.inflight[r].append((t, dist.isend(theta, dst=r, tag=t), theta))
             self.stats["bytes_sent"] += 4 * d
 
@@ -284,6 +342,7 @@ class ServerSimulation(Simulation):
         losses = torch.full((m,), float("nan"))
         received = torch.zeros(m, dtype=torch.bool)
         deadline = time.monotonic() + self.options.round_timeout
+        pause = POLL_MIN
         while any(self._owes(r, t) for r in self.live):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -291,38 +350,47 @@ class ServerSimulation(Simulation):
                 log.warning("round %d: no update from rank(s) %s by the %.3g s deadline", t,
                             ",".join(map(str, late)), self.options.round_timeout)
                 break
-            answer = self._next_answer(min(WAIT_SLICE, remaining))
-            if answer is None:  # nobody answered for a while: is someone dead?
+            answer = self._next_answer()
+            if answer is None:  # nothing yet: is someone dead? Then look again shortly.
                 self._check_heartbeats(time.monotonic())
+                time.sleep(min(pause, remaining))
+                pause = min(2 * pause, POLL_MAX)
                 continue
-            rank, rt, loss = answer
-            if rt == t and self._receive(rank, rt, updates[rank - 1]):
+            pause = POLL_MIN
+            rank, loss = answer
+            if self._receive(rank, t, updates[rank - 1]):
                 losses[rank - 1] = loss
                 received[rank - 1] = True
+        self._check_live_workers()
         return updates, losses, received
+
+    def _check_live_workers(self) -> None:
+        """Raise TooFewWorkers when the live workers can no longer make a round."""
+        need = self.aggregator.min_updates
+        if len(self.live) < need:
+            raise TooFewWorkers(
+                f"round {self.round}: {len(self.live)} live worker(s) left, fewer than the "
+                f"{need} that {self.aggregator.name} needs; stopping (continue from the last "
+                "checkpoint with --resume)")
 
     def _owes(self, rank: int, t: int) -> bool:
         """Whether `rank` still owes its answer for round t."""
         return any(entry[0] == t for entry in self.inflight.get(rank, ()))
 
-    def _next_answer(self, timeout: float | None) -> tuple[int, int, float] | None:
-        """Wait (at most `timeout` s; None: don't wait) for the next worker's answer.
+    def _next_answer(self) -> tuple[int, float] | None:
+        """The next answer to the current round that has arrived, without waiting.
 
-        Answers come through one store queue, so one blocking pop wakes the server
-        for whichever worker is first (no busy loop, no request per worker). A
-        "skip" or a late update is dealt with here (the late one received and
-        thrown away); returns (rank, round, loss) of an update waiting to be received,
-        or None when nothing came.
+        Answers come through one store queue, so one request looks at every worker.
+        A "skip" or a late update is dealt with here (the late one received and
+        thrown away). Returns (rank, loss) of this round's update waiting to be
+        received, or None when the queue is empty. Non-blocking pops: a blocking
+        pop that times out makes c10d log two warnings each time.
         """
-        assert self.answers is not None
+        assert self.store is not None
         while True:
             try:
-                if timeout is None:
-                    raw = self.answers.queue_pop(ANSWERS, block=False)
-                else:
-                    self.answers.set_timeout(timedelta(seconds=max(timeout, 1e-3)))
-                    raw = self.answers.queue_pop(ANSWERS)
-            except dist.DistStoreError:  # empty, or the wait timed out
+                raw = self.store.queue_pop(ANSWERS, block=False)
+            except dist.DistStoreError:  # empty
                 return None
             rank_s, round_s, status, loss_s = raw.decode().split()
             rank, rt = int(rank_s), int(round_s)
@@ -336,8 +404,8 @@ class ServerSimulation(Simulation):
             work.wait()  # the worker has θ_rt, so this send is complete
             if status == "skip":
                 continue
-            if rt == self.round and timeout is not None:
-                return rank, rt, float(loss_s)
+            if rt == self.round:
+                return rank, float(loss_s)
             if self._receive(rank, rt, torch.empty(self.task.dim)):
                 self.stats["late_discarded"] += 1
 
@@ -386,7 +454,7 @@ class ServerSimulation(Simulation):
         # Poll (for a few seconds at most): a blocking wait that times out makes c10d
         # log a warning each time.
         while time.monotonic() < deadline:
-            self._next_answer(None)  # late answers: a straggler must not block on its send
+            self._next_answer()  # late answers: a straggler must not block on its send
             if not self.live or store.check([f"bye/{r}" for r in sorted(self.live)]):
                 break
             time.sleep(0.02)
@@ -536,19 +604,30 @@ def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heartbeat-timeout", type=float, default=RuntimeOptions.heartbeat_timeout,
                    metavar="S", help="a worker silent this long is dead for the rest of the run "
                    f"(default {RuntimeOptions.heartbeat_timeout:g})")
+    p.add_argument("--max-missed-rounds", type=int, default=RuntimeOptions.max_missed_rounds,
+                   metavar="N", help="a worker that leaves N rounds in a row unanswered (not "
+                   "even late) is dead for the rest of the run, though its heartbeat goes on "
+                   f"(default {RuntimeOptions.max_missed_rounds})")
+    p.add_argument("--startup-timeout", type=float, default=RuntimeOptions.startup_timeout,
+                   metavar="S", help="how long a process waits for the others to start and "
+                   "join the group; also the store's and the point-to-point messages' "
+                   f"timeout (default {RuntimeOptions.startup_timeout:g})")
     p.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto",
                    help="torch.distributed backend (default auto: nccl when every process "
                         "here has a GPU, else gloo)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per process (default 1)")
     p.add_argument("--fault", dest="faults", action="append", default=[], metavar="SPEC",
-                   help="inject a worker fault, for testing: nan:RANK (sends NaN) or "
-                        "delay:RANK:SECONDS (sleeps before each send); RANK may be 'all'")
+                   help="inject a worker fault, for testing: nan:RANK (sends NaN), "
+                        "delay:RANK:SECONDS (sleeps before each send) or fail:RANK (exits "
+                        "with an error during start-up); RANK may be 'all'")
 
 
 def runtime_options(args: argparse.Namespace) -> RuntimeOptions:
     return RuntimeOptions(round_timeout=args.round_timeout,
-                          heartbeat_timeout=args.heartbeat_timeout, backend=args.backend,
+                          heartbeat_timeout=args.heartbeat_timeout,
+                          startup_timeout=args.startup_timeout,
+                          max_missed_rounds=args.max_missed_rounds, backend=args.backend,
                           threads=args.threads, faults=[parse_fault(f) for f in args.faults])
 
 
@@ -563,14 +642,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="output directory (server)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the checkpoint in --out (automatic after a torchrun "
-                        "restart when a checkpoint exists)")
+                        "restart when the checkpoint is this run's)")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     add_runtime_arguments(p)
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run this process's part; returns the exit code (2 = bad input, 1 = failure)."""
+def main(argv: Sequence[str] | None = None, *,
+         on_joined: Callable[[], None] | None = None) -> int:
+    """Run this process's part; returns the exit code (EXIT_FAILED, EXIT_BAD_INPUT or
+    EXIT_TOO_FEW_WORKERS on failure). `on_joined` is called once this process has
+    joined the process group: `metagg launch` learns from the server's call that
+    start-up is over."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -587,25 +670,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         backend, device = choose_backend(options, env)
         out = args.out
         resume = args.resume
-        if env.rank == 0 and env.attempt > 0 and out is not None:
-            resume = resume or (out / "checkpoint.json").exists()  # a torchrun restart
+        if env.rank == 0 and env.elastic and env.attempt > 0 and out is not None:
+            resume = resume or resumable(out, env.run_id)  # a torchrun restart
         if resume and out is None:
             raise ConfigError("--resume needs --out DIR (the directory holding the checkpoint)")
         # Build everything (data, model) before joining the group: once the group
         # exists, every process is ready for round one.
         if env.rank == 0:
-            sim = ServerSimulation(cfg, options, device)
+            sim = ServerSimulation(cfg, options, device, env.run_id)
         else:
             sim = Simulation(cfg)
             # The first call of a vmapped grad is slow (tracing): pay it now, not in
             # round one under the deadline.
             WorkerCompute(sim, env.rank - 1, device)(sim.params.to(device), 0)
+            if any(f.kind == "fail" and f.applies_to(env.rank) for f in options.faults):
+                raise RuntimeError(f"injected fault fail:{env.rank}: exiting during start-up")
         store = connect_store(env, options.startup_timeout)
         dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size,
                                 timeout=timedelta(seconds=options.startup_timeout))
         log.info("rank %d joined the group (%s, attempt %d)", env.rank, backend, env.attempt)
+        if on_joined is not None:
+            on_joined()
         if isinstance(sim, ServerSimulation):
-            sim.attach(store, _client_store(env, options.startup_timeout))
+            sim.attach(store)
             summary = sim.run(out, resume=resume, progress=False)
             log.info("rank 0 ran to round %d; stopping the workers", sim.round)
             sim.finish(out)
@@ -616,11 +703,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, CheckpointError, ValueError, OSError) as exc:
         who = f"rank {env.rank}" if env is not None else "metagg.runtime.ps"
         print(f"{who}: error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
-        return 2
+        return EXIT_BAD_INPUT
+    except TooFewWorkers as exc:
+        print(f"rank 0: error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_TOO_FEW_WORKERS
     except RuntimeError as exc:  # a peer or the store went away (DistError is one too)
         who = f"rank {env.rank}" if env is not None else "metagg.runtime.ps"
         print(f"{who}: failed: {' '.join(str(exc).split())[:500]}", file=sys.stderr, flush=True)
-        return 1
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":
