@@ -30,6 +30,7 @@ def test_tiny_reproduction_writes_report_tables_and_figures(tmp_path):
         assert (tmp_path / name).stat().st_size > 0, name
     for b in BASELINES:
         assert (tmp_path / "tuning" / b / "best.yaml").exists()
+        assert (tmp_path / "tuning-big" / b / "best.yaml").exists()  # retuned on the big MLP
     with open(tmp_path / "rounds_to_target.csv") as fh:
         rows = {r["method"]: r for r in csv.DictReader(fh)}
     assert set(rows) == {"LAgg-A", "LOpt-A", *BASELINES}
@@ -40,6 +41,7 @@ def test_tiny_reproduction_writes_report_tables_and_figures(tmp_path):
     assert {r["seed"] for r in curves} == {"0", "1"}
     report = (tmp_path / "report.md").read_text()
     assert "2–6× fewer" in report and "K=4 workers" in report and "digits" in report
+    assert "MLP 128-128 on digits" in report and "tuned again" in report
     assert any("tuning fedavg" in line for line in lines)
 
 
