@@ -169,20 +169,24 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if not isinstance(meta, dict):
         raise CheckpointError(f"{jfile}: expected a JSON object")
     blob = tfile.read_bytes()  # hashed and parsed from the same bytes
-    try:
-        tensors = load(blob)
-    except (SafetensorError, ValueError) as exc:
-        raise CheckpointError(f"{tfile}: cannot read safetensors ({exc})") from None
     digest = hashlib.sha256(blob).hexdigest()
     if "sha256" in meta and meta["sha256"] != digest:
         # The writer may have died between the two renames (see save_checkpoint): an
         # intact newer tensor file beside the old JSON carries its own metadata.
-        embedded = _self_checked(blob, tensors)
+        try:
+            tensors = load(blob)
+            embedded = _self_checked(blob, tensors)
+        except (SafetensorError, ValueError):
+            embedded = None
         if embedded is None:
             raise CheckpointError(
                 f"{tfile} does not match its sidecar (sha256 {digest[:12]}… vs "
                 f"{meta['sha256'][:12]}…): the checkpoint is corrupt or from another run")
-        meta = {**embedded, "sha256": digest}
+        return tensors, {**embedded, "sha256": digest}
+    try:
+        tensors = load(blob)
+    except (SafetensorError, ValueError) as exc:
+        raise CheckpointError(f"{tfile}: cannot read safetensors ({exc})") from None
     return tensors, meta
 
 
