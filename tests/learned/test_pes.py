@@ -210,6 +210,13 @@ def test_config_checks():
         tiny_config(min_inner=10, max_inner=5)
     with pytest.raises(ValueError, match="step_mode"):
         tiny_config(step_mode="fancy")
+    # caught at construction, not after the data loads
+    with pytest.raises(ValueError, match="max_inner must be an integer"):
+        tiny_config(max_inner=-5.0)
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        tiny_config(seed=-1)
+    with pytest.raises(ValueError, match="beta1, beta2"):
+        tiny_config(beta1="a")
     assert tiny_config(validation_rounds=[8, 4]).validation_rounds == (4, 8)
 
 

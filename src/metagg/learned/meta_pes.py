@@ -184,7 +184,8 @@ def pes_step(
 
     Args:
         unroll: `unroll(theta_batch [2N, n], inner, seed) -> (losses [2N], inner)`;
-            particle i < N runs θ + A_i-perturbed, particle N + i its antithetic twin.
+            particle i < N runs θ + ε_i (this truncation's perturbation), particle N + i
+            its antithetic twin θ − ε_i; A_i only weights the estimate.
             It must be a pure function of its inputs for the estimate to be unbiased.
         theta: meta-parameters [n].
         accum: A [N, n], the perturbations summed since each pair's inner run started
@@ -397,12 +398,15 @@ class MetaTrainPESConfig:
             self.validation_rounds = tuple(vr) if isinstance(vr, list) else (vr,)
         errors = []
         for key in ("num_workers", "local_steps", "batch_size", "unroll", "pairs", "min_inner",
-                    "steps", "validate_every", "validation_seeds", "checkpoint_every", "hidden"):
+                    "max_inner", "steps", "validate_every", "validation_seeds",
+                    "checkpoint_every", "hidden"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 errors.append(f"{key} must be an integer >= 1, got {v!r}")
-        if not isinstance(self.warmup, int) or self.warmup < 0:
-            errors.append(f"warmup must be an integer >= 0, got {self.warmup!r}")
+        for key in ("warmup", "seed"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                errors.append(f"{key} must be an integer >= 0, got {v!r}")
         if isinstance(self.max_inner, int) and isinstance(self.min_inner, int) \
                 and self.max_inner < self.min_inner:
             errors.append(f"max_inner ({self.max_inner}) must be >= min_inner ({self.min_inner})")
@@ -414,7 +418,9 @@ class MetaTrainPESConfig:
             v = getattr(self, key)
             if not (isinstance(v, int | float) and v >= 0 and math.isfinite(v)):
                 errors.append(f"{key} must be a finite number >= 0, got {v!r}")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.adam_eps > 0):
+        numbers = all(isinstance(v, int | float) and not isinstance(v, bool)
+                      for v in (self.beta1, self.beta2, self.adam_eps))
+        if not (numbers and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.adam_eps > 0):
             errors.append("beta1, beta2 must be in [0, 1) and adam_eps > 0")
         if not self.validation_rounds or any(
                 isinstance(r, bool) or not isinstance(r, int) or r < 1
@@ -930,7 +936,9 @@ def meta_train_pes(
         row = {"step": run.step, "validation_score": score,
                **{k: v for k, v in res.items() if k.startswith("mean_")}, "wall_s": wall()}
         history.append(row)
-        if score < run.best_score:
+        # the first validation is always kept, so that OUT holds a loadable aggregator
+        # even if every validation diverges (score inf)
+        if score < run.best_score or not run.best_validation:
             run.best_score, run.best_step = score, run.step
             run.best_phi, run.best_validation = run.phi.clone(), row
             _write_aggregator(out, trainer, cfg, run)
