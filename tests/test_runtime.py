@@ -114,8 +114,10 @@ def wait_for_round(out: Path, round: int, thread: threading.Thread, timeout: flo
 
 
 @pytest.mark.parametrize("setting", [
-    # gradient mode, the server plays ALIE for worker 0, a robust rule aggregates
-    {"workers": {"num_workers": 4}, "attack": {"name": "alie", "num_byzantine": 1},
+    # gradient mode, worker momentum, the server plays ALIE for worker 0, a robust
+    # rule aggregates
+    {"workers": {"num_workers": 4, "momentum": 0.9},
+     "attack": {"name": "alie", "num_byzantine": 1},
      "aggregator": {"name": "trimmed_mean"}},
     # local SGD, worker 0 trains on flipped labels in its own process
     {"workers": {"mode": "local_sgd", "local_steps": 2, "local_lr": 0.2},

@@ -45,10 +45,11 @@ def test_same_seed_same_metrics_different_seed_differs(digits, tmp_path):
     assert a["final_train_loss"] == b["final_train_loss"] != c["final_train_loss"]
 
 
-@pytest.mark.parametrize("mode", ["gradient", "local_sgd"])
-def test_resume_gives_identical_metrics(digits, tmp_path, mode):
+@pytest.mark.parametrize("mode,momentum", [("gradient", 0.0), ("local_sgd", 0.0),
+                                           ("gradient", 0.9)])
+def test_resume_gives_identical_metrics(digits, tmp_path, mode, momentum):
     extra = {"workers__mode": mode, "workers__local_steps": 2 if mode == "local_sgd" else 1,
-             "optimizer__name": "adam", "optimizer__lr": 0.01}
+             "workers__momentum": momentum, "optimizer__name": "adam", "optimizer__lr": 0.01}
     full = Simulation(cfg(**extra), dataset=digits)
     full.run(tmp_path / "full")
     part = Simulation(cfg(**extra), dataset=digits)

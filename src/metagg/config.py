@@ -59,6 +59,11 @@ class WorkersConfig:
     local_steps: int = 1  # H, local-SGD mode only
     local_lr: float = 0.5  # local SGD learning rate (0.5 in the LAgg-A reference)
     failure_prob: float = 0.0  # chance a worker misses a round (crash / straggler)
+    # Worker momentum (Karimireddy et al. 2021): each honest worker sends an EMA
+    # m ← β·m + (1 − β)·u of its updates (m starts at its first update) instead of u.
+    # Averaging out minibatch noise before aggregation is what lets robust rules
+    # tell honest updates from forged ones. 0 = off.
+    momentum: float = 0.0
 
 
 @dataclass
@@ -316,6 +321,8 @@ def validate(cfg: RunConfig) -> list[str]:
     positive("workers.local_lr", w.local_lr)
     if not 0 <= w.failure_prob < 1:
         errors.append(f"workers.failure_prob: must be in [0, 1), got {w.failure_prob}")
+    if not 0 <= w.momentum < 1:
+        errors.append(f"workers.momentum: must be in [0, 1), got {w.momentum}")
     if w.mode == "gradient" and w.local_steps != 1:
         errors.append("workers.local_steps: must be 1 in gradient mode (use mode: local_sgd)")
 

@@ -139,6 +139,10 @@ class Simulation:
         self.missing_updates = 0
         self.last_worker_loss = float("nan")
         self.wall_offset = 0.0
+        m = self.cfg.workers.num_workers
+        self.worker_momentum = (torch.zeros(m, self.task.layout.size)
+                                if self.cfg.workers.momentum > 0 else None)
+        self.momentum_started = torch.zeros(m, dtype=torch.bool)
 
     def context(self, worker_ids: torch.Tensor) -> RoundContext:
         w = self.cfg.workers
@@ -146,6 +150,7 @@ class Simulation:
             round=self.round, params=self.params, layout=self.task.layout,
             num_workers=w.num_workers, worker_ids=worker_ids, trusted=self.trusted,
             mode=w.mode, local_lr=w.local_lr, local_steps=w.local_steps,
+            worker_momentum=w.momentum,
         )
 
     # ------------------------------------------------------------------ one round
@@ -175,6 +180,8 @@ class Simulation:
         present = present.clone() if received is None else present & received
         byzantine = self.byzantine if received is None else self.byzantine[
             received[self.byzantine]]
+        if self.worker_momentum is not None:
+            updates = self._worker_momentum(updates, present)
         if len(byzantine) and self.attack.drops_workers:
             present[byzantine] = False
         elif len(byzantine) and not self.attack.flips_labels:
@@ -218,6 +225,28 @@ class Simulation:
         self.agg_state = new_state
         self.round += 1
 
+    def _worker_momentum(self, updates: torch.Tensor, arrived: torch.Tensor) -> torch.Tensor:
+        """Honest workers' momentum m_k ← β·m_k + (1 − β)·u_k; returns the rows they send.
+
+        Kept by the server on the workers' behalf (it sees every honest update, so
+        the result is the same as worker-side buffers, and it is checkpointed with
+        θ). Before the attack, so Byzantine workers forge from honest momenta, as in
+        Karimireddy et al. 2021. A missing or non-finite row leaves its buffer alone
+        (and is still dropped downstream); a buffer starts at its first update.
+        """
+        beta, m = self.cfg.workers.momentum, self.worker_momentum
+        ok = arrived
+        if not bool(torch.isfinite(updates.sum())):
+            ok = arrived & torch.isfinite(updates).all(dim=1)
+        if bool(ok.all()) and bool(self.momentum_started.all()):
+            m.lerp_(updates.to(m.dtype), 1 - beta)  # the usual round: in place
+            return m.clone()
+        weight = torch.where(self.momentum_started, 1 - beta, 1.0).to(m.dtype)
+        blended = m + weight[:, None] * (updates.to(m.dtype) - m)
+        m.copy_(torch.where(ok[:, None], blended, m))
+        self.momentum_started |= ok
+        return torch.where(ok[:, None], m, updates.to(m.dtype))
+
     def evaluate(self) -> dict[str, float]:
         train = self.task.evaluate(self.params, self.eval_x, self.eval_y)
         test = self.task.evaluate(self.params, self.dataset.x_test, self.dataset.y_test)
@@ -244,6 +273,9 @@ class Simulation:
 
     def save(self, path: str | Path, wall_s: float = 0.0) -> None:
         tensors = {"params": self.params, **flatten_state(self.agg_state)}
+        if self.worker_momentum is not None:
+            tensors["worker_momentum"] = self.worker_momentum
+            tensors["worker_momentum_started"] = self.momentum_started.to(torch.uint8)
         save_checkpoint(path, tensors, self._checkpoint_meta(wall_s))
 
     def load(self, path: str | Path) -> None:
@@ -262,6 +294,13 @@ class Simulation:
             raise CheckpointError(f"checkpoint {path}: params missing or of the wrong size")
         template = self.aggregator.init(self.task.layout, self.cfg.workers.num_workers)
         self.agg_state = unflatten_state(template, tensors)
+        if self.worker_momentum is not None:
+            m, started = tensors.get("worker_momentum"), tensors.get("worker_momentum_started")
+            if m is None or started is None or m.shape != self.worker_momentum.shape:
+                raise CheckpointError(f"checkpoint {path}: worker momentum missing or of the "
+                                      "wrong size")
+            self.worker_momentum = m.clone()
+            self.momentum_started = started.bool()
         self.params = params
         self.round = int(meta["round"])
         self.dropped_updates = int(meta["dropped_updates"])

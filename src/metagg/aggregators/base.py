@@ -54,6 +54,8 @@ class RoundContext:
         trusted: the server's small trusted sample, if configured (Zeno, FLTrust, ARNN).
         mode: "gradient" or "local_sgd".
         local_lr, local_steps: the workers' local SGD settings (local-SGD mode).
+        worker_momentum: β of the workers' momentum (0: updates are raw gradients or
+            deltas), so a rule comparing them with its own update can do the same.
     """
 
     round: int
@@ -65,6 +67,7 @@ class RoundContext:
     mode: str = "gradient"
     local_lr: float = 1.0
     local_steps: int = 1
+    worker_momentum: float = 0.0
     extras: dict[str, Any] = field(default_factory=dict)
 
 

@@ -20,7 +20,7 @@ from metagg.aggregators.base import RoundContext, Rule
 from metagg.cluster import STREAM_AGGREGATOR, round_generator
 from metagg.layout import ParamLayout
 
-__all__ = ["CenteredClipRule", "FLTrustRule", "PreAggregatedRule", "ZenoRule", "server_update"]
+__all__ = ["CenteredClipRule", "FLTrustRule", "FLTrustState", "PreAggregatedRule", "ZenoRule", "server_update"]
 
 
 class CenteredClipState(NamedTuple):
@@ -107,20 +107,36 @@ class ZenoRule:
         return updates[best].mean(0), state
 
 
+class FLTrustState(NamedTuple):
+    reference: torch.Tensor  # [d] the server's momentum of g₀ (used when workers send momenta)
+    started: torch.Tensor  # bool scalar: reference holds a value
+
+
 class FLTrustRule:
     """FLTrust (Cao et al. 2021).
 
     g₀ = the server's own update on its root (trusted) data; trust score
     TS_i = ReLU(cos(x_i, g₀)); each x_i is rescaled to ‖g₀‖; the aggregate is
     Σ TS_i · x̄_i / Σ TS_i (zero if every score is zero).
+
+    When the workers send momenta (`workers.momentum` = β > 0), g₀ is replaced by
+    the server's momentum of its own updates with the same β, so like is compared
+    with like: a momentum lags the current gradient, and against a fresh g₀ honest
+    momenta get negative cosines whenever the iterate oscillates (measured on digits:
+    IPM at 7/10 then wins, 11 % accuracy; with the matching reference, 90 %+).
     """
 
-    def init(self, layout: ParamLayout, num_workers: int) -> tuple:
-        return ()
+    def init(self, layout: ParamLayout, num_workers: int) -> FLTrustState:
+        return FLTrustState(torch.zeros(layout.size), torch.tensor(False))
 
-    def __call__(self, state: tuple, updates: torch.Tensor, ctx: RoundContext):
+    def __call__(self, state: FLTrustState, updates: torch.Tensor, ctx: RoundContext):
         with torch.no_grad():
             g0 = server_update(ctx).to(updates.dtype)
+        beta = ctx.worker_momentum
+        if beta > 0:
+            previous = state.reference.to(g0)
+            g0 = previous + (1 - beta) * (g0 - previous) if bool(state.started) else g0
+            state = FLTrustState(g0, torch.tensor(True))
         g0_norm = g0.norm()
         norms = updates.norm(dim=1)
         cos = (updates @ g0) / (norms * g0_norm).clamp_min(1e-12)
