@@ -181,6 +181,37 @@ def test_functional_step_equals_the_aggregator(digits, kind, mode):
         torch.testing.assert_close(a, b)
 
 
+def _unroll_losses(trainer, cfg):
+    phi = trainer.fa.init_phi(1)
+    eps = antithetic_noise(cfg.pairs, trainer.fa.dim, 0.1, torch.Generator().manual_seed(0))
+    losses, inner = trainer.unroll(torch.cat([phi + eps, phi - eps]),
+                                   trainer.fresh_inner(range(cfg.pairs)))
+    return losses, inner.theta
+
+
+def test_compiled_trainer_matches_eager(digits):
+    cfg = tiny_config(model="mlp:6:relu")
+    want = _unroll_losses(PESTrainer(cfg, digits), cfg)
+    got = _unroll_losses(PESTrainer(cfg, digits, compile=True), cfg)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_compile_failure_falls_back_to_eager(digits, monkeypatch, caplog):
+    def broken(fn, **kwargs):
+        def fail(*args):
+            raise RuntimeError("no C++ compiler here")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken)
+    cfg = tiny_config()
+    want = _unroll_losses(PESTrainer(cfg, digits), cfg)
+    got = _unroll_losses(PESTrainer(cfg, digits, compile=True), cfg)
+    assert "torch.compile failed (RuntimeError: no C++ compiler here)" in caplog.text
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_lr_schedule_warms_up_then_decays():
     cfg = tiny_config(steps=20, warmup=4, lr=1.0, final_lr=0.1)
     lrs = [lr_schedule(cfg, s) for s in range(20)]
@@ -356,7 +387,7 @@ def test_cli_pair(tmp_path, capsys):
     common = ["--task", "digits-mlp", "--workers", "3", "--local-steps", "2", "--steps", "2",
               "--set", "batch_size=8", "--set", "pairs=1", "--set", "unroll=2",
               "--set", "validation_rounds=[3]", "--set", "validate_every=2",
-              "--set", "model=mlp:4:relu", "--out", str(tmp_path)]
+              "--set", "model=mlp:4:relu", "--no-compile", "--out", str(tmp_path)]
     assert cmd_meta_train_pes(parser.parse_args(["lopt", *common])) == 0
     out = capsys.readouterr().out
     assert "lopt:" in out and json.loads(out[: out.rindex("}") + 1])["steps_done"] == 2

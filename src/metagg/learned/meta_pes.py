@@ -333,6 +333,26 @@ class FunctionalAda:
         return step, new
 
 
+def _compiled(fn: Callable) -> Callable:
+    """`torch.compile(fn)`, falling back to `fn` (with a warning) if compiling fails, e.g.
+    without a C++ compiler."""
+    compiled = torch.compile(fn, dynamic=False)
+    use = [compiled]
+
+    def call(*args: Any) -> Any:
+        if use[0] is fn:
+            return fn(*args)
+        try:
+            return use[0](*args)
+        except Exception as exc:  # torch's compile errors have no common base class
+            log.warning("torch.compile failed (%s: %s); continuing without it",
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            use[0] = fn
+            return fn(*args)
+
+    return call
+
+
 def _safe_rsqrt(x: torch.Tensor) -> torch.Tensor:
     return torch.rsqrt(x.clamp_min(SAFE_MIN))
 
@@ -583,11 +603,13 @@ class LocalSGDEnv:
         minibatches of its round (`Cluster.batches`), the n runs repeated `repeat` times."""
         idx = torch.stack([self.cluster(s).sample_indices(t)
                            for s, t in zip(seeds, rounds, strict=True)])
-        if repeat > 1:
-            idx = idx.repeat(repeat, 1, 1, 1)
         x = self._x_flat.index_select(0, idx.flatten())
         x = x.view(*idx.shape, *self.data.x_train.shape[1:])
-        return x, self.data.y_train[idx]
+        y = self.data.y_train[idx]
+        if repeat > 1:  # gather once, copy contiguously (a random gather costs ~3× more)
+            x = x.repeat(repeat, *[1] * (x.dim() - 1))
+            y = y.repeat(repeat, *[1] * (y.dim() - 1))
+        return x, y
 
     def local_sgd(self, theta: torch.Tensor, xb: torch.Tensor,
                   yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -685,11 +707,18 @@ class PESTrainer:
     from held-out seeds through the same batched path.
     """
 
-    def __init__(self, cfg: MetaTrainPESConfig, data: Dataset | None = None):
+    def __init__(self, cfg: MetaTrainPESConfig, data: Dataset | None = None, *,
+                 compile: bool = False):
         self.cfg = cfg
         self.env = LocalSGDEnv(cfg, data)
         self.fa = FunctionalAda(cfg.lagg_config(), self.env.task.layout)
         self._agg_step = vmap(self.fa.step)
+        if compile:
+            # Fuses the elementwise work around the matmuls (ReLU masks, softmax, the
+            # features): measured 1.5-2× faster per round on one CPU thread, results equal
+            # to ~1e-7; ~30 s of compilation once per process.
+            self.env._grad = _compiled(self.env._grad)
+            self._agg_step = _compiled(self._agg_step)
         self.validation_seeds = [_derive(cfg.seed, _VALID, j)
                                  for j in range(cfg.validation_seeds)]
 
@@ -887,6 +916,7 @@ def meta_train_pes(
     *,
     data: Dataset | None = None,
     stop_at: int | None = None,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Meta-train LAgg-A / LOpt-A by truncated PES (see the module docstring).
 
@@ -903,6 +933,9 @@ def meta_train_pes(
         data: a `Dataset` to use instead of loading `cfg.dataset`.
         stop_at: return (after checkpointing) once this many outer steps are done; the
             run continues with `resume=True` exactly as if it had not stopped.
+        compile: `torch.compile` the workers' local SGD and the learned step (faster
+            after ~30 s of compilation; numbers differ from eager by float rounding, so
+            resume a run with the setting it was started with).
 
     Returns:
         The summary dict (also written to summary.json): best step and validation, the
@@ -910,7 +943,7 @@ def meta_train_pes(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    trainer = PESTrainer(cfg, data)
+    trainer = PESTrainer(cfg, data, compile=compile)
     fa = trainer.fa
     n = fa.dim
     phi0 = fa.init_phi(cfg.seed)
@@ -1046,9 +1079,12 @@ def add_meta_train_pes_arguments(parser: argparse.ArgumentParser) -> None:
                              "--set pairs=4 (repeatable; values are YAML)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: robust on a shared machine)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="torch.compile the inner training and the learned step (default "
+                             "on: ~1.5× faster outer steps after ~30 s; --no-compile for eager)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the checkpoint in --out (same result as an "
-                             "uninterrupted run)")
+                             "uninterrupted run with the same --compile and --threads)")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
 
 
@@ -1067,7 +1103,8 @@ def cmd_meta_train_pes(args: argparse.Namespace) -> int:
     before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        summary = meta_train_pes(cfg, args.out, progress=True, resume=args.resume)
+        summary = meta_train_pes(cfg, args.out, progress=True, resume=args.resume,
+                                 compile=args.compile)
     finally:
         torch.set_num_threads(before)
     print(json.dumps(summary, indent=2))
