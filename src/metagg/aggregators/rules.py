@@ -20,7 +20,14 @@ from metagg.aggregators.base import RoundContext, Rule
 from metagg.cluster import STREAM_AGGREGATOR, round_generator
 from metagg.layout import ParamLayout
 
-__all__ = ["CenteredClipRule", "FLTrustRule", "FLTrustState", "PreAggregatedRule", "ZenoRule", "server_update"]
+__all__ = [
+    "CenteredClipRule",
+    "FLTrustRule",
+    "FLTrustState",
+    "PreAggregatedRule",
+    "ZenoRule",
+    "server_update",
+]
 
 
 class CenteredClipState(NamedTuple):
