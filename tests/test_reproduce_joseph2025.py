@@ -3,12 +3,32 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
+import math
 
+import numpy as np
 import pytest
 
-from metagg.experiments.joseph2025 import BASELINES, reproduce_joseph2025, rounds_to_reach
+from metagg.config import config_from_dict, config_to_dict
+from metagg.data import sources
+from metagg.experiments.joseph2025 import (
+    BASELINES,
+    SCALES,
+    _generalization,
+    _merge,
+    _task_config,
+    reproduce_joseph2025,
+    rounds_to_reach,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True)
+def no_cifar_but_the_tests(tmp_path_factory, monkeypatch):
+    """Only CIFAR-10 files a test writes count (not a user's $METAGG_DATA_DIR or cache)."""
+    monkeypatch.delenv(sources.ENV_VAR, raising=False)
+    monkeypatch.setattr(sources, "CACHE_ROOT", tmp_path_factory.mktemp("cache"))
 
 
 def test_rounds_to_reach_uses_the_seed_mean():
@@ -43,6 +63,33 @@ def test_tiny_reproduction_writes_report_tables_and_figures(tmp_path):
     assert "2–6× fewer" in report and "K=4 workers" in report and "digits" in report
     assert "MLP 128-128 on digits" in report and "tuned again" in report
     assert any("tuning fedavg" in line for line in lines)
+    assert "conv-c10 was not run: CIFAR-10 is not on disk" in report
+
+
+def test_conv_c10_generalization_when_cifar_is_on_disk(tmp_path, monkeypatch):
+    from metagg.data import cifar
+
+    folder = tmp_path / "data" / "cifar10" / cifar.BATCH_DIR
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i, name in enumerate((*cifar.TRAIN_BATCHES, cifar.TEST_BATCH)):
+        y = (np.arange(8) + i) % 10
+        cifar.write_cifar_batch(folder / name, rng.integers(0, 256, (8, 3, 32, 32),
+                                                            dtype=np.uint8), y)
+    monkeypatch.setenv("METAGG_DATA_DIR", str(tmp_path / "data"))
+    # only the conv-c10 setting, 2 rounds of 2-image batches: a conv-c10 step costs
+    # ~90 MFLOP per image
+    sc = dataclasses.replace(SCALES["tiny"], big_rounds=0, cifar_rounds=2, other_workers=(),
+                             seeds=1, evals=2)
+    base = config_from_dict(_merge(config_to_dict(_task_config(sc, rounds=sc.rounds)),
+                                   {"workers": {"batch_size": 2}}))
+    rows, curves = _generalization(sc, base, "lagg:init", "lopt:init", {}, [0],
+                                   lambda msg: None, tmp_path / "out")
+    assert {r["method"] for r in rows} == {"LAgg-A", "LOpt-A", *BASELINES}
+    assert {r["setting"] for r in rows} == {"conv-c10 CIFAR-10"}
+    assert all(math.isfinite(r["final_train_loss"]) for r in rows)
+    assert (tmp_path / "out" / "tuning-c10" / "fedavg" / "best.yaml").exists()
+    assert len(curves["conv-c10 CIFAR-10"]["LAgg-A"][0]) >= 2  # evaluated along the way
 
 
 def test_a_diverged_baseline_never_sets_the_target():

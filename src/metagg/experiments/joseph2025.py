@@ -10,9 +10,9 @@
    loss against communication rounds (mean ± std bands).
 3. Rounds to reach the target loss, where the target is the best tuned baseline's
    mean training loss at round R; speed-up = R / rounds (the paper reports 2–6×).
-4. Generalisation without retraining: 784-128-128 Fashion-MNIST (the baselines tuned
-   again there); LOpt-A with other worker counts K; other local-step counts H
-   (baselines keep their tuned settings).
+4. Generalisation without retraining: 784-128-128 Fashion-MNIST and, when CIFAR-10
+   is on disk, conv-c10 (the baselines tuned again on each); LOpt-A with other worker
+   counts K; other local-step counts H (baselines keep their tuned settings).
 
 Writes, in --out: `curves.csv`, `loss_vs_rounds.png`, `rounds_to_target.csv`,
 `generalization.csv`, `generalization.png`, `tuning/<baseline>/` and `report.md`.
@@ -73,16 +73,19 @@ class Scale:
     task: Mapping[str, Any] = field(default_factory=dict)  # overrides of TASK
     # the baselines are tuned again on the 784-128-128 task (None: reuse `grids`)
     big_grids: Mapping[str, Mapping[str, Sequence[Any]]] | None = None
+    # conv-c10 on CIFAR-10 when it is on disk (0 = skip): ~100 GFLOP per round at
+    # K = 8, H = 4, B = 128, i.e. seconds per round on a CPU; the baselines use big_grids
+    cifar_rounds: int = 0
 
 
 _H4 = {"workers.local_steps": [4]}  # the learned optimizers were trained for H = 4
 SCALES: dict[str, Scale] = {
     "full": Scale(
-        rounds=1000, seeds=10, evals=50, big_rounds=1000,
+        rounds=1000, seeds=10, evals=50, big_rounds=1000, cifar_rounds=1000,
         grids={b: _H4 for b in ("fedavg", "slowmo", "fedadam")},
     ),
     "quick": Scale(
-        rounds=300, seeds=3, evals=30, big_rounds=200,
+        rounds=300, seeds=3, evals=30, big_rounds=200, cifar_rounds=100,
         grids={
             "fedavg": {**_H4, "workers.local_lr": [1.0, 0.5]},
             "slowmo": {**_H4, "workers.local_lr": [1.0, 0.5], "optimizer.lr": [1.0, 0.5, 0.3],
@@ -104,7 +107,8 @@ SCALES: dict[str, Scale] = {
     ),
     # for tests: digits, a few rounds
     "tiny": Scale(
-        rounds=8, seeds=2, evals=4, big_rounds=4, other_workers=(4,), other_local_steps=(),
+        rounds=8, seeds=2, evals=4, big_rounds=4, cifar_rounds=4, other_workers=(4,),
+        other_local_steps=(),
         grids={"fedavg": {**_H4, "workers.local_lr": [0.5]},
                "slowmo": {**_H4, "workers.local_lr": [0.5], "optimizer.lr": [1.0, 0.5],
                           "optimizer.beta": [0.9]},
@@ -280,6 +284,15 @@ def _generalization(sc: Scale, base: RunConfig, lagg: str, lopt: str,
         label = ("784-128-128 Fashion-MNIST" if base.data.name == "fashion_mnist"
                  else f"MLP 128-128 on {base.data.name}")
         settings.append((label, big, ("LAgg-A", "LOpt-A"), True))
+    if sc.cifar_rounds:
+        try:
+            load_dataset("cifar10", data_dir=base.data.data_dir)
+        except FileNotFoundError as exc:
+            say(f"[joseph2025] conv-c10 skipped: {str(exc).split(';')[0]}")
+        else:
+            c10 = {"model": "cnn:c10", "data": {"name": "cifar10", "image_size": None},
+                   "rounds": sc.cifar_rounds}
+            settings.append(("conv-c10 CIFAR-10", c10, ("LAgg-A", "LOpt-A"), True))
     for k in sc.other_workers:  # LAgg-A has one input channel per worker: K is fixed
         settings.append((f"K={k} workers", {"workers": {"num_workers": k}}, ("LOpt-A",),
                          False))
@@ -294,10 +307,11 @@ def _generalization(sc: Scale, base: RunConfig, lagg: str, lopt: str,
             task = config_from_dict(_merge(config_to_dict(base), {**change,
                                                                    "seed": TUNING_SEED}))
             grids = sc.big_grids if sc.big_grids is not None else sc.grids
+            folder = "tuning-big" if not name.startswith("conv-c10") else "tuning-c10"
             for b in BASELINES:
                 say(f"[joseph2025] tuning {b} on {name} ({change['rounds']} rounds per trial)")
                 result = tune(task, b, budget=change["rounds"], grid=grids.get(b, {}),
-                              out_dir=out / "tuning-big" / b, progress=False)
+                              out_dir=out / folder / b, progress=False)
                 # `change` is applied below again; it leaves a tuned config unchanged
                 methods[b] = config_from_dict({**result["config"],
                                                "eval_every": base.eval_every})
@@ -406,9 +420,10 @@ def _write_report(path: Path, s: Mapping[str, Any], tuning_rows, speed_rows, sc:
             "## Generalisation without retraining",
             "",
             "Each setting changes the task and runs the learned optimizers as trained. On "
-            "784-128-128 every baseline is tuned again on that task (`tuning-big/`); "
-            "for other K and H the baselines keep the settings tuned on the meta-training "
-            "task. The target is the best baseline's loss at the end.",
+            "784-128-128 every baseline is tuned again on that task (`tuning-big/`), and so "
+            "on conv-c10 (`tuning-c10/`); for other K and H the baselines keep the settings "
+            "tuned on the meta-training task. The target is the best baseline's loss at the "
+            "end.",
             "",
             format_table(["setting", "method", "final train loss", "rounds to target",
                           "speed-up"],
@@ -419,6 +434,10 @@ def _write_report(path: Path, s: Mapping[str, Any], tuning_rows, speed_rows, sc:
             "![generalization](generalization.png)",
             "",
         ]
+    if sc.cifar_rounds and not any(r["setting"].startswith("conv-c10")
+                                   for r in s["generalization"]):
+        lines += ["conv-c10 was not run: CIFAR-10 is not on disk (put `cifar-10-batches-py/` "
+                  "or the archive in `$METAGG_DATA_DIR/cifar10/` and run again).", ""]
     if base.data.name != "fashion_mnist":
         lines += [f"Dataset: `{base.data.name}` stands in for Fashion-MNIST at this scale.", ""]
     path.write_text("\n".join(lines))
