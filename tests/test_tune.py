@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 import yaml
@@ -118,3 +119,13 @@ def test_interrupted_search_resumes_with_the_trials_it_finished(tmp_path):
         tune(cfg, "sgd", out_dir=tmp_path / "a", resume=True, **{**kw, "budget": 4})
     with pytest.raises(ConfigError, match="nothing to resume"):
         tune(cfg, "sgd", out_dir=tmp_path / "b", resume=True, **kw)
+
+
+def test_search_written_before_a_config_key_existed_still_resumes(tmp_path):
+    cfg = load_config(None, TINY)
+    kw = dict(budget=3, grid={"optimizer.lr": [1.0, 0.1]}, progress=False)
+    full = tune(cfg, "sgd", out_dir=tmp_path, **kw)
+    state = json.loads((tmp_path / "search.json").read_text())
+    del state["task"]["workers"]["momentum"]  # as written by an older metagg
+    (tmp_path / "search.json").write_text(json.dumps(state))
+    assert tune(cfg, "sgd", out_dir=tmp_path, resume=True, **kw) == full

@@ -192,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tune the baselines on the 8x8 Fashion-MNIST task, run the learned "
                     "optimizers and the tuned baselines on held-out seeds, and report rounds "
                     "to reach the best baseline's loss, plus generalisation to 784-128-128 "
-                    "(and conv-c10 when CIFAR-10 is on disk), other K and H. quick: ~300 rounds, 3 seeds; full: 1000 rounds, 10 seeds.")
+                    "(and conv-c10 when CIFAR-10 is on disk: then hours on a CPU), other K "
+                    "and H. quick: ~300 rounds, 3 seeds; full: 1000 rounds, 10 seeds.")
     q.add_argument("--scale", choices=["quick", "full"], default="quick",
                    help="how much to run (default quick)")
     q.add_argument("--lagg", default=None,

@@ -41,7 +41,7 @@ from metagg.checkpoint import (
     unflatten_state,
 )
 from metagg.cluster import STREAM_ATTACK, Cluster, round_generator
-from metagg.config import RunConfig, config_to_dict, save_config
+from metagg.config import ConfigError, RunConfig, config_from_dict, config_to_dict, save_config
 from metagg.data import Dataset, load_dataset, partition
 from metagg.models import build_model
 from metagg.tasks import Task, TrustedData
@@ -228,24 +228,29 @@ class Simulation:
     def _worker_momentum(self, updates: torch.Tensor, arrived: torch.Tensor) -> torch.Tensor:
         """Honest workers' momentum m_k ← β·m_k + (1 − β)·u_k; returns the rows they send.
 
-        Kept by the server on the workers' behalf (it sees every honest update, so
-        the result is the same as worker-side buffers, and it is checkpointed with
-        θ). Before the attack, so Byzantine workers forge from honest momenta, as in
-        Karimireddy et al. 2021. A missing or non-finite row leaves its buffer alone
-        (and is still dropped downstream); a buffer starts at its first update.
+        Kept by the server on the workers' behalf and checkpointed with θ: the buffer of
+        worker k advances with each update of k that arrives (as a worker-side buffer
+        would if a worker that misses a round also skips its computation). Before the
+        attack, so Byzantine workers forge from honest momenta, as in Karimireddy et al.
+        2021; a worker that does not deliver this round still shows the attacker the
+        momentum it would have sent. A missing or non-finite row leaves its buffer alone
+        (and is dropped downstream); a buffer starts at its first update.
         """
         beta, m = self.cfg.workers.momentum, self.worker_momentum
+        u = updates.to(m.dtype)
         ok = arrived
-        if not bool(torch.isfinite(updates.sum())):
-            ok = arrived & torch.isfinite(updates).all(dim=1)
+        if not bool(torch.isfinite(u.sum())):
+            ok = arrived & torch.isfinite(u).all(dim=1)
         if bool(ok.all()) and bool(self.momentum_started.all()):
-            m.lerp_(updates.to(m.dtype), 1 - beta)  # the usual round: in place
+            m.lerp_(u, 1 - beta)  # the usual round: in place
             return m.clone()
+        # lerp, as in the fast path, so a row's value does not depend on the path taken;
+        # weight 1 (a buffer's first update) gives u exactly
         weight = torch.where(self.momentum_started, 1 - beta, 1.0).to(m.dtype)
-        blended = m + weight[:, None] * (updates.to(m.dtype) - m)
-        m.copy_(torch.where(ok[:, None], blended, m))
+        sent = torch.lerp(m, u, weight[:, None])
+        m.copy_(torch.where(ok[:, None], sent, m))
         self.momentum_started |= ok
-        return torch.where(ok[:, None], m, updates.to(m.dtype))
+        return sent
 
     def evaluate(self) -> dict[str, float]:
         train = self.task.evaluate(self.params, self.eval_x, self.eval_y)
@@ -281,7 +286,11 @@ class Simulation:
     def load(self, path: str | Path) -> None:
         """Restore θ, aggregator state and counters from a checkpoint of this run."""
         tensors, meta = load_checkpoint(path)
-        saved = dict(meta.get("config", {}))
+        try:  # through the parser: keys added since the checkpoint take their defaults
+            saved = json.loads(json.dumps(config_to_dict(config_from_dict(meta["config"]))))
+        except (KeyError, TypeError, ConfigError) as exc:
+            raise CheckpointError(f"checkpoint {path}: its config does not parse ({exc})") \
+                from None
         mine = json.loads(json.dumps(config_to_dict(self.cfg)))  # as it was saved
         saved.pop("rounds", None)
         mine.pop("rounds", None)  # a resumed run may be extended
@@ -296,7 +305,8 @@ class Simulation:
         self.agg_state = unflatten_state(template, tensors)
         if self.worker_momentum is not None:
             m, started = tensors.get("worker_momentum"), tensors.get("worker_momentum_started")
-            if m is None or started is None or m.shape != self.worker_momentum.shape:
+            if (m is None or started is None or m.shape != self.worker_momentum.shape
+                    or started.shape != self.momentum_started.shape):
                 raise CheckpointError(f"checkpoint {path}: worker momentum missing or of the "
                                       "wrong size")
             self.worker_momentum = m.clone()

@@ -275,7 +275,12 @@ def _start_trials_file(out_dir: str | Path | None, search: dict[str, Any],
         return {}
     if not state.exists():
         raise ConfigError(f"nothing to resume in {out}: no search.json")
-    if json.loads(state.read_text()) != mine:
+    saved = json.loads(state.read_text())
+    try:  # through the parser: config keys added since it was written take their defaults
+        saved["task"] = json.loads(json.dumps(config_to_dict(config_from_dict(saved["task"]))))
+    except (KeyError, TypeError, ConfigError):
+        pass  # then it differs below
+    if saved != mine:
         raise ConfigError(f"{out} holds a different search (baseline, budget, seeds, metric, "
                           f"grid or task changed); use another --out or drop --resume")
     done, good = {}, []

@@ -142,7 +142,7 @@ class FLTrustRule:
         beta = ctx.worker_momentum
         if beta > 0:
             previous = state.reference.to(g0)
-            g0 = previous + (1 - beta) * (g0 - previous) if bool(state.started) else g0
+            g0 = torch.lerp(previous, g0, 1 - beta) if bool(state.started) else g0
             state = FLTrustState(g0, torch.tensor(True))
         g0_norm = g0.norm()
         norms = updates.norm(dim=1)

@@ -286,9 +286,11 @@ def _generalization(sc: Scale, base: RunConfig, lagg: str, lopt: str,
         settings.append((label, big, ("LAgg-A", "LOpt-A"), True))
     if sc.cifar_rounds:
         try:
-            load_dataset("cifar10", data_dir=base.data.data_dir)
+            load_dataset("cifar10", data_dir=base.data.data_dir)  # cached for the runs
         except FileNotFoundError as exc:
             say(f"[joseph2025] conv-c10 skipped: {str(exc).split(';')[0]}")
+        except (OSError, ValueError) as exc:  # on disk but unreadable: say so, go on
+            say(f"[joseph2025] conv-c10 skipped: CIFAR-10 could not be read ({exc})")
         else:
             c10 = {"model": "cnn:c10", "data": {"name": "cifar10", "image_size": None},
                    "rounds": sc.cifar_rounds}

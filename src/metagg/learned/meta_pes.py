@@ -335,19 +335,26 @@ class FunctionalAda:
 
 def _compiled(fn: Callable) -> Callable:
     """`torch.compile(fn)`, falling back to `fn` (with a warning) if compiling fails, e.g.
-    without a C++ compiler."""
-    compiled = torch.compile(fn, dynamic=False)
-    use = [compiled]
+    without a C++ compiler or on a Python torch.compile does not support."""
+
+    def fall_back(exc: Exception) -> None:
+        log.warning("torch.compile failed (%s: %s); continuing without it",
+                    type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        use[0] = fn
+
+    use: list[Callable] = [fn]
+    try:
+        use[0] = torch.compile(fn, dynamic=False)
+    except Exception as exc:  # torch's compile errors have no common base class
+        fall_back(exc)
 
     def call(*args: Any) -> Any:
         if use[0] is fn:
             return fn(*args)
         try:
             return use[0](*args)
-        except Exception as exc:  # torch's compile errors have no common base class
-            log.warning("torch.compile failed (%s: %s); continuing without it",
-                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-            use[0] = fn
+        except Exception as exc:  # a genuine error in fn is raised again by fn below
+            fall_back(exc)
             return fn(*args)
 
     return call
@@ -849,6 +856,7 @@ class _Run:
     best_validation: dict[str, Any]
     baselines: dict[str, Any]
     wall_s: float
+    compile: bool = False  # whether the steps so far ran under torch.compile
 
 
 def _adamw(cfg: MetaTrainPESConfig, run: _Run, grad: torch.Tensor, lr: float) -> None:
@@ -870,7 +878,7 @@ def _save_run(out: Path, cfg: MetaTrainPESConfig, run: _Run) -> None:
             "adam_t": run.adam_t, "runs_started": run.runs_started,
             "best_score": run.best_score if math.isfinite(run.best_score) else None,
             "best_step": run.best_step, "best_validation": run.best_validation,
-            "baselines": run.baselines, "wall_s": run.wall_s}
+            "baselines": run.baselines, "wall_s": run.wall_s, "compile": run.compile}
     save_checkpoint(out / CHECKPOINT, tensors, meta)
 
 
@@ -898,7 +906,8 @@ def _load_run(out: Path, cfg: MetaTrainPESConfig, template: _Run) -> _Run:
                 best_score=math.inf if best is None else float(best),
                 best_step=int(meta["best_step"]), best_phi=tensors["best_phi"],
                 best_validation=dict(meta.get("best_validation") or {}),
-                baselines=dict(meta.get("baselines") or {}), wall_s=float(meta.get("wall_s", 0)))
+                baselines=dict(meta.get("baselines") or {}), wall_s=float(meta.get("wall_s", 0)),
+                compile=bool(meta.get("compile", False)))
 
 
 def _read_history(path: Path, upto: int) -> list[dict[str, Any]]:
@@ -951,12 +960,17 @@ def meta_train_pes(
     run = _Run(step=0, phi=phi0, adam_m=torch.zeros(n), adam_v=torch.zeros(n), adam_t=0,
                accum=torch.zeros(cfg.pairs, n), inner=inner0, runs_started=cfg.pairs,
                best_score=math.inf, best_step=0, best_phi=phi0.clone(), best_validation={},
-               baselines={}, wall_s=0.0)
+               baselines={}, wall_s=0.0, compile=compile)
     history: list[dict[str, Any]] = []
     if resume and (out / f"{CHECKPOINT}.json").exists():
         run = _load_run(out, cfg, run)
         history = _read_history(out / HISTORY, run.step)
         log.info("resuming PES meta-training at outer step %d", run.step)
+        if run.compile != compile:
+            log.warning("the run so far used compile=%s, this resume compile=%s: it will "
+                        "differ from an uninterrupted run by float rounding", run.compile,
+                        compile)
+            run.compile = compile
     target = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
     wall0 = time.perf_counter() - run.wall_s
 
