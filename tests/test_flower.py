@@ -40,6 +40,7 @@ from sklearn.datasets import load_digits
 
 from metagg.aggregators.base import Aggregator, RoundContext
 from metagg.aggregators.optimizers import momentum
+from metagg.checkpoint import CheckpointError
 from metagg.integrations.flower import AggregatorStrategy
 from metagg.layout import ParamLayout
 from metagg.tasks import Task, TrustedData
@@ -181,6 +182,33 @@ def test_server_momentum_state_persists_across_rounds():
         expected = [e - velocity * ci for e, ci in zip(expected, c, strict=True)]
         assert_arrays_close(unpack(params), expected, atol=1e-5)
     assert torch.allclose(s.state.optimizer.velocity, torch.full((8,), 0.875))
+
+
+def test_saved_and_loaded_strategy_continues_like_an_uninterrupted_one(tmp_path):
+    c = [np.full(sh, 0.5, np.float32) for sh in SHAPES]
+
+    def one_round(s, rnd):
+        current = s.current_arrays()
+        models = [[a - (k + 1) * ci for a, ci in zip(current, c, strict=True)]
+                  for k in range(3)]
+        params, _ = s.aggregate_fit(rnd, fit_results(models, cids=["b", "a", "c"]), [])
+        return unpack(params)
+
+    straight = strategy("mean", optimizer=momentum(1.0, beta=0.5))
+    stopped = strategy("mean", optimizer=momentum(1.0, beta=0.5))
+    for rnd in (1, 2):
+        one_round(straight, rnd)
+        one_round(stopped, rnd)
+    stopped.save(tmp_path / "strategy")
+    resumed = strategy("mean", theta=arrays(5), optimizer=momentum(1.0, beta=0.5))
+    resumed.load(tmp_path / "strategy")
+    assert resumed.worker_ids == straight.worker_ids
+    assert_arrays_close(resumed.current_arrays(), straight.current_arrays(), atol=0)
+    assert_arrays_close(one_round(resumed, 3), one_round(straight, 3), atol=0)
+    with pytest.raises(CheckpointError, match="aggregator 'mean'"):
+        strategy("median").load(tmp_path / "strategy")
+    with pytest.raises(ValueError, match="nothing to save"):
+        AggregatorStrategy("mean").save(tmp_path / "empty")
 
 
 def test_too_few_updates_keeps_theta_and_logs(caplog):

@@ -38,6 +38,11 @@ number of clients sampled in the first round; set it to the federation size when
 clients are sampled (`fraction_fit < 1`) or when a learned aggregator was trained
 for a fixed M.
 
+Checkpoints: `strategy.save(path)` writes θ, the aggregator's state, the client → slot
+map and the counters (safetensors + JSON, atomically); `strategy.load(path)` on a
+strategy built with the same aggregator restores them, so a restarted Flower server
+continues where it stopped (e.g. save from `evaluate_fn`, or after `run_simulation`).
+
 Each round's fit metrics (in Flower's history) hold `num_updates`, `dropped_malformed`,
 `dropped_nonfinite`, `failures` and `skipped` (1 when θ was kept), next to whatever
 `fit_metrics_aggregation_fn` returns for the clients whose updates were used.
@@ -47,6 +52,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -74,6 +80,13 @@ except ImportError as exc:  # pragma: no cover - exercised by monkeypatching sys
 from metagg.aggregators.base import Aggregator, RoundContext, TooFewUpdates
 from metagg.aggregators.optimizers import ServerOptimizer
 from metagg.aggregators.registry import build_aggregator, build_optimizer
+from metagg.checkpoint import (
+    CheckpointError,
+    flatten_state,
+    load_checkpoint,
+    save_checkpoint,
+    unflatten_state,
+)
 from metagg.config import OptimizerConfig
 from metagg.layout import ParamLayout
 from metagg.tasks import TrustedData
@@ -81,6 +94,7 @@ from metagg.tasks import TrustedData
 __all__ = ["AggregatorStrategy"]
 
 log = logging.getLogger("metagg")
+FORMAT = "metagg.flower_strategy"
 
 
 class AggregatorStrategy(FedAvg):
@@ -311,6 +325,51 @@ class AggregatorStrategy(FedAvg):
             client_metrics = [(results[k][1].num_examples, results[k][1].metrics) for k in kept]
             metrics = {**self.fit_metrics_aggregation_fn(client_metrics), **metrics}
         return self.current_parameters(), metrics
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path: str | Path) -> None:
+        """Write θ, the aggregator's state, the client → slot map and the counters to
+        `path`.safetensors + `path`.json (atomically; see `metagg.checkpoint`)."""
+        if self.params is None or self.layout is None:
+            raise ValueError("nothing to save yet: no global parameters")
+        tensors = {"params": self.params}
+        if self.state is not None:
+            tensors.update(flatten_state(self.state))
+        meta = {"format": FORMAT, "aggregator": self.aggregator.name,
+                "shapes": [list(s) for s in self._shapes()],
+                "dtypes": [np.dtype(d).str for d in self.dtypes],
+                "num_workers": self.num_workers, "worker_ids": self.worker_ids,
+                "has_state": self.state is not None, "dropped_updates": self.dropped_updates,
+                "skipped_rounds": self.skipped_rounds}
+        save_checkpoint(path, tensors, meta)
+
+    def load(self, path: str | Path) -> None:
+        """Restore what `save` wrote. The strategy must use the same aggregator (and
+        trusted task, if any); θ from the checkpoint replaces `initial_parameters`."""
+        tensors, meta = load_checkpoint(path)
+        if meta.get("format") != FORMAT:
+            raise CheckpointError(f"{path} is not a Flower strategy checkpoint")
+        if meta["aggregator"] != self.aggregator.name:
+            raise CheckpointError(f"{path} was written by aggregator {meta['aggregator']!r}, "
+                                  f"this strategy runs {self.aggregator.name!r}")
+        shapes = [tuple(s) for s in meta["shapes"]]
+        layout = self._make_layout(shapes) if self.layout is None else self.layout
+        if [sl.shape for sl in layout] != shapes:
+            raise CheckpointError(f"{path} holds a model of shapes {shapes}, this strategy's "
+                                  f"is {[sl.shape for sl in layout]}")
+        params = tensors.get("params")
+        if params is None or params.shape != (layout.size,):
+            raise CheckpointError(f"{path}: params missing or of the wrong size")
+        state = None
+        if meta["has_state"]:
+            template = self.aggregator.init(layout, int(meta["num_workers"]))
+            state = unflatten_state(template, tensors)
+        self.layout, self.dtypes = layout, [np.dtype(d) for d in meta["dtypes"]]
+        self.params, self.state = params, state
+        self.num_workers = meta["num_workers"]
+        self.worker_ids = {str(k): int(v) for k, v in meta["worker_ids"].items()}
+        self.dropped_updates = int(meta["dropped_updates"])
+        self.skipped_rounds = int(meta["skipped_rounds"])
 
     # ------------------------------------------------------------------ helpers
     def _client_row(self, res: FitRes) -> np.ndarray | str:
