@@ -136,6 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("list", help="list aggregators, attacks, datasets, partitions, models")
 
+    p = sub.add_parser(
+        "data", help="where the datasets are; download or check one",
+        description="list: where each dataset would be loaded from, or how to get it; "
+                    "download NAME: fetch Fashion-MNIST, MNIST or CIFAR-10 with checksums "
+                    "(needs network); check NAME: load it and print its sizes.")
+    p.add_argument("action", choices=["list", "download", "check"], nargs="?", default="list")
+    p.add_argument("name", nargs="?", help="dataset (download/check): fashion_mnist, mnist, "
+                                           "cifar10 or digits")
+    p.add_argument("--data-dir", default=None,
+                   help="folder to search first and to download into (default: "
+                        "$METAGG_DATA_DIR/NAME, else ~/.cache/metagg/NAME)")
+
     from metagg.runtime.launch import add_launch_arguments
 
     p = sub.add_parser(
@@ -416,9 +428,36 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from metagg.data import load_dataset, sources
+
+    files = ("fashion_mnist", "mnist", "cifar10")
+    if args.action == "list":
+        print(f"{'digits':<14} built in (scikit-learn's 8x8 digits)")
+        for name in files:
+            found, dirs = sources.locate(name, args.data_dir)
+            if found is not None:
+                print(f"{name:<14} {found}")
+            else:
+                print(f"{name:<14} missing (searched {', '.join(map(str, dirs))}); "
+                      f"`metagg data download {name}` with network, or put the files in one "
+                      "of those folders")
+        print(f"{'npz':<14} your own arrays: data.name=npz, data.path=FILE.npz")
+        return 0
+    if args.name is None:
+        raise ConfigError(f"metagg data {args.action}: name a dataset ({', '.join(files)})")
+    name = args.name.lower().replace("-", "_")
+    ds = load_dataset(name, data_dir=args.data_dir, download=args.action == "download")
+    where = sources.locate(name, args.data_dir)[0] if name in files else "built in"
+    print(f"{ds.name}: {len(ds.y_train)} train + {len(ds.y_test)} test examples of shape "
+          f"{tuple(ds.input_shape)}, {ds.num_classes} classes ({where})")
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "compare": cmd_compare, "demo": cmd_demo,
             "meta-train": cmd_meta_train, "tune": cmd_tune,
-            "launch": cmd_launch, "reproduce": cmd_reproduce, "zoo": cmd_zoo, "list": cmd_list}
+            "launch": cmd_launch, "reproduce": cmd_reproduce, "zoo": cmd_zoo, "list": cmd_list,
+            "data": cmd_data}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

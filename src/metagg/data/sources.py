@@ -24,7 +24,14 @@ from metagg.data import cifar
 from metagg.data.download import download_file
 from metagg.data.idx import read_idx
 
-__all__ = ["IDX_FILES", "IDX_SOURCES", "load_cifar10", "load_digits", "load_idx_dataset"]
+__all__ = [
+    "IDX_FILES",
+    "IDX_SOURCES",
+    "load_cifar10",
+    "load_digits",
+    "load_idx_dataset",
+    "locate",
+]
 
 ENV_VAR = "METAGG_DATA_DIR"
 CACHE_ROOT = Path("~/.cache/metagg")
@@ -219,6 +226,19 @@ def load_idx_dataset(
         arrays["x_test"],
         arrays["y_test"].astype(np.int64),
     )
+
+
+def locate(name: str, data_dir: str | Path | None = None) -> tuple[Path | None, list[Path]]:
+    """Where dataset ``name`` (``mnist``, ``fashion_mnist``, ``cifar10``) would be loaded
+    from, without reading it: ``(folder or archive, or None; the places searched)``."""
+    if name == "cifar10":
+        dirs = search_dirs(name, data_dir)
+        found = next((f for f in map(cifar.find_cifar10, dirs) if f is not None), None)
+        return found, dirs
+    source = IDX_SOURCES[name]
+    dirs = search_dirs(name, data_dir, source.system_dirs)
+    files = next((f for f in map(_idx_files_in, dirs) if f is not None), None)
+    return (None if files is None else files["x_train"].parent), dirs
 
 
 @functools.lru_cache(maxsize=1)
