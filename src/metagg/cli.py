@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-aggregator options as a YAML mapping, e.g. "
                         "'{centered_clip: {tau: 0.3, iters: 3}}'")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted table in --out: finished runs are kept, a "
+                        "started one continues from its checkpoint")
     p.add_argument("--out", type=Path, required=True, help="output directory")
 
     p = sub.add_parser("demo", help="quick demo: mean vs coordinate median on digits",
@@ -280,7 +283,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if unknown:
             raise ConfigError(f"--aggregator-options: {unknown} not in --aggregators")
     compare(cfg, names, seeds=args.seeds, out_dir=args.out, attacks=attacks,
-            aggregator_options=agg_options, on_run=report)
+            aggregator_options=agg_options, on_run=report, resume=args.resume)
     _print_results(args.out)
     return 0
 

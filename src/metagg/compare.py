@@ -117,6 +117,7 @@ def compare(
     aggregator_options: dict[str, dict[str, Any]] | None = None,
     dataset: Dataset | None = None,
     on_run: Callable[[str, str, int, dict[str, Any] | None], None] | None = None,
+    resume: bool = False,
 ) -> list[dict[str, Any]]:
     """Run every aggregator × attack setting on `seeds` seeds (cfg.seed, cfg.seed + 1, ...).
 
@@ -124,7 +125,9 @@ def compare(
     attack breaks (e.g. Krum at 7/10) is run with `allow_unsafe` and marked †; one
     that cannot run at all is reported as n/a. `aggregator_options` maps an
     aggregator name to extra options for it (e.g. {"centered_clip": {"tau": 0.3}}).
-    Returns every run's summary.
+    With `resume`, each run with a checkpoint in `out_dir` continues from it (a finished
+    one is not run again; a different config is an error), so a killed table picks up
+    where it stopped with the same numbers. Returns every run's summary.
     """
     aggregator_options = aggregator_options or {}
     out = Path(out_dir)
@@ -153,7 +156,8 @@ def compare(
                         on_run(agg, label, seed, None)
                     continue
                 run_dir = out / _safe(label) / _safe(agg) / f"seed{seed}"
-                summary = sim.run(run_dir, progress=False)
+                started = resume and (run_dir / "checkpoint.json").exists()
+                summary = sim.run(run_dir, progress=False, resume=started)
                 curves.setdefault(label, {}).setdefault(agg, []).append(
                     read_metrics(run_dir / "metrics.jsonl"))
                 results.append({**summary, **base, "unsafe": unsafe})
