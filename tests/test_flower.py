@@ -204,9 +204,16 @@ def test_saved_and_loaded_strategy_continues_like_an_uninterrupted_one(tmp_path)
     resumed.load(tmp_path / "strategy")
     assert resumed.worker_ids == straight.worker_ids
     assert_arrays_close(resumed.current_arrays(), straight.current_arrays(), atol=0)
-    assert_arrays_close(one_round(resumed, 3), one_round(straight, 3), atol=0)
+    # a restarted Flower server counts rounds from 1 again; the strategy's rounds go on
+    assert_arrays_close(one_round(resumed, 1), one_round(straight, 3), atol=0)
+    assert resumed.rounds_done == straight.rounds_done == 3
     with pytest.raises(CheckpointError, match="aggregator 'mean'"):
         strategy("median").load(tmp_path / "strategy")
+    with pytest.raises(CheckpointError, match="does not fit"):  # momentum state, plain SGD
+        strategy("mean").load(tmp_path / "strategy")
+    with pytest.raises(CheckpointError, match="num_workers=3"):
+        strategy("mean", optimizer=momentum(1.0, beta=0.5), num_workers=5).load(
+            tmp_path / "strategy")
     with pytest.raises(ValueError, match="nothing to save"):
         AggregatorStrategy("mean").save(tmp_path / "empty")
 
@@ -505,3 +512,16 @@ def test_result_order_does_not_change_slots_or_the_step():
     assert forward.worker_ids == backward.worker_ids
     for x, y in zip(unpack(a), unpack(b), strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+def test_a_loaded_strategy_numbers_rounds_on_from_where_it_stopped(tmp_path):
+    first, second = Spy(), Spy()
+    s = AggregatorStrategy(first, initial_parameters=ndarrays_to_parameters(arrays(0)))
+    for rnd in (1, 2):
+        s.aggregate_fit(rnd, fit_results([arrays(1), arrays(2)]), [])
+    s.save(tmp_path / "s")
+    restarted = AggregatorStrategy(second, initial_parameters=ndarrays_to_parameters(arrays(0)))
+    restarted.load(tmp_path / "s")
+    restarted.aggregate_fit(1, fit_results([arrays(1), arrays(2)]), [])  # Flower counts anew
+    assert [c.round for c in first.contexts] == [0, 1]
+    assert [c.round for c in second.contexts] == [2]

@@ -82,6 +82,12 @@ def test_checkpoint_from_before_a_config_key_existed_resumes(digits, tmp_path):
         strip_wall(read_metrics(tmp_path / "full/metrics.jsonl"))
 
 
+def test_resume_cannot_shorten_a_run(digits, tmp_path):
+    Simulation(cfg(), dataset=digits).run(tmp_path / "r")  # 30 rounds
+    with pytest.raises(CheckpointError, match="at round 30, beyond rounds=20"):
+        Simulation(cfg(rounds=20), dataset=digits).run(tmp_path / "r", resume=True)
+
+
 def test_torn_metrics_line_ignored(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text('{"round": 0}\n{"round": 1}\n{"rou')

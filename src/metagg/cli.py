@@ -148,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="dataset (download/check): fashion_mnist, mnist, "
                                            "cifar10 or digits")
     p.add_argument("--data-dir", default=None,
-                   help="folder to search first and to download into (default: "
-                        "$METAGG_DATA_DIR/NAME, else ~/.cache/metagg/NAME)")
+                   help="folder to search first (DIR and DIR/NAME); downloads go to "
+                        "DIR/NAME (default: $METAGG_DATA_DIR/NAME, else ~/.cache/metagg/NAME)")
 
     from metagg.runtime.launch import add_launch_arguments
 
@@ -449,9 +449,15 @@ def cmd_data(args: argparse.Namespace) -> int:
         return 0
     if args.name is None:
         raise ConfigError(f"metagg data {args.action}: name a dataset ({', '.join(files)})")
-    name = args.name.lower().replace("-", "_")
-    ds = load_dataset(name, data_dir=args.data_dir, download=args.action == "download")
-    where = sources.locate(name, args.data_dir)[0] if name in files else "built in"
+    from metagg.data.datasets import normalize_name
+
+    name = normalize_name(args.name)
+    data_dir = args.data_dir
+    if args.action == "download" and data_dir is not None:
+        # into DIR/NAME: MNIST and Fashion-MNIST files have the same names
+        data_dir = str(Path(data_dir) / name)
+    ds = load_dataset(name, data_dir=data_dir, download=args.action == "download")
+    where = sources.locate(name, data_dir)[0] if name in files else "built in"
     print(f"{ds.name}: {len(ds.y_train)} train + {len(ds.y_test)} test examples of shape "
           f"{tuple(ds.input_shape)}, {ds.num_classes} classes ({where})")
     return 0

@@ -301,6 +301,10 @@ class Simulation:
         params = tensors.get("params")
         if params is None or params.shape != self.params.shape:
             raise CheckpointError(f"checkpoint {path}: params missing or of the wrong size")
+        if int(meta["round"]) > self.cfg.rounds:
+            raise CheckpointError(f"checkpoint {path} is at round {meta['round']}, beyond "
+                                  f"rounds={self.cfg.rounds}: a resumed run can be extended, "
+                                  "not shortened")
         template = self.aggregator.init(self.task.layout, self.cfg.workers.num_workers)
         self.agg_state = unflatten_state(template, tensors)
         if self.worker_momentum is not None:

@@ -29,3 +29,10 @@ def test_check_loads_and_reports_sizes_or_a_one_line_error(tmp_path, make_idx_da
     assert "Fashion-MNIST not found" in capsys.readouterr().err
     assert main(["data", "check"]) == 2
     assert "name a dataset" in capsys.readouterr().err
+
+
+def test_aliases_are_resolved_and_located(tmp_path, make_idx_dataset, no_system_dirs, capsys):
+    make_idx_dataset(tmp_path / "fashion_mnist", n_train=20, n_test=10)
+    assert main(["data", "check", "fmnist", "--data-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("fashion_mnist: 20 train") and str(tmp_path / "fashion_mnist") in out

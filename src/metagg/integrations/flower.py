@@ -170,6 +170,10 @@ class AggregatorStrategy(FedAvg):
         self.dropped_updates = 0
         self.skipped_rounds = 0
         self._sampled: int | None = None  # clients sampled by the last configure_fit
+        # ctx.round = round_offset + server_round - 1: a restarted Flower server counts
+        # from 1 again, `load` sets the offset so per-round seeds do not repeat
+        self.round_offset = 0
+        self.rounds_done = 0
         if self.initial_parameters is not None:
             self._set_params(parameters_to_ndarrays(self.initial_parameters))
             self.initial_parameters = None  # θ lives in self.params from now on
@@ -246,6 +250,7 @@ class AggregatorStrategy(FedAvg):
             "num_updates": 0, "dropped_malformed": 0, "dropped_nonfinite": 0,
             "failures": len(failures), "skipped": 1,
         }
+        self.rounds_done = self.round_offset + server_round
         if failures:
             log.warning("round %d: %d client(s) failed", server_round, len(failures))
         if not results or (failures and not self.accept_failures):
@@ -296,7 +301,7 @@ class AggregatorStrategy(FedAvg):
             m = self._num_workers(len(results) + len(failures))
             self.state = self.aggregator.init(layout, m)
         ctx = RoundContext(
-            round=server_round - 1, params=theta, layout=layout,
+            round=self.round_offset + server_round - 1, params=theta, layout=layout,
             num_workers=self._num_workers(), trusted=self.trusted,
             worker_ids=torch.tensor([ids[k] for k in kept], dtype=torch.int64),
             mode="local_sgd", local_lr=self.local_lr, local_steps=self.local_steps,
@@ -340,7 +345,7 @@ class AggregatorStrategy(FedAvg):
                 "dtypes": [np.dtype(d).str for d in self.dtypes],
                 "num_workers": self.num_workers, "worker_ids": self.worker_ids,
                 "has_state": self.state is not None, "dropped_updates": self.dropped_updates,
-                "skipped_rounds": self.skipped_rounds}
+                "skipped_rounds": self.skipped_rounds, "rounds_done": self.rounds_done}
         save_checkpoint(path, tensors, meta)
 
     def load(self, path: str | Path) -> None:
@@ -360,13 +365,25 @@ class AggregatorStrategy(FedAvg):
         params = tensors.get("params")
         if params is None or params.shape != (layout.size,):
             raise CheckpointError(f"{path}: params missing or of the wrong size")
+        num_workers = meta["num_workers"]
+        if num_workers is None:
+            num_workers = self.num_workers
+        elif self.num_workers is not None and self.num_workers != num_workers:
+            raise CheckpointError(f"{path} was written with num_workers={num_workers}, this "
+                                  f"strategy has num_workers={self.num_workers}")
         state = None
+        saved_state = {k for k in tensors if k == "state" or k.startswith("state.")}
         if meta["has_state"]:
-            template = self.aggregator.init(layout, int(meta["num_workers"]))
+            template = self.aggregator.init(layout, int(num_workers))
+            if set(flatten_state(template)) != saved_state:
+                raise CheckpointError(f"{path}: the saved aggregator state does not fit "
+                                      f"{self.aggregator.name} as configured here (another "
+                                      "server optimizer or options?)")
             state = unflatten_state(template, tensors)
         self.layout, self.dtypes = layout, [np.dtype(d) for d in meta["dtypes"]]
         self.params, self.state = params, state
-        self.num_workers = meta["num_workers"]
+        self.num_workers = num_workers
+        self.rounds_done = self.round_offset = int(meta.get("rounds_done", 0))
         self.worker_ids = {str(k): int(v) for k, v in meta["worker_ids"].items()}
         self.dropped_updates = int(meta["dropped_updates"])
         self.skipped_rounds = int(meta["skipped_rounds"])
