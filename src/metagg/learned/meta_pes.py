@@ -722,8 +722,9 @@ class PESTrainer:
         self._agg_step = vmap(self.fa.step)
         if compile:
             # Fuses the elementwise work around the matmuls (ReLU masks, softmax, the
-            # features): measured 1.5-2× faster per round on one CPU thread, results equal
-            # to ~1e-7; ~30 s of compilation once per process.
+            # features): the compiled parts ran 1.5-2.5× faster, a whole outer step 1.25×
+            # (1 thread) to 1.3× (2 threads) on a quiet machine (benchmarks/pes.py); results
+            # equal to ~1e-7; ~30 s of compilation once per process.
             self.env._grad = _compiled(self.env._grad)
             self._agg_step = _compiled(self._agg_step)
         self.validation_seeds = [_derive(cfg.seed, _VALID, j)
@@ -1095,7 +1096,7 @@ def add_meta_train_pes_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch threads (default 1: robust on a shared machine)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="torch.compile the inner training and the learned step (default "
-                             "on: ~1.5× faster outer steps after ~30 s; --no-compile for eager)")
+                             "on: ~1.3× faster outer steps after ~30 s; --no-compile for eager)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the checkpoint in --out (same result as an "
                              "uninterrupted run with the same --compile and --threads)")
