@@ -63,7 +63,7 @@ def test_tiny_reproduction_writes_report_tables_and_figures(tmp_path):
     assert "2–6× fewer" in report and "K=4 workers" in report and "digits" in report
     assert "MLP 128-128 on digits" in report and "tuned again" in report
     assert any("tuning fedavg" in line for line in lines)
-    assert "conv-c10 was not run: CIFAR-10 is not on disk" in report
+    assert "conv-c10 was not run: CIFAR-10 was not found on disk" in report
 
 
 def test_conv_c10_generalization_when_cifar_is_on_disk(tmp_path, monkeypatch):

@@ -438,8 +438,9 @@ def _write_report(path: Path, s: Mapping[str, Any], tuning_rows, speed_rows, sc:
         ]
     if sc.cifar_rounds and not any(r["setting"].startswith("conv-c10")
                                    for r in s["generalization"]):
-        lines += ["conv-c10 was not run: CIFAR-10 is not on disk (put `cifar-10-batches-py/` "
-                  "or the archive in `$METAGG_DATA_DIR/cifar10/` and run again).", ""]
+        lines += ["conv-c10 was not run: CIFAR-10 was not found on disk or could not be read "
+                  "(put `cifar-10-batches-py/` or the archive in `$METAGG_DATA_DIR/cifar10/`, "
+                  "check it with `metagg data check cifar10`, and run again).", ""]
     if base.data.name != "fashion_mnist":
         lines += [f"Dataset: `{base.data.name}` stands in for Fashion-MNIST at this scale.", ""]
     path.write_text("\n".join(lines))
