@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import math
 
 import numpy as np
@@ -100,3 +101,39 @@ def test_a_diverged_baseline_never_sets_the_target():
         == "adam"
     with pytest.raises(RuntimeError, match="diverged"):
         _best_baseline({"fedavg": nan, "sgd": float("inf")}, ["fedavg", "sgd"])
+
+
+def test_resume_without_generalization_trains_nothing_again(tmp_path, monkeypatch):
+    from metagg.experiments import joseph2025 as j
+
+    first = reproduce_joseph2025(tmp_path, scale="tiny", lagg="lagg:init", lopt="lopt:init",
+                                 generalization=False, log=lambda _: None)
+    assert first["generalization"] == [] and not (tmp_path / "tuning-big").exists()
+    assert "not run (`--no-generalization`)" in (tmp_path / "report.md").read_text()
+    assert len(list((tmp_path / "runs").glob("*.json"))) == 2 + len(BASELINES)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(j, "_curve", no_training)
+    monkeypatch.setattr("metagg.simulation.Simulation.step", no_training)  # tuning trials too
+    again = reproduce_joseph2025(tmp_path, scale="tiny", lagg="lagg:init", lopt="lopt:init",
+                                 generalization=False, resume=True, log=lambda _: None)
+    for key in ("target", "best_baseline", "final_train_loss", "speedup"):
+        assert again[key] == first[key], key
+    # another config (here: other seeds) is not taken from the cache
+    cache = tmp_path / "runs" / "fedavg.json"
+    saved = json.loads(cache.read_text())
+    saved["key"]["seeds"] = [5, 6]
+    cache.write_text(json.dumps(saved))
+    with pytest.raises(AssertionError, match="trained again"):
+        reproduce_joseph2025(tmp_path, scale="tiny", lagg="lagg:init", lopt="lopt:init",
+                             generalization=False, resume=True, log=lambda _: None)
+
+
+def test_weights_id_names_the_saved_weights():
+    from metagg.experiments.joseph2025 import LAGG_PRETRAINED, _weights_id
+
+    assert _weights_id("mean") is None and _weights_id("lagg:no/such/dir") is None
+    digest = _weights_id(LAGG_PRETRAINED)
+    assert isinstance(digest, str) and len(digest) == 64

@@ -215,6 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LAgg-A to evaluate, e.g. lagg:runs/lagg (default: the shipped one)")
     q.add_argument("--lopt", default=None,
                    help="LOpt-A to evaluate, e.g. lopt:runs/lopt (default: the shipped one)")
+    q.add_argument("--no-generalization", dest="generalization", action="store_false",
+                   help="only the meta-training task (skip 784-128-128, conv-c10, other K/H)")
+    q.add_argument("--resume", action="store_true",
+                   help="keep the tuning trials and evaluation runs an interrupted run in "
+                        "--out finished")
     q.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     q.add_argument("--out", type=Path, required=True, help="output directory")
 
@@ -375,7 +380,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(max(1, args.threads))
     j.reproduce_joseph2025(args.out, scale=args.scale, lagg=args.lagg or j.LAGG_PRETRAINED,
-                           lopt=args.lopt or j.LOPT_PRETRAINED)
+                           lopt=args.lopt or j.LOPT_PRETRAINED,
+                           generalization=args.generalization, resume=args.resume)
     print((args.out / "report.md").read_text())
     return 0
 

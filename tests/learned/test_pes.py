@@ -401,3 +401,57 @@ def test_cli_pair(tmp_path, capsys):
     assert build_aggregator(f"lopt:{tmp_path}").config.kind == "lopt"
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         cmd_meta_train_pes(parser.parse_args(["lopt", *common, "--set", "nope=1"]))
+
+
+def test_max_grad_norm_clips_the_estimate_before_adamw(tmp_path, digits, monkeypatch):
+    """With a tiny max_grad_norm every step is clipped, and AdamW sees the clipped vector."""
+    seen = []
+    real = mp._adamw
+    monkeypatch.setattr(mp, "_adamw", lambda cfg, run, grad, lr: (seen.append(grad.clone()),
+                                                                 real(cfg, run, grad, lr)))
+    meta_train_pes(tiny_config(steps=3, max_grad_norm=1e-3), tmp_path, progress=False,
+                   data=digits)
+    rows = [r for r in _rows(tmp_path) if "grad_norm" in r]
+    assert len(seen) == len(rows) == 3
+    for row, grad in zip(rows, seen, strict=True):
+        assert row["clipped"] and row["grad_norm"] > 1e-3
+        assert float(grad.norm()) == pytest.approx(1e-3, rel=1e-4)
+    seen.clear()  # off (the default): the raw estimate, never marked clipped
+    meta_train_pes(tiny_config(steps=3), tmp_path / "off", progress=False, data=digits)
+    rows = [r for r in _rows(tmp_path / "off") if "grad_norm" in r]
+    assert not any(r["clipped"] for r in rows)
+    assert [float(g.norm()) for g in seen] == pytest.approx([r["grad_norm"] for r in rows])
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        tiny_config(max_grad_norm=-1.0)
+
+
+def test_init_from_starts_at_saved_weights(tmp_path, digits):
+    first = tiny_config(steps=2, validate_every=2)
+    meta_train_pes(first, tmp_path / "a", progress=False, data=digits)
+    saved = build_aggregator(f"lagg:{tmp_path / 'a'}")
+    cfg = tiny_config(steps=1, init_from=str(tmp_path / "a"), seed=3)
+    trainer = PESTrainer(cfg, digits)
+    assert torch.equal(mp._initial_phi(trainer.fa, cfg), trainer.fa.flatten(saved.net))
+    meta_train_pes(cfg, tmp_path / "b", progress=False, data=digits, stop_at=0)
+    start = build_aggregator(f"lagg:{tmp_path / 'b'}")  # step 0's validation keeps φ₀
+    for k, v in saved.net.state_dict().items():
+        assert torch.equal(start.net.state_dict()[k], v), k
+    with pytest.raises(ValueError, match="trains"):  # another architecture
+        meta_train_pes(tiny_config(init_from=str(tmp_path / "a"), hidden=4), tmp_path / "c",
+                       progress=False, data=digits)
+    with pytest.raises(mp.CheckpointError):
+        meta_train_pes(tiny_config(init_from=str(tmp_path / "nothing")), tmp_path / "d",
+                       progress=False, data=digits)
+
+
+def test_resume_of_a_checkpoint_written_before_a_config_key_existed(tmp_path, digits):
+    cfg = tiny_config(steps=2, validate_every=2)
+    meta_train_pes(cfg, tmp_path, progress=False, data=digits)
+    path = tmp_path / "pes_state.json"
+    meta = json.loads(path.read_text())
+    for key in ("max_grad_norm", "init_from"):  # as an older metagg wrote it
+        del meta["config"][key]
+    path.write_text(json.dumps(meta))
+    done = meta_train_pes(tiny_config(steps=3, validate_every=2), tmp_path, progress=False,
+                          resume=True, data=digits)
+    assert done["steps_done"] == 3

@@ -157,6 +157,47 @@ def _curve(cfg: RunConfig, dataset: Dataset, evals: int) -> list[dict[str, Any]]
     return rows
 
 
+def _weights_id(name: str) -> str | None:
+    """The sha256 of a saved learned aggregator's weights ("lagg:PATH"), so that a resume
+    does not reuse runs of different weights saved under the same name."""
+    _, _, arg = name.partition(":")
+    if not arg:
+        return None
+    from metagg.learned.store import resolve_path
+
+    try:
+        meta = json.loads(resolve_path(arg).with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta.get("sha256")
+
+
+def _resumable(folder: Path, resume: bool) -> bool:
+    """Resume a search only where one was started (tune refuses an empty folder)."""
+    return resume and (folder / "search.json").is_file()
+
+
+def _curves(cfg: RunConfig, dataset: Dataset, evals: int, seeds: Sequence[int],
+            cache: Path, resume: bool) -> list[list[dict[str, Any]]]:
+    """`_curve` for every seed, written to `cache` when done; with `resume`, a cache of
+    the same config, seeds and evals is read instead of training again."""
+    key = {"config": config_to_dict(cfg), "seeds": list(seeds), "evals": evals,
+           "weights": _weights_id(cfg.aggregator.name)}
+    if resume and cache.is_file():
+        try:
+            saved = json.loads(cache.read_text())
+        except (OSError, ValueError):
+            saved = {}
+        if saved.get("key") == json.loads(json.dumps(key)):
+            return saved["curves"]
+    curves = [_curve(_with_seed(cfg, s), dataset, evals) for s in seeds]
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "curves": curves}))
+    tmp.replace(cache)  # atomic: a killed run leaves the old file or the new one
+    return curves
+
+
 def _mean_curve(runs: Sequence[Sequence[Mapping[str, Any]]]) -> list[tuple[int, float]]:
     n = min(len(r) for r in runs)
     return [(runs[0][i]["round"], statistics.fmean(r[i]["train_loss"] for r in runs))
@@ -183,11 +224,17 @@ def reproduce_joseph2025(
     lagg: str = LAGG_PRETRAINED,
     lopt: str = LOPT_PRETRAINED,
     log: Callable[[str], None] | None = None,
+    generalization: bool = True,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run the reproduction at `scale` ("quick", "full"; "tiny" for tests) into `out_dir`.
 
     `lagg` / `lopt` name the learned optimizers (default: the shipped pretrained ones;
-    "lagg:init" / "lopt:init" run untrained ones). Returns the numbers in report.md.
+    "lagg:init" / "lopt:init" run untrained ones). `generalization=False` runs only the
+    meta-training task (the full scale's transfer settings take many CPU hours).
+    `resume=True` keeps what an interrupted run in `out_dir` finished: tuning trials and
+    every method's evaluation runs (`runs/*.json`, reused only for the same config and
+    seeds). Returns the numbers in report.md.
     """
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; allowed: {', '.join(SCALES)}")
@@ -209,8 +256,9 @@ def reproduce_joseph2025(
     for name in BASELINES:
         say(f"[joseph2025] tuning {name} ({sc.rounds} rounds per trial)")
         cfg = _task_config(sc, rounds=sc.rounds, seed=TUNING_SEED)
-        result = tune(cfg, name, budget=sc.rounds, out_dir=out / "tuning" / name,
-                      grid=sc.grids.get(name, {}), progress=False)
+        folder = out / "tuning" / name
+        result = tune(cfg, name, budget=sc.rounds, out_dir=folder, grid=sc.grids.get(name, {}),
+                      progress=False, resume=_resumable(folder, resume))
         tuned[name] = config_from_dict({**result["config"], "eval_every": base.eval_every})
         tuning_rows.append([name, str(result["trials"]),
                             ", ".join(f"{k.split('.')[-1]}={v:g}" if isinstance(v, float)
@@ -225,7 +273,8 @@ def reproduce_joseph2025(
     curves: dict[str, list[list[dict[str, Any]]]] = {}
     for label, cfg in methods.items():
         say(f"[joseph2025] {label}: {len(seeds)} seeds x {sc.rounds} rounds")
-        curves[label] = [_curve(_with_seed(cfg, s), dataset, sc.evals) for s in seeds]
+        curves[label] = _curves(cfg, dataset, sc.evals, seeds, out / "runs" / f"{label}.json",
+                                resume)
     _write_curves(out / "curves.csv", curves)
     plot_overlay(curves, out / "loss_vs_rounds.png", metrics=("train_loss", "test_accuracy"),
                  title=f"{_task_name(base)}: training loss vs communication rounds "
@@ -246,7 +295,8 @@ def reproduce_joseph2025(
     _write_csv(out / "rounds_to_target.csv", speed_rows)
 
     # 4. generalisation without retraining
-    gen_rows, gen_curves = _generalization(sc, base, lagg, lopt, tuned, seeds, say, out)
+    gen_rows, gen_curves = ([], {}) if not generalization else \
+        _generalization(sc, base, lagg, lopt, tuned, seeds, say, out, resume)
     if gen_rows:
         _write_csv(out / "generalization.csv", gen_rows)
         _plot_generalization(gen_curves, out / "generalization.png")
@@ -254,7 +304,8 @@ def reproduce_joseph2025(
     summary = {"scale": scale, "task": _task_name(base), "rounds": sc.rounds,
                "seeds": seeds, "target": target, "best_baseline": best_baseline,
                "final_train_loss": finals, "speedup": speedups,
-               "generalization": gen_rows, "lagg": lagg, "lopt": lopt,
+               "generalization": gen_rows, "generalization_run": generalization,
+               "lagg": lagg, "lopt": lopt,
                "wall_s": round(time.perf_counter() - start, 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _write_report(out / "report.md", summary, tuning_rows, speed_rows, sc, base)
@@ -274,7 +325,7 @@ def _task_name(cfg: RunConfig) -> str:
 
 def _generalization(sc: Scale, base: RunConfig, lagg: str, lopt: str,
                     tuned: Mapping[str, RunConfig], seeds: Sequence[int],
-                    say: Callable[[str], None], out: Path):
+                    say: Callable[[str], None], out: Path, resume: bool = False):
     """Each setting: the learned optimizers (not retrained) vs every baseline — tuned
     again on the new task for 784-128-128, with the same change applied otherwise."""
     settings: list[tuple[str, dict[str, Any], tuple[str, ...], bool]] = []
@@ -313,7 +364,8 @@ def _generalization(sc: Scale, base: RunConfig, lagg: str, lopt: str,
             for b in BASELINES:
                 say(f"[joseph2025] tuning {b} on {name} ({change['rounds']} rounds per trial)")
                 result = tune(task, b, budget=change["rounds"], grid=grids.get(b, {}),
-                              out_dir=out / folder / b, progress=False)
+                              out_dir=out / folder / b, progress=False,
+                              resume=_resumable(out / folder / b, resume))
                 # `change` is applied below again; it leaves a tuned config unchanged
                 methods[b] = config_from_dict({**result["config"],
                                                "eval_every": base.eval_every})
@@ -329,7 +381,9 @@ def _generalization(sc: Scale, base: RunConfig, lagg: str, lopt: str,
             cfg2 = config_from_dict(changed)
             say(f"[joseph2025] generalization {name}: {label}")
             dataset = _dataset_for(cfg2)
-            curves[label] = [_curve(_with_seed(cfg2, s), dataset, sc.evals) for s in seeds]
+            slug = "".join(c if c.isalnum() else "-" for c in name)
+            curves[label] = _curves(cfg2, dataset, sc.evals, seeds,
+                                    out / "runs" / f"{slug}-{label}.json", resume)
         finals = {label: _mean_curve(runs)[-1][1] for label, runs in curves.items()}
         best = _best_baseline(finals, [b for b in BASELINES if b in finals])
         for label in curves:
@@ -436,7 +490,9 @@ def _write_report(path: Path, s: Mapping[str, Any], tuning_rows, speed_rows, sc:
             "![generalization](generalization.png)",
             "",
         ]
-    if sc.cifar_rounds and not any(r["setting"].startswith("conv-c10")
+    if not s.get("generalization_run", True):
+        lines += ["Generalisation settings not run (`--no-generalization`).", ""]
+    elif sc.cifar_rounds and not any(r["setting"].startswith("conv-c10")
                                    for r in s["generalization"]):
         lines += ["conv-c10 was not run: CIFAR-10 was not found on disk or could not be read "
                   "(put `cifar-10-batches-py/` or the archive in `$METAGG_DATA_DIR/cifar10/`, "

@@ -93,6 +93,7 @@ from metagg.learned.lagg import (
     LAggConfig,
     LearnedAdaAggregator,
     LOptA,
+    load_lagg,
     save_lagg,
 )
 from metagg.models import MLP, build_model
@@ -412,7 +413,14 @@ class MetaTrainPESConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     adam_eps: float = 1e-8
+    # clip the PES gradient estimate to this global L2 norm before AdamW (0 = off): a
+    # LAgg-A run blew up after 1 850 steps when the estimate's norm grew from ~10 to ~200
+    max_grad_norm: float = 0.0
     seed: int = 0  # φ init, partition, inner problems, perturbations
+    # start φ from a saved aggregator of the same architecture (a directory or
+    # pretrained/NAME) instead of the seed's initialisation, e.g. to continue training
+    # shipped weights with other settings; None = a fresh φ
+    init_from: str | None = None
     # validation / bookkeeping
     validate_every: int = 50  # a validation costs about 6 outer steps
     validation_seeds: int = 5
@@ -441,7 +449,7 @@ class MetaTrainPESConfig:
             v = getattr(self, key)
             if not (isinstance(v, int | float) and v > 0 and math.isfinite(v)):
                 errors.append(f"{key} must be a finite number > 0, got {v!r}")
-        for key in ("final_lr", "weight_decay"):
+        for key in ("final_lr", "weight_decay", "max_grad_norm"):
             v = getattr(self, key)
             if not (isinstance(v, int | float) and v >= 0 and math.isfinite(v)):
                 errors.append(f"{key} must be a finite number >= 0, got {v!r}")
@@ -454,6 +462,9 @@ class MetaTrainPESConfig:
                 for r in self.validation_rounds):
             errors.append(f"validation_rounds must be integers >= 1, got "
                           f"{self.validation_rounds!r}")
+        if self.init_from is not None and (not isinstance(self.init_from, str)
+                                           or not self.init_from):
+            errors.append(f"init_from must be a path or pretrained/NAME, got {self.init_from!r}")
         if errors:
             raise ValueError("; ".join(errors))
         self.validation_rounds = tuple(sorted(set(self.validation_rounds)))
@@ -887,7 +898,9 @@ def _load_run(out: Path, cfg: MetaTrainPESConfig, template: _Run) -> _Run:
     tensors, meta = load_checkpoint(out / CHECKPOINT)
     if meta.get("format") != "metagg.pes_checkpoint":
         raise CheckpointError(f"{out / CHECKPOINT}.json is not a PES meta-training checkpoint")
-    saved, now = dict(meta.get("config", {})), cfg.to_dict()
+    # keys added to MetaTrainPESConfig after the checkpoint was written take their defaults
+    saved = {**MetaTrainPESConfig().to_dict(), **dict(meta.get("config", {}))}
+    now = cfg.to_dict()
     # steps may grow on resume (the cosine schedule then follows the new total)
     diff = sorted(k for k in set(saved) | set(now)
                   if k != "steps" and saved.get(k) != now.get(k))
@@ -956,7 +969,7 @@ def meta_train_pes(
     trainer = PESTrainer(cfg, data, compile=compile)
     fa = trainer.fa
     n = fa.dim
-    phi0 = fa.init_phi(cfg.seed)
+    phi0 = fa.init_phi(cfg.seed) if cfg.init_from is None else _initial_phi(fa, cfg)
     inner0 = trainer.fresh_inner(range(cfg.pairs))
     run = _Run(step=0, phi=phi0, adam_m=torch.zeros(n), adam_v=torch.zeros(n), adam_t=0,
                accum=torch.zeros(cfg.pairs, n), inner=inner0, runs_started=cfg.pairs,
@@ -1011,9 +1024,13 @@ def meta_train_pes(
             res = pes_step(trainer.unroll, run.phi, run.accum, run.inner, eps, sigma=cfg.sigma,
                            seed=run.step)
             lr = lr_schedule(cfg, run.step)
-            finite = bool(torch.isfinite(res.grad).all())
+            grad, grad_norm = res.grad, float(res.grad.norm())
+            finite = math.isfinite(grad_norm)
+            clipped = finite and 0 < cfg.max_grad_norm < grad_norm
+            if clipped:
+                grad = grad * (cfg.max_grad_norm / grad_norm)
             if finite:  # a non-finite estimate would poison φ and AdamW's moments
-                _adamw(cfg, run, res.grad, lr)
+                _adamw(cfg, run, grad, lr)
             done = res.inner.round >= res.inner.length
             k = int(done.sum())
             run.accum = reset_pairs(res.accum, done)
@@ -1023,7 +1040,8 @@ def meta_train_pes(
             run.step += 1
             meta_loss = float(torch.cat([res.loss_pos, res.loss_neg]).mean())
             row = {"step": run.step, "meta_loss": meta_loss, "lr": lr,
-                   "grad_norm": float(res.grad.norm()), "skipped": not finite, "resets": k,
+                   "grad_norm": grad_norm, "clipped": clipped, "skipped": not finite,
+                   "resets": k,
                    "step_s": round(time.perf_counter() - t0, 3), "wall_s": wall()}
             history.append(row)
             if bar is not None:
@@ -1041,6 +1059,15 @@ def meta_train_pes(
     summary = _summary(cfg, run, history, out)
     atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2))
     return summary
+
+
+def _initial_phi(fa: FunctionalAda, cfg: MetaTrainPESConfig) -> torch.Tensor:
+    """φ of the saved aggregator `cfg.init_from`; it must be the architecture `cfg` trains."""
+    agg = load_lagg(cfg.init_from)
+    if agg.config != fa.config:
+        raise ValueError(f"init_from={cfg.init_from!r} holds {agg.config}, but this run "
+                         f"trains {fa.config}")
+    return fa.flatten(agg.net)
 
 
 def _checkpoint(out: Path, cfg: MetaTrainPESConfig, run: _Run, history: list[dict[str, Any]],
