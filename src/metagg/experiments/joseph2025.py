@@ -328,13 +328,15 @@ def _generalization(sc: Scale, base: RunConfig, lagg: str, lopt: str,
                     say: Callable[[str], None], out: Path, resume: bool = False):
     """Each setting: the learned optimizers (not retrained) vs every baseline — tuned
     again on the new task for 784-128-128, with the same change applied otherwise."""
-    settings: list[tuple[str, dict[str, Any], tuple[str, ...], bool]] = []
+    # (name, change to the task, learned optimizers run, tuning folder or None: the
+    # baselines keep the meta-training task's settings)
+    settings: list[tuple[str, dict[str, Any], tuple[str, ...], str | None]] = []
     if sc.big_rounds:
         big = {"model": "mlp:128,128:relu", "data": {"image_size": None},
                "rounds": sc.big_rounds}
         label = ("784-128-128 Fashion-MNIST" if base.data.name == "fashion_mnist"
                  else f"MLP 128-128 on {base.data.name}")
-        settings.append((label, big, ("LAgg-A", "LOpt-A"), True))
+        settings.append((label, big, ("LAgg-A", "LOpt-A"), "tuning-big"))
     if sc.cifar_rounds:
         try:
             load_dataset("cifar10", data_dir=base.data.data_dir)  # cached for the runs
@@ -345,22 +347,21 @@ def _generalization(sc: Scale, base: RunConfig, lagg: str, lopt: str,
         else:
             c10 = {"model": "cnn:c10", "data": {"name": "cifar10", "image_size": None},
                    "rounds": sc.cifar_rounds}
-            settings.append(("conv-c10 CIFAR-10", c10, ("LAgg-A", "LOpt-A"), True))
+            settings.append(("conv-c10 CIFAR-10", c10, ("LAgg-A", "LOpt-A"), "tuning-c10"))
     for k in sc.other_workers:  # LAgg-A has one input channel per worker: K is fixed
         settings.append((f"K={k} workers", {"workers": {"num_workers": k}}, ("LOpt-A",),
-                         False))
+                         None))
     for h in sc.other_local_steps:
         settings.append((f"H={h} local steps", {"workers": {"local_steps": h}},
-                         ("LAgg-A", "LOpt-A"), False))
+                         ("LAgg-A", "LOpt-A"), None))
     rows, all_curves = [], {}
-    for name, change, learned, retune in settings:
+    for name, change, learned, folder in settings:
         methods = {"LAgg-A": _learned_config(base, lagg), "LOpt-A": _learned_config(base, lopt)}
         methods = {k: v for k, v in methods.items() if k in learned}
-        if retune:
+        if folder is not None:
             task = config_from_dict(_merge(config_to_dict(base), {**change,
                                                                    "seed": TUNING_SEED}))
             grids = sc.big_grids if sc.big_grids is not None else sc.grids
-            folder = "tuning-big" if not name.startswith("conv-c10") else "tuning-c10"
             for b in BASELINES:
                 say(f"[joseph2025] tuning {b} on {name} ({change['rounds']} rounds per trial)")
                 result = tune(task, b, budget=change["rounds"], grid=grids.get(b, {}),
