@@ -137,3 +137,43 @@ def test_weights_id_names_the_saved_weights():
     assert _weights_id("mean") is None and _weights_id("lagg:no/such/dir") is None
     digest = _weights_id(LAGG_PRETRAINED)
     assert isinstance(digest, str) and len(digest) == 64
+
+
+def test_learned_optimizers_get_the_baselines_local_lr_grid(tmp_path, monkeypatch):
+    """On a retuned task the learned optimizers' workers take the local lr of the
+    baselines' grid that trains best on the tuning seed; the as-trained run stays a row."""
+    from metagg.experiments import joseph2025 as j
+
+    tried = []
+
+    def fake_curves(cfg, dataset, evals, seeds, cache, resume):
+        tried.append((cfg.workers.local_lr, list(seeds)))
+        return [[{"round": 0, "train_loss": 2.0},
+                 {"round": cfg.rounds, "train_loss": abs(cfg.workers.local_lr - 0.3)}]]
+
+    monkeypatch.setattr(j, "_curves", fake_curves)
+    sc = SCALES["tiny"]
+    base = _task_config(sc, rounds=sc.rounds)
+    grids = {"fedavg": {"workers.local_lr": [0.5, 0.3]}, "slowmo": {"workers.local_lr": [0.1]},
+             "fedadam": {"optimizer.lr": [0.01]}}  # no local_lr axis: the paper's LOCAL_LRS
+    lr, trials = j._tune_local_lr(j._learned_config(base, "lopt:init"), {"rounds": 4}, grids,
+                                  tmp_path / "LOpt-A", resume=False)
+    assert lr == 0.3 and set(trials) == {1.0, 0.5, 0.3, 0.1}
+    assert all(seeds == [j.TUNING_SEED] for _, seeds in tried)  # never an evaluation seed
+    with open(tmp_path / "LOpt-A" / "trials.csv") as fh:
+        assert [r["best"] for r in csv.DictReader(fh)] == ["False", "False", "True", "False"]
+    only = {b: {"workers.local_lr": [0.5]} for b in ("fedavg", "slowmo", "fedadam")}
+    assert set(j._tune_local_lr(j._learned_config(base, "lopt:init"), {"rounds": 4}, only,
+                                tmp_path / "x", resume=False)[1]) == {0.5}
+
+    monkeypatch.undo()
+    monkeypatch.setattr(j, "_tune_local_lr", lambda cfg, *a: (0.3, {0.3: 0.1, 0.5: 0.2}))
+    sc = dataclasses.replace(SCALES["tiny"], cifar_rounds=0, other_workers=(), seeds=1)
+    rows, curves = _generalization(sc, base, "lagg:init", "lopt:init", {}, [0],
+                                   lambda msg: None, tmp_path / "out")
+    methods = {r["method"] for r in rows}
+    assert {"LAgg-A", "LOpt-A", "LAgg-A (local lr 0.5)", "LOpt-A (local lr 0.5)"} <= methods
+    saved = json.loads((tmp_path / "out" / "runs" / "MLP-128-128-on-digits-LAgg-A.json")
+                       .read_text())
+    assert saved["key"]["config"]["workers"]["local_lr"] == 0.3
+    assert saved["key"]["config"]["model"] == "mlp:128,128:relu"
