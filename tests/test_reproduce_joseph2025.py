@@ -169,7 +169,7 @@ def test_learned_optimizers_get_the_baselines_local_lr_grid(tmp_path, monkeypatc
     monkeypatch.undo()
     monkeypatch.setattr(j, "_tune_local_lr", lambda cfg, *a: (0.3, {0.3: 0.1, 0.5: 0.2}))
     sc = dataclasses.replace(SCALES["tiny"], cifar_rounds=0, other_workers=(), seeds=1)
-    rows, curves = _generalization(sc, base, "lagg:init", "lopt:init", {}, [0],
+    rows, _ = _generalization(sc, base, "lagg:init", "lopt:init", {}, [0],
                                    lambda msg: None, tmp_path / "out")
     methods = {r["method"] for r in rows}
     assert {"LAgg-A", "LOpt-A", "LAgg-A (local lr 0.5)", "LOpt-A (local lr 0.5)"} <= methods
