@@ -20,9 +20,9 @@ def _pyplot():
     return plt
 
 
-def _loss_axis(ax, values: Sequence[float]) -> None:
+def _loss_axis(ax, values: Sequence[float], force_log: bool = False) -> None:
     finite = [v for v in values if np.isfinite(v) and v > 0]
-    if finite and max(finite) / min(finite) > 20:
+    if finite and (force_log or max(finite) / min(finite) > 20):
         ax.set_yscale("log")
 
 
@@ -57,11 +57,13 @@ def plot_overlay(
     *,
     title: str = "",
     metrics: Sequence[str] = ("train_loss", "test_accuracy"),
+    log_loss: bool = False,
 ) -> None:
     """Mean ± std bands across seeds, one line per label (e.g. per aggregator).
 
     `curves[label]` is a list of runs, each a list of metric rows; runs of one label
-    must share their evaluation rounds.
+    must share their evaluation rounds. Loss axes are logarithmic when the values span
+    more than 20× or with `log_loss`.
     """
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4))
@@ -79,7 +81,7 @@ def plot_overlay(
                 ax.fill_between(rounds, mean - std, mean + std, alpha=0.2)
             all_values.extend(mean.tolist())
         if "loss" in metric:
-            _loss_axis(ax, all_values)
+            _loss_axis(ax, all_values, force_log=log_loss)
         ylabel = metric.replace("_", " ") + (" (%)" if "accuracy" in metric else "")
         ax.set(xlabel="round", ylabel=ylabel)
         ax.grid(alpha=0.3)
