@@ -177,3 +177,54 @@ def test_learned_optimizers_get_the_baselines_local_lr_grid(tmp_path, monkeypatc
                        .read_text())
     assert saved["key"]["config"]["workers"]["local_lr"] == 0.3
     assert saved["key"]["config"]["model"] == "mlp:128,128:relu"
+
+
+def test_other_weights_under_the_same_name_are_run_again(tmp_path, monkeypatch):
+    from metagg.experiments import joseph2025 as j
+
+    sc = SCALES["tiny"]
+    cfg = j._learned_config(_task_config(sc, rounds=2), "lopt:init")
+    ds = j._dataset_for(cfg)
+    cache = tmp_path / "LOpt-A.json"
+    first = j._curves(cfg, ds, 1, [0], cache, resume=False)
+    j._READ_BACK[0] = 0
+    assert j._curves(cfg, ds, 1, [0], cache, resume=True) == first
+    assert j._READ_BACK[0] == 1
+    monkeypatch.setattr(j, "_weights_id", lambda name: "another sha256")
+    monkeypatch.setattr(j, "_curve", lambda *a: [{"round": 0, "train_loss": 9.0}])
+    assert j._curves(cfg, ds, 1, [0], cache, resume=True) == [[{"round": 0, "train_loss": 9.0}]]
+
+
+def test_local_lr_falls_back_to_the_trained_one_when_every_trial_diverges(tmp_path,
+                                                                          monkeypatch):
+    from metagg.experiments import joseph2025 as j
+
+    nan = float("nan")
+    monkeypatch.setattr(j, "_curves", lambda cfg, *a: [[{"round": 4, "train_loss": nan}]])
+    base = _task_config(SCALES["tiny"], rounds=4)
+    grids = {b: {"workers.local_lr": [1.0, 0.3]} for b in BASELINES}
+    lr, trials = j._tune_local_lr(j._learned_config(base, "lopt:init"), {"rounds": 4}, grids,
+                                  tmp_path, resume=False)
+    assert lr == base.workers.local_lr == 0.5 and set(trials) == {1.0, 0.5, 0.3}
+
+
+def test_cli_reproduce_options():
+    from metagg.cli import build_parser
+
+    args = build_parser().parse_args(["reproduce", "joseph2025", "--out", "x"])
+    assert args.generalization and not args.resume
+    args = build_parser().parse_args(["reproduce", "joseph2025", "--no-generalization",
+                                      "--resume", "--out", "x"])
+    assert not args.generalization and args.resume
+
+
+@pytest.mark.parametrize("log_loss", [False, True])
+def test_plot_overlay_log_loss_axis(tmp_path, monkeypatch, log_loss):
+    from metagg import plots
+
+    seen = []
+    monkeypatch.setattr(plots, "_save", lambda plt, fig, path, title: seen.append(fig))
+    runs = [[{"round": r, "train_loss": 1.0 / (r + 1), "test_accuracy": 0.5} for r in range(3)]]
+    plots.plot_overlay({"a": runs}, tmp_path / "x.png", log_loss=log_loss)
+    loss_ax = seen[0].axes[0]
+    assert loss_ax.get_yscale() == ("log" if log_loss else "linear")  # span 3× < 20×

@@ -455,3 +455,16 @@ def test_resume_of_a_checkpoint_written_before_a_config_key_existed(tmp_path, di
     done = meta_train_pes(tiny_config(steps=3, validate_every=2), tmp_path, progress=False,
                           resume=True, data=digits)
     assert done["steps_done"] == 3
+
+
+def test_resume_does_not_need_init_from_any_more(tmp_path, digits):
+    """φ comes from the checkpoint: the weights it started from may be gone."""
+    import shutil
+
+    meta_train_pes(tiny_config(steps=2, validate_every=2), tmp_path / "a", progress=False,
+                   data=digits)
+    cfg = tiny_config(steps=2, validate_every=2, init_from=str(tmp_path / "a"))
+    meta_train_pes(cfg, tmp_path / "b", progress=False, data=digits, stop_at=1)
+    shutil.rmtree(tmp_path / "a")
+    assert meta_train_pes(cfg, tmp_path / "b", progress=False, resume=True,
+                          data=digits)["steps_done"] == 2

@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from metagg.aggregators.registry import build_aggregator
+from metagg.checkpoint import CheckpointError
 from metagg.compare import format_table
-from metagg.config import RunConfig, config_from_dict, config_to_dict
+from metagg.config import ConfigError, RunConfig, config_from_dict, config_to_dict
 from metagg.data import Dataset, load_dataset
 from metagg.plots import plot_overlay
 from metagg.simulation import Simulation
@@ -160,35 +161,47 @@ def _curve(cfg: RunConfig, dataset: Dataset, evals: int) -> list[dict[str, Any]]
 def _weights_id(name: str) -> str | None:
     """The sha256 of a saved learned aggregator's weights ("lagg:PATH"), so that a resume
     does not reuse runs of different weights saved under the same name."""
-    _, _, arg = name.partition(":")
-    if not arg:
+    kind, _, arg = name.partition(":")
+    if kind not in ("lagg", "lopt") or not arg:
         return None
     from metagg.learned.store import resolve_path
 
     try:
         meta = json.loads(resolve_path(arg).with_suffix(".json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, CheckpointError):
         return None
     return meta.get("sha256")
 
 
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-." else "-" for c in text)
+
+
 def _resumable(folder: Path, resume: bool) -> bool:
     """Resume a search only where one was started (tune refuses an empty folder)."""
-    return resume and (folder / "search.json").is_file()
+    started = resume and (folder / "search.json").is_file()
+    _READ_BACK[0] += started
+    return started
+
+
+_READ_BACK = [0]  # runs and searches a resumed reproduction read back (for the report)
 
 
 def _curves(cfg: RunConfig, dataset: Dataset, evals: int, seeds: Sequence[int],
             cache: Path, resume: bool) -> list[list[dict[str, Any]]]:
     """`_curve` for every seed, written to `cache` when done; with `resume`, a cache of
-    the same config, seeds and evals is read instead of training again."""
-    key = {"config": config_to_dict(cfg), "seeds": list(seeds), "evals": evals,
-           "weights": _weights_id(cfg.aggregator.name)}
+    the same config, seeds, evals and learned weights is read instead of training again."""
+    key = json.loads(json.dumps({"config": config_to_dict(cfg), "seeds": list(seeds),
+                                 "evals": evals, "weights": _weights_id(cfg.aggregator.name)}))
     if resume and cache.is_file():
         try:
             saved = json.loads(cache.read_text())
-        except (OSError, ValueError):
+            # config keys added since the cache was written take their defaults
+            saved["key"]["config"] = config_to_dict(config_from_dict(saved["key"]["config"]))
+        except (OSError, ValueError, TypeError, KeyError, ConfigError):
             saved = {}
-        if saved.get("key") == json.loads(json.dumps(key)):
+        if saved.get("key") == key:
+            _READ_BACK[0] += 1
             return saved["curves"]
     curves = [_curve(_with_seed(cfg, s), dataset, evals) for s in seeds]
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -243,6 +256,7 @@ def reproduce_joseph2025(
     out.mkdir(parents=True, exist_ok=True)
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     start = time.perf_counter()
+    _READ_BACK[0] = 0
 
     base = _task_config(sc, rounds=sc.rounds)
     for spec in (lagg, lopt):  # a missing pretrained file fails now, not after tuning
@@ -302,12 +316,15 @@ def reproduce_joseph2025(
     if gen_rows:
         _write_csv(out / "generalization.csv", gen_rows)
         _plot_generalization(gen_curves, out / "generalization.png")
+    else:  # not beside a report that says it was not run (an earlier run in the same --out)
+        for name in ("generalization.csv", "generalization.png"):
+            (out / name).unlink(missing_ok=True)
 
     summary = {"scale": scale, "task": _task_name(base), "rounds": sc.rounds,
                "seeds": seeds, "target": target, "best_baseline": best_baseline,
                "final_train_loss": finals, "speedup": speedups,
                "generalization": gen_rows, "generalization_run": generalization,
-               "lagg": lagg, "lopt": lopt, "resumed": resume,
+               "lagg": lagg, "lopt": lopt, "resumed": _READ_BACK[0] > 0,
                "wall_s": round(time.perf_counter() - start, 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _write_report(out / "report.md", summary, tuning_rows, speed_rows, sc, base)
@@ -315,8 +332,13 @@ def reproduce_joseph2025(
     return summary
 
 
+def _with(cfg: RunConfig, **over: Any) -> RunConfig:
+    """`cfg` with the (nested) settings `over` changed."""
+    return config_from_dict(_merge(config_to_dict(cfg), over))
+
+
 def _with_seed(cfg: RunConfig, seed: int, **over: Any) -> RunConfig:
-    return config_from_dict(_merge(config_to_dict(cfg), {"seed": seed, **over}))
+    return _with(cfg, seed=seed, **over)
 
 
 def _task_name(cfg: RunConfig) -> str:
@@ -380,8 +402,7 @@ def _generalization(sc: Scale, base: RunConfig, lagg: str, lopt: str,
                 if lr != methods[label].workers.local_lr:
                     as_trained = f"{label} (local lr {methods[label].workers.local_lr:g})"
                     methods[as_trained] = methods[label]
-                    methods[label] = _with_seed(methods[label], methods[label].seed,
-                                                workers={"local_lr": lr})
+                    methods[label] = _with(methods[label], workers={"local_lr": lr})
         else:
             methods.update(tuned)
         curves = {}
@@ -394,9 +415,8 @@ def _generalization(sc: Scale, base: RunConfig, lagg: str, lopt: str,
             cfg2 = config_from_dict(changed)
             say(f"[joseph2025] generalization {name}: {label}")
             dataset = _dataset_for(cfg2)
-            slug = "".join(c if c.isalnum() else "-" for c in name)
             curves[label] = _curves(cfg2, dataset, sc.evals, seeds,
-                                    out / "runs" / f"{slug}-{label}.json", resume)
+                                    out / "runs" / f"{_slug(name)}-{_slug(label)}.json", resume)
         finals = {label: _mean_curve(runs)[-1][1] for label, runs in curves.items()}
         best = _best_baseline(finals, [b for b in BASELINES if b in finals])
         for label in curves:
@@ -416,14 +436,15 @@ def _tune_local_lr(cfg: RunConfig, change: Mapping[str, Any],
     the tuning seed — the same choice every local-SGD baseline gets; the learned
     optimizer itself is not retrained. Returns (best lr, {lr: loss}); writes trials.csv."""
     values = {cfg.workers.local_lr}
-    for b in ("fedavg", "slowmo", "fedadam"):
-        values.update(grids.get(b, {}).get("workers.local_lr", LOCAL_LRS))
+    for b in BASELINES:
+        if b not in ONE_STEP:  # the baselines that have workers with a local lr
+            values.update(grids.get(b, {}).get("workers.local_lr", LOCAL_LRS))
     task = config_from_dict(_merge(config_to_dict(cfg), change))
     dataset = _dataset_for(task)
     trials = {}
     for lr in sorted(values, reverse=True):
         trial = _with_seed(task, TUNING_SEED, workers={"local_lr": lr})
-        runs = _curves(trial, dataset, 1, [TUNING_SEED], folder / f"local_lr-{lr:g}.json",
+        runs = _curves(trial, dataset, 1, [TUNING_SEED], folder / f"local_lr-{lr!r}.json",
                        resume)
         trials[lr] = runs[0][-1]["train_loss"]
     finite = {lr: v for lr, v in trials.items() if math.isfinite(v)}
@@ -460,7 +481,7 @@ def _write_curves(path: Path, curves: Mapping[str, Sequence[Sequence[Mapping[str
 
 
 def _plot_generalization(curves: Mapping[str, Mapping[str, Any]], path: Path) -> None:
-    from metagg.plots import _pyplot
+    from metagg.plots import _loss_axis, _pyplot
 
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 4), squeeze=False)
@@ -470,7 +491,9 @@ def _plot_generalization(curves: Mapping[str, Mapping[str, Any]], path: Path) ->
             ax.plot([r for r, _ in mean], [v for _, v in mean], label=label)
         # log scale: the methods differ by ~10 % late in training, invisible on a linear
         # axis that has to reach the initial loss of 2.3
-        ax.set(title=name, xlabel="round", ylabel="train loss (log scale)", yscale="log")
+        _loss_axis(ax, [v for runs in by_label.values() for _, v in _mean_curve(runs)],
+                   force_log=True)
+        ax.set(title=name, xlabel="round", ylabel="train loss (log scale)")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -523,7 +546,7 @@ def _write_report(path: Path, s: Mapping[str, Any], tuning_rows, speed_rows, sc:
             "(`tuning-big/`), and so on conv-c10 (`tuning-c10/`); there the learned "
             "optimizers' workers get the same choice of local learning rate as the "
             "baselines' (the grid's value with the lowest training loss on the tuning seed, "
-            "`tuning-big/LAgg-A/trials.csv`), and a row '(local lr X)' shows them at the "
+            "`tuning-*/LAgg-A/trials.csv`), and a row '(local lr X)' shows them at the "
             "local lr they were meta-trained with when that differs. For other K and H the "
             "baselines keep the settings tuned on the meta-training task. The target is the "
             "best baseline's loss at the end.",

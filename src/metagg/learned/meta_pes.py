@@ -969,14 +969,16 @@ def meta_train_pes(
     trainer = PESTrainer(cfg, data, compile=compile)
     fa = trainer.fa
     n = fa.dim
-    phi0 = fa.init_phi(cfg.seed) if cfg.init_from is None else _initial_phi(fa, cfg)
+    resuming = resume and (out / f"{CHECKPOINT}.json").exists()
+    # a resume takes φ from the checkpoint: init_from need not exist any more
+    phi0 = fa.init_phi(cfg.seed) if cfg.init_from is None or resuming else _initial_phi(fa, cfg)
     inner0 = trainer.fresh_inner(range(cfg.pairs))
     run = _Run(step=0, phi=phi0, adam_m=torch.zeros(n), adam_v=torch.zeros(n), adam_t=0,
                accum=torch.zeros(cfg.pairs, n), inner=inner0, runs_started=cfg.pairs,
                best_score=math.inf, best_step=0, best_phi=phi0.clone(), best_validation={},
                baselines={}, wall_s=0.0, compile=compile)
     history: list[dict[str, Any]] = []
-    if resume and (out / f"{CHECKPOINT}.json").exists():
+    if resuming:
         run = _load_run(out, cfg, run)
         history = _read_history(out / HISTORY, run.step)
         log.info("resuming PES meta-training at outer step %d", run.step)
@@ -1024,7 +1026,8 @@ def meta_train_pes(
             res = pes_step(trainer.unroll, run.phi, run.accum, run.inner, eps, sigma=cfg.sigma,
                            seed=run.step)
             lr = lr_schedule(cfg, run.step)
-            grad, grad_norm = res.grad, float(res.grad.norm())
+            # float64: a float32 norm of finite entries can overflow to inf
+            grad, grad_norm = res.grad, float(res.grad.double().norm())
             finite = math.isfinite(grad_norm)
             clipped = finite and 0 < cfg.max_grad_norm < grad_norm
             if clipped:
