@@ -121,6 +121,9 @@ def test_resume_without_generalization_trains_nothing_again(tmp_path, monkeypatc
                                  generalization=False, resume=True, log=lambda _: None)
     for key in ("target", "best_baseline", "final_train_loss", "speedup"):
         assert again[key] == first[key], key
+    assert first["read_back"] == 0 and again["read_back"] == len(BASELINES) + 2 + len(BASELINES)
+    assert again["compute_s"] == pytest.approx(first["compute_s"], abs=0.2)
+    assert "were read back" in (tmp_path / "report.md").read_text()
     # another config (here: other seeds) is not taken from the cache
     cache = tmp_path / "runs" / "fedavg.json"
     saved = json.loads(cache.read_text())
@@ -187,9 +190,10 @@ def test_other_weights_under_the_same_name_are_run_again(tmp_path, monkeypatch):
     ds = j._dataset_for(cfg)
     cache = tmp_path / "LOpt-A.json"
     first = j._curves(cfg, ds, 1, [0], cache, resume=False)
-    j._READ_BACK[0] = 0
+    j._ACCOUNT.update(read_back=0, compute_s=0.0)
     assert j._curves(cfg, ds, 1, [0], cache, resume=True) == first
-    assert j._READ_BACK[0] == 1
+    assert j._ACCOUNT["read_back"] == 1  # and the time it took when it ran is counted
+    assert j._ACCOUNT["compute_s"] == json.loads(cache.read_text())["wall_s"] > 0
     monkeypatch.setattr(j, "_weights_id", lambda name: "another sha256")
     monkeypatch.setattr(j, "_curve", lambda *a: [{"round": 0, "train_loss": 9.0}])
     assert j._curves(cfg, ds, 1, [0], cache, resume=True) == [[{"round": 0, "train_loss": 9.0}]]
