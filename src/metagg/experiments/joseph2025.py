@@ -258,8 +258,8 @@ def reproduce_joseph2025(
     "lagg:init" / "lopt:init" run untrained ones). `generalization=False` runs only the
     meta-training task (the full scale's transfer settings take many CPU hours).
     `resume=True` keeps what an interrupted run in `out_dir` finished: tuning trials and
-    every method's evaluation runs (`runs/*.json`, reused only for the same config and
-    seeds). Returns the numbers in report.md.
+    every method's evaluation runs (`runs/*.json`, reused only for the same config, seeds
+    and learned weights). Returns the numbers in report.md.
     """
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; allowed: {', '.join(SCALES)}")
@@ -397,8 +397,7 @@ def _generalization(sc: Scale, base: RunConfig, lagg: str, lopt: str,
         methods = {"LAgg-A": _learned_config(base, lagg), "LOpt-A": _learned_config(base, lopt)}
         methods = {k: v for k, v in methods.items() if k in learned}
         if folder is not None:
-            task = config_from_dict(_merge(config_to_dict(base), {**change,
-                                                                   "seed": TUNING_SEED}))
+            task = _with(base, **change, seed=TUNING_SEED)
             grids = sc.big_grids if sc.big_grids is not None else sc.grids
             for b in BASELINES:
                 say(f"[joseph2025] tuning {b} on {name} ({change['rounds']} rounds per trial)")
@@ -454,7 +453,7 @@ def _tune_local_lr(cfg: RunConfig, change: Mapping[str, Any],
     for b in BASELINES:
         if b not in ONE_STEP:  # the baselines that have workers with a local lr
             values.update(grids.get(b, {}).get("workers.local_lr", LOCAL_LRS))
-    task = config_from_dict(_merge(config_to_dict(cfg), change))
+    task = _with(cfg, **change)
     dataset = _dataset_for(task)
     trials = {}
     for lr in sorted(values, reverse=True):
@@ -579,7 +578,7 @@ def _write_report(path: Path, s: Mapping[str, Any], tuning_rows, speed_rows, sc:
     if not s.get("generalization_run", True):
         lines += ["Generalisation settings not run (`--no-generalization`).", ""]
     elif sc.cifar_rounds and not any(r["setting"].startswith("conv-c10")
-                                   for r in s["generalization"]):
+                                     for r in s["generalization"]):
         lines += ["conv-c10 was not run: CIFAR-10 was not found on disk or could not be read "
                   "(put `cifar-10-batches-py/` or the archive in `$METAGG_DATA_DIR/cifar10/`, "
                   "check it with `metagg data check cifar10`, and run again).", ""]
