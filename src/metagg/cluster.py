@@ -18,22 +18,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch.func import grad_and_value, vmap
 
+from metagg.seeding import RoundStream, round_generator
 from metagg.tasks import Task
 
-__all__ = ["Cluster", "WorkerOutput", "round_generator"]
-
-# Independent random streams per round.
-STREAM_BATCHES, STREAM_FAILURES, STREAM_ATTACK, STREAM_AGGREGATOR = 0, 1, 2, 3
-
-
-def round_generator(seed: int, round: int, stream: int) -> torch.Generator:
-    """A CPU generator for one (seed, round, stream), independent of every other."""
-    state = np.random.SeedSequence([seed, round, stream]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+__all__ = ["Cluster", "WorkerOutput"]
 
 
 @dataclass
@@ -101,7 +92,7 @@ class Cluster:
 
     def sample_indices(self, round: int) -> torch.Tensor:
         """Global example indices for round `round`: int64 [M, H, B]."""
-        g = round_generator(self.seed, round, STREAM_BATCHES)
+        g = round_generator(self.seed, round, RoundStream.BATCHES)
         u = torch.rand(self.num_workers, self.local_steps, self.batch_size, generator=g)
         local = (u * self.shard_sizes[:, None, None]).long()
         return torch.gather(self.shard_table, 1, local.flatten(1)).view_as(local)
@@ -134,5 +125,5 @@ class Cluster:
         """bool [M]: which workers deliver this round when each fails with `failure_prob`."""
         if failure_prob <= 0:
             return torch.ones(self.num_workers, dtype=torch.bool)
-        g = round_generator(self.seed, round, STREAM_FAILURES)
+        g = round_generator(self.seed, round, RoundStream.FAILURES)
         return torch.rand(self.num_workers, generator=g) >= failure_prob

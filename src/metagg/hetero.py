@@ -54,7 +54,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.func import grad_and_value, vmap
 
@@ -64,6 +63,7 @@ from metagg.cluster import Cluster
 from metagg.data import Dataset, partition
 from metagg.layout import ParamLayout
 from metagg.models import build_model
+from metagg.seeding import MetaStream, derive_seed
 from metagg.tasks import Task
 
 __all__ = [
@@ -169,10 +169,6 @@ def prefix_correspondence(target: ParamLayout, source: ParamLayout) -> Correspon
 # --------------------------------------------------------------------------- the workers
 
 
-def _group_seed(seed: int, group: int) -> int:
-    return int(np.random.SeedSequence([seed, 17, group]).generate_state(1)[0])
-
-
 def _worker_coverage(maps: Sequence[Correspondence],
                      groups: Sequence[WorkerGroup]) -> torch.Tensor:
     """bool [M, d]: each worker's row is its group's `Correspondence.coverage`."""
@@ -226,7 +222,8 @@ class HeteroCluster:
         self.rows = [slice(a, b) for a, b in itertools.pairwise(starts)]
         self._grads = [vmap(grad_and_value(t.loss), in_dims=(None, 0, 0)) for t in tasks]
         # Private coordinates start at the group model's own init, seeded per (seed, group).
-        self.private = [t.init_params(_group_seed(seed, i)) for i, t in enumerate(tasks)]
+        self.private = [t.init_params(derive_seed(seed, MetaStream.HETERO_GROUP_INIT, i))
+                        for i, t in enumerate(tasks)]
 
     @property
     def coverage(self) -> torch.Tensor:
@@ -386,9 +383,9 @@ class HeteroEnv:
 
 # --------------------------------------------------------------------------- meta-training
 
-# derive_seed streams of meta_train_hetero's model inits and validation inits (recorded
-# as trained_on["seed_streams"] so evaluations can check their seeds are disjoint).
-TRAIN_STREAM, VALID_STREAM = 10, 11
+# meta_train_hetero's model-init streams (recorded as trained_on["seed_streams"] so
+# evaluations can check their seeds are disjoint).
+TRAIN_STREAM, VALID_STREAM = MetaStream.HETERO_TRAIN_INIT, MetaStream.HETERO_VALID_INIT
 
 
 @dataclass
@@ -422,7 +419,7 @@ def meta_train_hetero(
     against the env interface because `meta_train` builds its own `MetaEnv`.
     Written with `metagg.learned.store.save_aggregator` to `out_dir` if given.
     """
-    from metagg.learned.meta_bptt import derive_seed, evaluate_aggregator, unroll_meta_loss
+    from metagg.learned.meta_bptt import evaluate_aggregator, unroll_meta_loss
     from metagg.learned.rnn import CoordinateRNN, RNNAggregator, RNNConfig
     from metagg.learned.store import save_aggregator
 
@@ -474,7 +471,7 @@ def meta_train_hetero(
         trained_on = {"setting": "hetero", "hetero": env.cfg.to_dict(), **asdict(cfg),
                       "num_workers": env.cfg.num_workers, "dataset": env.data.name,
                       "dim": env.dim, "meta_gradient": "truncated_bptt",
-                      "seed_streams": [TRAIN_STREAM, VALID_STREAM],
+                      "seed_streams": [int(TRAIN_STREAM), int(VALID_STREAM)],
                       "model": env.cfg.target_model}
         validation = {"best_iteration": best["iteration"], "score": best["score"],
                       "score_definition": "mean over seeds of log(train loss at unroll)",

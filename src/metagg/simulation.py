@@ -40,10 +40,16 @@ from metagg.checkpoint import (
     save_checkpoint,
     unflatten_state,
 )
-from metagg.cluster import STREAM_ATTACK, Cluster, round_generator
+from metagg.cluster import Cluster
 from metagg.config import ConfigError, RunConfig, config_from_dict, config_to_dict, save_config
 from metagg.data import Dataset, load_dataset, partition
 from metagg.models import build_model
+from metagg.seeding import (
+    RoundStream,
+    byzantine_generator,
+    round_generator,
+    server_sample_generator,
+)
 from metagg.tasks import Task, TrustedData
 
 __all__ = ["Simulation", "byzantine_ids"]
@@ -57,8 +63,8 @@ def byzantine_ids(num_workers: int, num_byzantine: int, selection: str, seed: in
     """Which workers are Byzantine: the first b (default) or a seeded random subset."""
     if selection == "first":
         return torch.arange(num_byzantine)
-    g = torch.Generator().manual_seed(seed + 7919)
-    return torch.randperm(num_workers, generator=g)[:num_byzantine].sort().values
+    chosen = torch.randperm(num_workers, generator=byzantine_generator(seed))[:num_byzantine]
+    return chosen.sort().values
 
 
 class Simulation:
@@ -102,7 +108,7 @@ class Simulation:
             options=cfg.aggregator.options, seed=cfg.seed,
         )
         self._check_enough_workers(f)
-        gen = torch.Generator().manual_seed(cfg.seed + 104729)
+        gen = server_sample_generator(cfg.seed)
         self.trusted = None
         if cfg.trusted_samples > 0:
             idx = torch.randperm(len(ds.y_train), generator=gen)[: cfg.trusted_samples]
@@ -193,7 +199,7 @@ class Simulation:
             seen = updates if received is None else updates[rows]
             where = byzantine if received is None else torch.searchsorted(rows, byzantine)
             forged = self.attack.forge(seen, where, ctx,
-                                       round_generator(cfg.seed, t, STREAM_ATTACK))
+                                       round_generator(cfg.seed, t, RoundStream.ATTACK))
             updates = updates.index_put((byzantine,), forged.to(updates.dtype))
         reporting = self.honest if received is None else self.honest & received
         if reporting.any():

@@ -11,13 +11,13 @@ from torch.func import grad, vmap
 from metagg.learned.meta_bptt import (
     MetaEnv,
     MetaTrainConfig,
-    derive_seed,
     evaluate_aggregator,
     meta_train_rnn,
     unroll_meta_loss,
 )
 from metagg.learned.rnn import RNNAggregator
 from metagg.learned.store import load_aggregator, read_aggregator_info
+from metagg.seeding import derive_seed
 
 
 @pytest.fixture(scope="module")

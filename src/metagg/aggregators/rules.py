@@ -17,8 +17,8 @@ from typing import Any, NamedTuple
 import torch
 
 from metagg.aggregators.base import RoundContext, Rule
-from metagg.cluster import STREAM_AGGREGATOR, round_generator
 from metagg.layout import ParamLayout
+from metagg.seeding import RoundStream, round_generator
 
 __all__ = [
     "CenteredClipRule",
@@ -99,7 +99,7 @@ class ZenoRule:
     def scores(self, updates: torch.Tensor, ctx: RoundContext) -> torch.Tensor:
         trusted = _trusted(ctx, "zeno")
         if self.batch is not None and self.batch < len(trusted):
-            g = round_generator(self.seed, ctx.round, STREAM_AGGREGATOR)
+            g = round_generator(self.seed, ctx.round, RoundStream.AGGREGATOR)
             idx = torch.randperm(len(trusted), generator=g)[: self.batch]
             trusted = type(trusted)(trusted.task, trusted.x[idx], trusted.y[idx])
         with torch.no_grad():
@@ -174,7 +174,7 @@ class PreAggregatedRule:
         if self.pre == "nnm":
             mixed = robust.nnm(updates, self.f, allow_unsafe=self.allow_unsafe)
         else:
-            g = round_generator(self.seed, ctx.round, STREAM_AGGREGATOR)
+            g = round_generator(self.seed, ctx.round, RoundStream.AGGREGATOR)
             mixed = robust.bucketing(updates, self.bucket_size, generator=g)
         return self.rule(state, mixed, ctx)
 

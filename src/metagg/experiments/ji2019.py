@@ -45,8 +45,8 @@ import torch
 
 from metagg.config import config_from_dict
 from metagg.data import Dataset, load_dataset
-from metagg.learned.meta_bptt import derive_seed
 from metagg.learned.store import resolve_path
+from metagg.seeding import derive_seed
 
 __all__ = [
     "CSV_COLUMNS",

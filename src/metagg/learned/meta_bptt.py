@@ -51,18 +51,24 @@ from metagg.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from metagg.cluster import STREAM_ATTACK, Cluster, round_generator
+from metagg.cluster import Cluster
 from metagg.data import Dataset, load_dataset, partition
 from metagg.learned.rnn import CoordinateRNN, RNNAggregator, RNNConfig, RNNState
 from metagg.learned.store import save_aggregator
 from metagg.models import build_model
+from metagg.seeding import (
+    MetaStream,
+    RoundStream,
+    derive_seed,
+    round_generator,
+    server_sample_generator,
+)
 from metagg.tasks import Task, TrustedData
 
 __all__ = [
     "MetaEnv",
     "MetaTrainConfig",
     "MetaTrainResult",
-    "derive_seed",
     "evaluate_aggregator",
     "meta_train",
     "meta_train_rnn",
@@ -71,8 +77,6 @@ __all__ = [
 
 log = logging.getLogger("metagg")
 
-# Seed streams: training inits, validation inits (evaluation scripts should use others).
-_TRAIN, _VALID = 0, 1
 
 
 @dataclass
@@ -156,11 +160,6 @@ class MetaTrainConfig:
                          scale=self.scale, clamp_sign=self.clamp_sign, probe_lr=self.probe_lr)
 
 
-def derive_seed(seed: int, stream: int, index: int) -> int:
-    """An int seed for (run seed, stream, index), independent across streams."""
-    return int(np.random.SeedSequence([seed, stream, index]).generate_state(1)[0])
-
-
 class MetaEnv:
     """The distributed task an aggregator is meta-trained and evaluated on.
 
@@ -185,7 +184,7 @@ class MetaEnv:
             self.flip[self.byzantine] = True
         self.trusted = None
         if cfg.trusted_samples > 0:
-            gen = torch.Generator().manual_seed(cfg.seed + 104729)
+            gen = server_sample_generator(cfg.seed)
             idx = torch.randperm(len(ds.y_train), generator=gen)[: cfg.trusted_samples]
             self.trusted = TrustedData(self.task, ds.x_train[idx], ds.y_train[idx])
         self._batch_losses = vmap(self.task.loss, in_dims=(None, 0, 0))
@@ -211,7 +210,7 @@ class MetaEnv:
             if len(self.byzantine) and not self.attack.flips_labels:
                 ctx = self.context(theta.detach(), ids, t)
                 forged = self.attack.forge(updates, self.byzantine, ctx,
-                                           round_generator(cluster.seed, t, STREAM_ATTACK))
+                                           round_generator(cluster.seed, t, RoundStream.ATTACK))
                 updates = updates.index_put((self.byzantine,), forged.to(updates.dtype))
         return updates, ids
 
@@ -398,7 +397,8 @@ def _meta_train(cfg: MetaTrainConfig, data: Dataset | None,
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     horizons = (cfg.unroll, cfg.long_horizon * cfg.unroll) if cfg.long_horizon > 1 else (
         cfg.unroll,)
-    val_seeds = [derive_seed(cfg.seed, _VALID, j) for j in range(cfg.validation_seeds)]
+    val_seeds = [derive_seed(cfg.seed, MetaStream.VALID_INIT, j)
+                 for j in range(cfg.validation_seeds)]
     out = Path(cfg.out_dir) if cfg.out_dir else None
     history: list[dict[str, Any]] = []
     best = {"score": math.inf, "iteration": 0, "phi": None, "validation": {}}
@@ -446,7 +446,7 @@ def _meta_train(cfg: MetaTrainConfig, data: Dataset | None,
             done = cfg.iterations
         for k in range(done, cfg.iterations):
             env = envs[k % len(envs)]
-            model_seed = derive_seed(cfg.seed, _TRAIN, k)
+            model_seed = derive_seed(cfg.seed, MetaStream.TRAIN_INIT, k)
             theta = env.task.init_params(model_seed)
             cluster = env.cluster(model_seed)
             state: RNNState = agg.init(env.task.layout, cfg.num_workers)

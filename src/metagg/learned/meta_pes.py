@@ -97,6 +97,7 @@ from metagg.learned.lagg import (
     save_lagg,
 )
 from metagg.models import MLP, build_model
+from metagg.seeding import MetaStream, derive_generator, derive_seed
 from metagg.tasks import Task
 
 __all__ = [
@@ -128,21 +129,9 @@ PES_TASKS = {
     "digits-mlp": ("digits", "mlp:32:relu"),
 }
 
-# SeedSequence streams: inner-problem seeds, validation seeds, perturbations, run lengths.
-_TRAIN, _VALID, _NOISE, _LENGTH = 0, 1, 2, 3
 CHECKPOINT = "pes_state"
 HISTORY = "meta_train.jsonl"
 SUMMARY = "summary.json"
-
-
-def _derive(seed: int, stream: int, index: int) -> int:
-    """An int seed for (run seed, stream, index), independent across streams."""
-    return int(np.random.SeedSequence([seed, stream, index]).generate_state(1)[0])
-
-
-def _generator(seed: int, stream: int, index: int) -> torch.Generator:
-    state = np.random.SeedSequence([seed, stream, index]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 # =========================================================================== generic PES
@@ -738,7 +727,7 @@ class PESTrainer:
             # equal to ~1e-7; ~30 s of compilation once per process.
             self.env._grad = _compiled(self.env._grad)
             self._agg_step = _compiled(self._agg_step)
-        self.validation_seeds = [_derive(cfg.seed, _VALID, j)
+        self.validation_seeds = [derive_seed(cfg.seed, MetaStream.VALID_INIT, j)
                                  for j in range(cfg.validation_seeds)]
 
     # ------------------------------------------------------------------ inner runs
@@ -746,7 +735,7 @@ class PESTrainer:
         """Rounds of inner run number `run`: log-uniform in [min_inner, max_inner], rounded
         up to whole truncations so a reset always falls between two truncations."""
         cfg = self.cfg
-        u = float(torch.rand((), generator=_generator(cfg.seed, _LENGTH, run)))
+        u = float(torch.rand((), generator=derive_generator(cfg.seed, MetaStream.RUN_LENGTH, run)))
         rounds = math.exp(math.log(cfg.min_inner)
                           + u * (math.log(cfg.max_inner) - math.log(cfg.min_inner)))
         return max(1, math.ceil(rounds / cfg.unroll)) * cfg.unroll
@@ -754,7 +743,7 @@ class PESTrainer:
     def fresh_inner(self, runs: Sequence[int]) -> InnerState:
         """New inner runs (numbers `runs`, one per pair), both particles of a pair at the
         same model initialisation."""
-        seeds = [_derive(self.cfg.seed, _TRAIN, r) for r in runs]
+        seeds = [derive_seed(self.cfg.seed, MetaStream.TRAIN_INIT, r) for r in runs]
         theta = torch.stack([self.env.task.init_params(s) for s in seeds])
         n = len(runs)
         acc0 = self.fa.init_state()
@@ -1022,7 +1011,8 @@ def meta_train_pes(
     try:
         while run.step < target:
             t0 = time.perf_counter()
-            eps = antithetic_noise(cfg.pairs, n, cfg.sigma, _generator(cfg.seed, _NOISE, run.step))
+            noise = derive_generator(cfg.seed, MetaStream.PES_NOISE, run.step)
+            eps = antithetic_noise(cfg.pairs, n, cfg.sigma, noise)
             res = pes_step(trainer.unroll, run.phi, run.accum, run.inner, eps, sigma=cfg.sigma,
                            seed=run.step)
             lr = lr_schedule(cfg, run.step)
