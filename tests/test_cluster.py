@@ -15,6 +15,7 @@ def make(digits, mode="gradient", local_steps=1, flip=None, scheme="iid"):
     return task, shards, cluster
 
 
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet"])
 def test_batches_come_from_own_shard(digits, scheme):
     _, shards, cluster = make(digits, scheme=scheme)
     idx = cluster.sample_indices(7)
