@@ -270,7 +270,7 @@ def test_worker_ids_are_stable_client_ids_and_context_is_filled():
     assert spy.init_workers == 4 and first.num_workers == 4
     # ids in order of first appearance, results taken in client-id order (n3, n7, n9)
     assert first.worker_ids.tolist() == [0, 1, 2]
-    assert first.extras["num_examples"].tolist() == [6, 5, 7]
+    assert first.num_examples.tolist() == [6, 5, 7]
     assert second.worker_ids.tolist() == [1, 2]  # n8 (id 3) sent NaN and was dropped
     assert (first.round, second.round) == (0, 1)
     assert first.mode == "local_sgd"

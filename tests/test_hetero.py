@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from metagg.aggregators import optimizers as opt
+from metagg.aggregators.registry import build_aggregator
 from metagg.cluster import Cluster
 from metagg.data import partition
 from metagg.hetero import (
@@ -11,7 +12,6 @@ from metagg.hetero import (
     HeteroCluster,
     HeteroEnv,
     WorkerGroup,
-    coverage_mean,
     prefix_correspondence,
 )
 from metagg.layout import ParamLayout
@@ -123,7 +123,7 @@ def test_active_groups_and_coverage_mean(digits):
     updates, ids = env.worker_round(env.cluster(0), theta, 0)
     assert updates.shape == (4, env.dim)
     assert torch.equal(updates[~env.coverage], torch.zeros(int((~env.coverage).sum())))
-    agg = coverage_mean(opt.sgd(1.0))
+    agg = build_aggregator("coverage_mean", optimizer=opt.sgd(1.0))
     step, _ = agg.step(agg.init(env.task.layout, 4), updates, env.context(theta, ids, 0))
     cover = env.coverage
     expected = updates.sum(0) / cover.sum(0)
@@ -146,6 +146,6 @@ def test_rnn_runs_on_the_paper_groups(digits):
     agg = RNNAggregator(RNNConfig(num_workers=12))
     res = evaluate_aggregator(agg, env, [5], (3,))
     assert len(res["loss@3"]) == 1 and res["mean_loss@3"] > 0
-    base = evaluate_aggregator(coverage_mean(opt.sgd(1.0)), env, [5], (3,))
-    again = evaluate_aggregator(coverage_mean(opt.sgd(1.0)), env, [5], (3,))
+    base, again = (evaluate_aggregator(build_aggregator("coverage_mean", optimizer=opt.sgd(1.0)),
+                                       env, [5], (3,)) for _ in range(2))
     assert base["loss@3"] == again["loss@3"]  # a run is a function of its seed

@@ -115,7 +115,7 @@ def test_fedavg_equals_average_of_local_models(digits):
 class NaNAttack(Attack):
     name = "nan"
 
-    def forge(self, honest, byzantine, ctx, generator):
+    def forge(self, honest, byzantine, ctx, generator, *, defence=None):
         out = honest[byzantine].clone()
         out[:, 0] = float("nan")
         return out

@@ -8,17 +8,27 @@ property of the workers instead and forge nothing here.
     attack = make_attack("alie", z=1.5)
     forged = attack.forge(honest, byzantine_ids, ctx, generator)   # [b, d]
 
+White-box attacks also get the server's aggregator and its current state, by keyword:
+`forge(..., defence=Defence(aggregator, state))`.
+
 Definitions and defaults follow ../shared/specs/byzantine.md.
 """
 
 from __future__ import annotations
 
 import statistics
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-__all__ = ["ATTACKS", "Attack", "make_attack"]
+__all__ = ["ATTACKS", "Attack", "Defence", "make_attack"]
+
+
+class Defence(NamedTuple):
+    """What a white-box attack knows of the server: its aggregator and that one's state."""
+
+    aggregator: Any  # a metagg.aggregators.base.Aggregator
+    state: Any
 
 
 class Attack:
@@ -36,10 +46,14 @@ class Attack:
         byzantine: torch.Tensor,
         ctx: Any,
         generator: torch.Generator,
+        *,
+        defence: Defence | None = None,
     ) -> torch.Tensor:
         """Return forged updates [b, d] for the workers in `byzantine` (int64 [b]).
 
-        `honest` [M, d] holds every worker's honest update, Byzantine ones included.
+        `honest` [M, d] holds every worker's honest update, Byzantine ones included;
+        `ctx` is the round's `RoundContext`; `defence` the server's aggregator, given to
+        every attack and used by the white-box ones.
         """
         return honest[byzantine]
 
@@ -61,7 +75,7 @@ class SignFlip(Attack):
     def __init__(self, scale: float = 1.0):
         self.scale = scale
 
-    def forge(self, honest, byzantine, ctx, generator):
+    def forge(self, honest, byzantine, ctx, generator, *, defence=None):
         return -self.scale * honest[byzantine]
 
 
@@ -73,7 +87,7 @@ class Gaussian(Attack):
     def __init__(self, sigma: float = 200.0):
         self.sigma = sigma
 
-    def forge(self, honest, byzantine, ctx, generator):
+    def forge(self, honest, byzantine, ctx, generator, *, defence=None):
         shape = (len(byzantine), honest.shape[1])
         noise = torch.randn(shape, generator=generator, dtype=honest.dtype)
         return self.sigma * noise.to(honest.device)
@@ -84,7 +98,7 @@ class Zero(Attack):
 
     name = "zero"
 
-    def forge(self, honest, byzantine, ctx, generator):
+    def forge(self, honest, byzantine, ctx, generator, *, defence=None):
         return honest.new_zeros(len(byzantine), honest.shape[1])
 
 
@@ -124,7 +138,7 @@ class ALIE(Attack):
         p = (n - s) / n
         return statistics.NormalDist().inv_cdf(p) if 0 < p < 1 else 1.5
 
-    def forge(self, honest, byzantine, ctx, generator):
+    def forge(self, honest, byzantine, ctx, generator, *, defence=None):
         good = self.honest_rows(honest, byzantine)
         mu = good.mean(0)
         sigma = good.std(0, unbiased=False) if len(good) > 1 else torch.zeros_like(mu)
@@ -140,7 +154,7 @@ class IPM(Attack):
     def __init__(self, eps: float = 0.1):
         self.eps = eps
 
-    def forge(self, honest, byzantine, ctx, generator):
+    def forge(self, honest, byzantine, ctx, generator, *, defence=None):
         good = self.honest_rows(honest, byzantine)
         return (-self.eps * good.mean(0)).expand(len(byzantine), -1).clone()
 
@@ -150,7 +164,7 @@ class Mimic(Attack):
 
     name = "mimic"
 
-    def forge(self, honest, byzantine, ctx, generator):
+    def forge(self, honest, byzantine, ctx, generator, *, defence=None):
         good = self.honest_rows(honest, byzantine)
         return good[:1].expand(len(byzantine), -1).clone()
 
@@ -162,8 +176,7 @@ class Adaptive(Attack):
     from `scales` to minimise ⟨step, μ⟩, where step is what the server's aggregator
     (run on a copy of its state) would output and μ the honest mean. Since the server
     does θ ← θ − step and μ estimates the gradient, this maximises the first-order
-    increase of the loss. Needs `ctx.extras["aggregator"]` and `["aggregator_state"]`
-    (the simulator provides them).
+    increase of the loss. Needs `defence` (the simulator and the runtime give it).
     """
 
     name = "adaptive"
@@ -173,11 +186,10 @@ class Adaptive(Attack):
             raise ValueError(f"adaptive: scales must be positive numbers, got {scales}")
         self.scales = tuple(float(s) for s in scales)
 
-    def forge(self, honest, byzantine, ctx, generator):
-        extras = getattr(ctx, "extras", {})
-        if "aggregator" not in extras:
-            raise ValueError("adaptive attack needs ctx.extras['aggregator'] (white-box access)")
-        agg, state = extras["aggregator"], extras.get("aggregator_state")
+    def forge(self, honest, byzantine, ctx, generator, *, defence=None):
+        if defence is None:
+            raise ValueError("adaptive attack needs the server's aggregator (white-box access)")
+        agg, state = defence
         mu = self.honest_rows(honest, byzantine).mean(0)
         best, best_score = None, float("inf")
         for c in self.scales:

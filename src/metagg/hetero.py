@@ -34,7 +34,7 @@ are reported):
    coordinate its model does not have is 0 and marked uncovered in `coverage`
    [M, d]. The coordinatewise RNN reads a 0 as "no input from this worker here"
    (its preprocessing keeps exact zeros at 0, as for a missing worker), and
-   `coverage_mean` averages each coordinate over the workers that cover it.
+   the `coverage_mean` aggregator averages each coordinate over the workers that cover it.
    In the paper's four groups every target coordinate is covered by every group
    (the target is the smallest model), so masking only matters for smaller groups.
 
@@ -57,8 +57,7 @@ from typing import Any
 import torch
 from torch.func import grad_and_value, vmap
 
-from metagg.aggregators.base import Aggregator, RoundContext, RuleAggregator
-from metagg.aggregators.optimizers import ServerOptimizer
+from metagg.aggregators.base import Aggregator, RoundContext
 from metagg.cluster import Cluster
 from metagg.data import Dataset, partition
 from metagg.layout import ParamLayout
@@ -75,7 +74,6 @@ __all__ = [
     "HeteroMetaConfig",
     "HeteroOutput",
     "WorkerGroup",
-    "coverage_mean",
     "meta_train_hetero",
     "prefix_correspondence",
 ]
@@ -259,30 +257,6 @@ class HeteroCluster:
         return HeteroOutput(torch.cat(updates), torch.cat(ids), torch.cat(losses))
 
 
-# --------------------------------------------------------------------------- aggregation
-
-
-class _CoverageMeanRule:
-    """Mean per coordinate over the workers whose model has it (`ctx.extras["coverage"]`)."""
-
-    def init(self, layout: ParamLayout, num_workers: int) -> tuple:
-        return ()
-
-    def __call__(self, state: tuple, updates: torch.Tensor,
-                 ctx: RoundContext) -> tuple[torch.Tensor, tuple]:
-        cover = ctx.extras.get("coverage")
-        if cover is None:
-            return updates.mean(0), state
-        count = cover[ctx.worker_ids].sum(0).clamp_min(1).to(updates.dtype)
-        return updates.sum(0) / count, state  # uncovered entries are 0 in `updates`
-
-
-def coverage_mean(optimizer: ServerOptimizer) -> Aggregator:
-    """Averaging for heterogeneous workers: each coordinate is the mean over the workers
-    that cover it (equal to `mean` when all do), followed by the server `optimizer`."""
-    return RuleAggregator("coverage_mean", _CoverageMeanRule(), optimizer)
-
-
 # --------------------------------------------------------------------------- environment
 
 
@@ -366,7 +340,7 @@ class HeteroEnv:
     def context(self, theta: torch.Tensor, worker_ids: torch.Tensor, t: int) -> RoundContext:
         return RoundContext(round=t, params=theta, layout=self.task.layout,
                             num_workers=self.cfg.num_workers, worker_ids=worker_ids,
-                            extras={"coverage": self.coverage})
+                            coverage=self.coverage)
 
     def batch_loss(self, cluster: HeteroCluster, theta: torch.Tensor, t: int) -> torch.Tensor:
         """The target model's mean loss on the active workers' round-t minibatches

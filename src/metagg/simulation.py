@@ -18,6 +18,7 @@ resumed with `resume=True` reproduces the uninterrupted metrics exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -30,8 +31,9 @@ import torch
 from torch import nn
 
 from metagg.aggregators.base import RoundContext, TooFewUpdates
-from metagg.aggregators.registry import build_aggregator, build_optimizer
-from metagg.attacks import make_attack
+from metagg.aggregators.optimizers import build_optimizer
+from metagg.aggregators.registry import build_aggregator
+from metagg.attacks import Defence, make_attack
 from metagg.checkpoint import (
     CheckpointError,
     atomic_write_text,
@@ -104,9 +106,8 @@ class Simulation:
         )
         f = cfg.aggregator.f if cfg.aggregator.f is not None else a.num_byzantine
         self.aggregator = build_aggregator(
-            cfg.aggregator.name, f=f, optimizer=build_optimizer(cfg.optimizer),
-            options=cfg.aggregator.options, seed=cfg.seed,
-        )
+            cfg.aggregator.name, f=f, options=cfg.aggregator.options, seed=cfg.seed,
+            optimizer=build_optimizer(**dataclasses.asdict(cfg.optimizer)))
         self._check_enough_workers(f)
         gen = server_sample_generator(cfg.seed)
         self.trusted = None
@@ -194,12 +195,11 @@ class Simulation:
             rows = (torch.arange(cfg.workers.num_workers) if received is None
                     else received.nonzero().squeeze(1))
             ctx = self.context(rows)
-            ctx.extras["aggregator"] = self.aggregator
-            ctx.extras["aggregator_state"] = self.agg_state
             seen = updates if received is None else updates[rows]
             where = byzantine if received is None else torch.searchsorted(rows, byzantine)
             forged = self.attack.forge(seen, where, ctx,
-                                       round_generator(cfg.seed, t, RoundStream.ATTACK))
+                                       round_generator(cfg.seed, t, RoundStream.ATTACK),
+                                       defence=Defence(self.aggregator, self.agg_state))
             updates = updates.index_put((byzantine,), forged.to(updates.dtype))
         reporting = self.honest if received is None else self.honest & received
         if reporting.any():

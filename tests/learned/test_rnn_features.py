@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
+from metagg.aggregators.base import worker_slots
 from metagg.learned.rnn import (
     RNNAggregator,
     RNNConfig,
     gradient_features,
     log_norm_feature,
     loss_features,
-    worker_slots,
 )
 from metagg.models import build_model
 from metagg.tasks import Task, TrustedData

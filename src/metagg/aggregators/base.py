@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -32,6 +32,7 @@ __all__ = [
     "RuleAggState",
     "RuleAggregator",
     "TooFewUpdates",
+    "worker_slots",
 ]
 
 State = Any
@@ -56,6 +57,10 @@ class RoundContext:
         local_lr, local_steps: the workers' local SGD settings (local-SGD mode).
         worker_momentum: β of the workers' momentum (0: updates are raw gradients or
             deltas), so a rule comparing them with its own update can do the same.
+        coverage: bool [M, d], which coordinates each worker's model has, when workers
+            hold different models (`metagg.cluster.HeteroCluster`); None: all of them.
+        num_examples: int64 [n], how many examples each row was computed on, where the
+            runtime knows (Flower clients report it); None otherwise.
     """
 
     round: int
@@ -68,7 +73,8 @@ class RoundContext:
     local_lr: float = 1.0
     local_steps: int = 1
     worker_momentum: float = 0.0
-    extras: dict[str, Any] = field(default_factory=dict)
+    coverage: torch.Tensor | None = None
+    num_examples: torch.Tensor | None = None
 
 
 class Aggregator(ABC):
@@ -149,11 +155,14 @@ class RuleAggregator(Aggregator):
     """A reduction rule followed by a server optimizer (optax-style composition)."""
 
     def __init__(self, name: str, rule: Rule, optimizer: Any, *, min_updates: int = 1,
+                 requirement: str = "", can_run_unsafe: bool = False,
                  uses_trusted_data: bool = False):
         self.name = name
         self.rule = rule
         self.optimizer = optimizer
         self.min_updates = min_updates
+        self.requirement = requirement
+        self.can_run_unsafe = can_run_unsafe
         self.uses_trusted_data = uses_trusted_data
 
     def init(self, layout: ParamLayout, num_workers: int) -> RuleAggState:
@@ -169,3 +178,33 @@ class RuleAggregator(Aggregator):
 
     def __repr__(self) -> str:
         return f"RuleAggregator({self.name!r})"
+
+
+def worker_slots(
+    updates: torch.Tensor, worker_ids: torch.Tensor | None, num_workers: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Put row k of `updates` [n, d] into slot `worker_ids[k]` of an [M, d] matrix.
+
+    For aggregators whose input has one slot per worker (the learned ones). Returns
+    (slots [M, d], present bool [M]); missing workers' slots are zero. `present` is
+    None when all M are there in order (the common case, no copy).
+    """
+    n = updates.shape[0]
+    if worker_ids is None:
+        if n != num_workers:
+            raise ValueError(f"got {n} updates for {num_workers} workers and no worker_ids")
+        return updates, None
+    ids = worker_ids.to(torch.int64).cpu()
+    if ids.shape != (n,):
+        raise ValueError(f"worker_ids must have shape [{n}] (one per update), "
+                         f"got {tuple(ids.shape)}")
+    if n == num_workers and torch.equal(ids, torch.arange(n)):
+        return updates, None
+    if n and (int(ids.min()) < 0 or int(ids.max()) >= num_workers or len(ids.unique()) != n):
+        raise ValueError(f"worker_ids must be distinct and in [0, {num_workers}), "
+                         f"got {ids.tolist()}")
+    slots = updates.new_zeros(num_workers, updates.shape[1])
+    slots[ids.to(updates.device)] = updates
+    present = torch.zeros(num_workers, dtype=torch.bool)
+    present[ids] = True
+    return slots, present.to(updates.device)

@@ -24,6 +24,7 @@ __all__ = [
     "ServerOptimizer",
     "SlowMoState",
     "adam",
+    "build_optimizer",
     "momentum",
     "sgd",
     "slowmo",
@@ -132,3 +133,18 @@ def slowmo(lr: float, beta: float = 0.9, local_lr: float | None = None) -> Serve
 
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "slowmo")
+
+
+def build_optimizer(name: str, lr: float, *, beta: float = 0.9, beta2: float = 0.999,
+                    eps: float = 1e-8, nesterov: bool = False) -> ServerOptimizer:
+    """A server optimizer by name (the fields of a config's `optimizer` section):
+    `build_optimizer(**dataclasses.asdict(cfg.optimizer))`."""
+    if name == "sgd":
+        return sgd(lr)
+    if name == "momentum":
+        return momentum(lr, beta, nesterov)
+    if name == "adam":
+        return adam(lr, beta, beta2, eps)
+    if name == "slowmo":
+        return slowmo(lr, beta)
+    raise ValueError(f"unknown optimizer {name!r}; allowed: {', '.join(OPTIMIZERS)}")

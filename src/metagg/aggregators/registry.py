@@ -1,49 +1,144 @@
 """Aggregators by name: `build_aggregator("krum", f=3, optimizer=sgd(0.5))`.
 
 Names are what configs and the CLI use (`aggregator: median`, `--aggregators
-mean,krum`). Learned aggregators take an argument after a colon
-(`rnn:runs/rnn`, `lagg:pretrained/...`).
+mean,krum`); a pre-aggregation composes with a rule (`nnm+krum`, `bucketing+median`);
+learned aggregators take an argument after a colon (`rnn:runs/rnn`, `lagg:pretrained/...`).
+
+Every entry is a declarative `AggregatorSpec`: how to build the reduction rule, how many
+updates its guarantee needs for a given f (and how few it can run on outside it), and
+whether it needs the server's trusted data. The registry builds each aggregator once,
+complete, from that spec. Learned aggregators are registered by a "module:function"
+string and imported only when built, so nothing here imports `metagg.learned`.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+from metagg import robust
 from metagg.aggregators import optimizers as opt
-from metagg.aggregators.base import Aggregator, KernelRule, RuleAggregator
-from metagg.aggregators.rules import CenteredClipRule, FLTrustRule, PreAggregatedRule, ZenoRule
-from metagg.config import OptimizerConfig
+from metagg.aggregators.base import Aggregator, KernelRule, Rule, RuleAggregator
+from metagg.aggregators.rules import (
+    CenteredClipRule,
+    CoverageMeanRule,
+    FLTrustRule,
+    PreAggregatedRule,
+    ZenoRule,
+)
 
 __all__ = [
     "PRE_AGGREGATIONS",
+    "AggregatorSpec",
     "aggregator_names",
+    "aggregator_spec",
     "build_aggregator",
-    "build_optimizer",
     "check_aggregator_name",
     "parse_aggregator_name",
-    "register",
 ]
 
-# name -> builder(f, optimizer, options) -> Aggregator
-_BUILDERS: dict[str, Callable[..., Aggregator]] = {}
+PRE_AGGREGATIONS = ("nnm", "bucketing")
 
 
-def register(name: str) -> Callable:
-    """Decorator: register an aggregator builder under `name`."""
+@dataclass(frozen=True)
+class AggregatorSpec:
+    """One registered aggregator.
 
-    def wrap(fn: Callable[..., Aggregator]) -> Callable[..., Aggregator]:
-        _BUILDERS[name] = fn
-        return fn
+    Attributes:
+        name: what configs call it.
+        summary: one line for `metagg list`.
+        rule: `rule(f, seed, options) -> Rule` for a reduction followed by the server
+            optimizer (classical and robust rules).
+        build: "module:function" of a learned aggregator's builder
+            `function(arg, options) -> Aggregator` (it produces the step itself).
+        fewest: updates the rule's robustness guarantee needs, as a function of f.
+        requirement: that guarantee as text ("n > 2f + 2"), for error messages.
+        fewest_unsafe: updates the rule needs to be defined at all, with
+            `options: {allow_unsafe: true}`; None: it cannot run below `fewest`.
+        uses_trusted_data: it needs the server's trusted sample (Zeno, FLTrust, ARNN).
+    """
 
-    return wrap
+    name: str
+    summary: str
+    rule: Callable[[int, int, dict[str, Any]], Rule] | None = None
+    build: str | None = None
+    fewest: Callable[[int], int] | None = None
+    requirement: str = ""
+    fewest_unsafe: Callable[[int], int] | None = None
+    uses_trusted_data: bool = False
+
+    def min_updates(self, f: int, unsafe: bool = False) -> int:
+        if self.fewest is None:
+            return 1
+        if unsafe and self.fewest_unsafe is not None:
+            return self.fewest_unsafe(f)
+        return self.fewest(f)
+
+
+def _kernel(name: str, summary: str, kernel: Callable[..., Any], *, takes_f: bool = False,
+            **limits: Any) -> AggregatorSpec:
+    """A pure `metagg.robust` kernel as a rule (f passed on when the kernel takes it)."""
+
+    def rule(f: int, seed: int, options: dict[str, Any]) -> Rule:
+        return KernelRule(kernel, f=f, **options) if takes_f else KernelRule(kernel, **options)
+
+    return AggregatorSpec(name, summary, rule=rule, **limits)
+
+
+def _zeno(f: int, seed: int, options: dict[str, Any]) -> Rule:
+    return ZenoRule(**{"discard": f, "seed": seed, **options})
+
+
+_SPECS: tuple[AggregatorSpec, ...] = (
+    _kernel("mean", "average of the updates (FedAvg with sgd lr 1 in local-SGD mode)",
+            robust.mean),
+    _kernel("median", "coordinate-wise median", robust.coordinate_median),
+    _kernel("geometric_median", "smoothed Weiszfeld geometric median (options: iters, nu)",
+            robust.geometric_median),
+    _kernel("trimmed_mean", "coordinate-wise mean without the f largest and f smallest",
+            robust.trimmed_mean, takes_f=True, fewest=lambda f: 2 * f + 1,
+            requirement="n > 2f"),
+    _kernel("krum", "the update closest to its n − f − 2 nearest neighbours",
+            robust.krum, takes_f=True, fewest=lambda f: 2 * f + 3, requirement="n > 2f + 2",
+            fewest_unsafe=lambda f: f + 3),
+    _kernel("multi_krum", "mean of the m best Krum scores (option m, default n − f)",
+            robust.multi_krum, takes_f=True, fewest=lambda f: 2 * f + 3,
+            requirement="n > 2f + 2", fewest_unsafe=lambda f: f + 3),
+    _kernel("bulyan", "Krum selection of n − 2f, then a trimmed mean of the middle",
+            robust.bulyan, takes_f=True, fewest=lambda f: 4 * f + 3, requirement="n >= 4f + 3",
+            fewest_unsafe=lambda f: 4 * f + 1),
+    AggregatorSpec("centered_clip", "centered clipping around the last aggregate "
+                   "(options: tau, iters)", rule=lambda f, seed, o: CenteredClipRule(**o)),
+    AggregatorSpec("zeno", "mean of the n − f updates that lower the trusted loss most "
+                   "(options: gamma, rho, batch)", rule=_zeno, uses_trusted_data=True),
+    AggregatorSpec("fltrust", "updates weighted by their cosine with the server's own update",
+                   rule=lambda f, seed, o: FLTrustRule(**o), uses_trusted_data=True),
+    AggregatorSpec("coverage_mean", "per-coordinate mean over the workers whose model has the "
+                   "coordinate (heterogeneous workers)",
+                   rule=lambda f, seed, o: CoverageMeanRule(**o)),
+    AggregatorSpec("rnn", "learned coordinatewise LSTM/GRU (Ji et al. 2019): rnn:PATH",
+                   build="metagg.learned.store:build_rnn"),
+    AggregatorSpec("arnn", "learned RNN that also sees the trusted-sample losses: arnn:PATH",
+                   build="metagg.learned.store:build_arnn", uses_trusted_data=True),
+    AggregatorSpec("lagg", "learned optimizer on every worker's update (LAgg-A): lagg:PATH",
+                   build="metagg.learned.lagg:build_lagg"),
+    AggregatorSpec("lopt", "learned optimizer on the mean update (LOpt-A): lopt:PATH",
+                   build="metagg.learned.lagg:build_lopt"),
+)
+_REGISTRY: dict[str, AggregatorSpec] = {s.name: s for s in _SPECS}
 
 
 def aggregator_names() -> list[str]:
-    return sorted(_BUILDERS)
+    return sorted(_REGISTRY)
 
 
-PRE_AGGREGATIONS = ("nnm", "bucketing")
+def aggregator_spec(name: str) -> AggregatorSpec:
+    """The registry entry of a base name ('krum', not 'nnm+krum' or 'rnn:PATH')."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown aggregator {name!r}; allowed: {', '.join(aggregator_names())}")
+    return _REGISTRY[name]
 
 
 def parse_aggregator_name(name: str) -> tuple[str, str | None]:
@@ -59,21 +154,11 @@ def check_aggregator_name(name: str) -> str | None:
     if plus and pre not in PRE_AGGREGATIONS:
         return (f"unknown pre-aggregation {pre!r} in {name!r}; allowed: "
                 f"{', '.join(PRE_AGGREGATIONS)}")
-    if base not in _BUILDERS:
+    if base not in _REGISTRY:
         return f"unknown value {base!r}; allowed: {', '.join(aggregator_names())}"
+    if plus and _REGISTRY[base].rule is None:
+        return f"{pre}+{base}: pre-aggregation applies to rule-based aggregators"
     return None
-
-
-def build_optimizer(cfg: OptimizerConfig) -> opt.ServerOptimizer:
-    if cfg.name == "sgd":
-        return opt.sgd(cfg.lr)
-    if cfg.name == "momentum":
-        return opt.momentum(cfg.lr, cfg.beta, cfg.nesterov)
-    if cfg.name == "adam":
-        return opt.adam(cfg.lr, cfg.beta, cfg.beta2, cfg.eps)
-    if cfg.name == "slowmo":
-        return opt.slowmo(cfg.lr, cfg.beta)
-    raise ValueError(f"unknown optimizer {cfg.name!r}; allowed: {', '.join(opt.OPTIMIZERS)}")
 
 
 def build_aggregator(
@@ -89,103 +174,41 @@ def build_aggregator(
     Classical and robust rules are followed by `optimizer` (default SGD, lr 1).
     `seed` seeds the rule's own randomness (Zeno's subsample, bucketing's shuffle).
     `options: {allow_unsafe: true}` runs a rule outside its guarantee where it is
-    still defined; rules without a guarantee ignore it.
+    still defined; rules without a guarantee ignore it. `bucket_size` (default 2)
+    goes to bucketing; every other option to the rule (or learned builder).
     """
     problem = check_aggregator_name(name)
     if problem:
         raise ValueError(f"aggregator: {problem}")
     kind, arg = parse_aggregator_name(name)
     pre, _, kind = kind.rpartition("+")
-    optimizer = optimizer if optimizer is not None else opt.sgd(1.0)
+    spec = _REGISTRY[kind]
     options = dict(options or {})
+    if spec.build is not None:
+        module, _, function = spec.build.partition(":")
+        return getattr(importlib.import_module(module), function)(arg, options)
+
     unsafe = bool(options.pop("allow_unsafe", False))
     bucket_size = int(options.pop("bucket_size", 2)) if pre == "bucketing" else 2
-    builder = _BUILDERS[kind]
-    if unsafe and getattr(builder, "takes_allow_unsafe", False):
-        options["allow_unsafe"] = True
-    if getattr(builder, "takes_seed", False):
-        options.setdefault("seed", seed)
+    if unsafe and spec.fewest is not None:
+        options["allow_unsafe"] = True  # the kernel checks its own guarantee too
+    assert spec.rule is not None
     try:
-        agg = builder(f=f, optimizer=optimizer, options=options, arg=arg)
+        rule = spec.rule(f, seed, options)
     except TypeError as exc:
         raise ValueError(f"aggregator {kind!r}: bad options {options} ({exc})") from None
+    fewest = spec.min_updates(f, unsafe)
+    requirement, can_run_unsafe = spec.requirement, spec.fewest_unsafe is not None
+    if pre == "bucketing":  # the rule sees ceil(n / s) bucket means
+        fewest *= bucket_size
+    elif pre == "nnm":  # NNM's own guarantee, n > 2f; with allow_unsafe it needs n - f >= 1
+        fewest = max(fewest, f + 1 if unsafe else 2 * f + 1)
+        requirement, can_run_unsafe = requirement or "n > 2f", True
     if pre:
-        if not isinstance(agg, RuleAggregator):
-            raise ValueError(f"{pre}+{kind}: pre-aggregation applies to rule-based aggregators")
-        agg.rule = PreAggregatedRule(pre, agg.rule, f=f, bucket_size=bucket_size, seed=seed,
-                                     allow_unsafe=unsafe)
-        agg.name = f"{pre}+{agg.name}"
-        if pre == "bucketing":  # the rule sees ceil(n / s) bucket means
-            agg.min_updates = agg.min_updates * bucket_size
-        else:  # NNM's own guarantee, n > 2f; with allow_unsafe it needs n - f >= 1
-            agg.min_updates = max(agg.min_updates, f + 1 if unsafe else 2 * f + 1)
-            agg.requirement = agg.requirement or "n > 2f"
-            agg.can_run_unsafe = True
-    return agg
-
-
-def _kernel(
-    name: str,
-    kernel_name: str,
-    *,
-    guarantee: tuple[Callable[[int], int], str] | None = None,
-    defined: Callable[[int], int] | None = None,
-) -> None:
-    """Register the robust kernel `metagg.robust.<kernel_name>` as aggregator `name`.
-
-    `guarantee` = (fewest updates for the rule's robustness guarantee, the inequality
-    as text); `defined` = fewest updates for which the rule is computable at all,
-    used with `options: {allow_unsafe: true}`. Rules without f take neither.
-    """
-
-    def build(*, f: int, optimizer, options: dict[str, Any], arg: str | None) -> Aggregator:
-        from metagg import robust
-
-        kernel = getattr(robust, kernel_name)
-        if guarantee is None:  # no f, no guarantee to step outside of
-            return RuleAggregator(name, KernelRule(kernel, **options), optimizer)
-        unsafe = bool(options.get("allow_unsafe", False))
-        least, inequality = guarantee
-        agg = RuleAggregator(name, KernelRule(kernel, f=f, **options), optimizer,
-                             min_updates=defined(f) if unsafe and defined else least(f))
-        agg.requirement = inequality
-        agg.can_run_unsafe = defined is not None
-        return agg
-
-    build.takes_allow_unsafe = guarantee is not None
-    register(name)(build)
-
-
-_kernel("mean", "mean")
-_kernel("median", "coordinate_median")
-_kernel("geometric_median", "geometric_median")
-_kernel("trimmed_mean", "trimmed_mean", guarantee=(lambda f: 2 * f + 1, "n > 2f"))
-_kernel("krum", "krum", guarantee=(lambda f: 2 * f + 3, "n > 2f + 2"), defined=lambda f: f + 3)
-_kernel("multi_krum", "multi_krum", guarantee=(lambda f: 2 * f + 3, "n > 2f + 2"),
-        defined=lambda f: f + 3)
-_kernel("bulyan", "bulyan", guarantee=(lambda f: 4 * f + 3, "n >= 4f + 3"),
-        defined=lambda f: 4 * f + 1)
-
-
-@register("centered_clip")
-def _centered_clip(*, f: int, optimizer, options: dict[str, Any], arg: str | None) -> Aggregator:
-    return RuleAggregator("centered_clip", CenteredClipRule(**options), optimizer)
-
-
-@register("zeno")
-def _zeno(*, f: int, optimizer, options: dict[str, Any], arg: str | None) -> Aggregator:
-    options.setdefault("discard", f)
-    return RuleAggregator("zeno", ZenoRule(**options), optimizer, uses_trusted_data=True)
-
-
-_zeno.takes_seed = True
-
-
-@register("fltrust")
-def _fltrust(*, f: int, optimizer, options: dict[str, Any], arg: str | None) -> Aggregator:
-    return RuleAggregator("fltrust", FLTrustRule(**options), optimizer, uses_trusted_data=True)
-
-
-# Learned aggregators register themselves on import (they import this module).
-import metagg.learned.lagg  # noqa: E402  registers lagg/lopt
-import metagg.learned.rnn  # noqa: E402, F401  registers rnn/arnn
+        rule = PreAggregatedRule(pre, rule, f=f, bucket_size=bucket_size, seed=seed,
+                                 allow_unsafe=unsafe)
+    return RuleAggregator(f"{pre}+{kind}" if pre else kind, rule,
+                          optimizer if optimizer is not None else opt.sgd(1.0),
+                          min_updates=fewest, requirement=requirement,
+                          can_run_unsafe=can_run_unsafe,
+                          uses_trusted_data=spec.uses_trusted_data)

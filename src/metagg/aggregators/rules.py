@@ -6,6 +6,8 @@
 - `FLTrustRule`: Cao et al. 2021, weights each update by its cosine with the
   server's own update on its root data; survives a Byzantine majority.
 - `PreAggregatedRule`: NNM or bucketing, then any rule ("nnm+krum").
+- `CoverageMeanRule`: the mean per coordinate over the workers whose model has it
+  (workers with different models, `RoundContext.coverage`).
 
 All follow the `Rule` protocol of `metagg.aggregators.base`.
 """
@@ -16,12 +18,14 @@ from typing import Any, NamedTuple
 
 import torch
 
+from metagg import robust
 from metagg.aggregators.base import RoundContext, Rule
 from metagg.layout import ParamLayout
 from metagg.seeding import RoundStream, round_generator
 
 __all__ = [
     "CenteredClipRule",
+    "CoverageMeanRule",
     "FLTrustRule",
     "FLTrustState",
     "PreAggregatedRule",
@@ -48,8 +52,6 @@ class CenteredClipRule:
         return CenteredClipState(torch.zeros(layout.size))
 
     def __call__(self, state: CenteredClipState, updates: torch.Tensor, ctx: RoundContext):
-        from metagg import robust
-
         v = robust.centered_clip(updates, state.previous.to(updates), tau=self.tau,
                                  iters=self.iters)
         return v, CenteredClipState(v)
@@ -169,8 +171,6 @@ class PreAggregatedRule:
         return self.rule.init(layout, num_workers)
 
     def __call__(self, state: Any, updates: torch.Tensor, ctx: RoundContext):
-        from metagg import robust
-
         if self.pre == "nnm":
             mixed = robust.nnm(updates, self.f, allow_unsafe=self.allow_unsafe)
         else:
@@ -178,3 +178,19 @@ class PreAggregatedRule:
             mixed = robust.bucketing(updates, self.bucket_size, generator=g)
         return self.rule(state, mixed, ctx)
 
+
+
+class CoverageMeanRule:
+    """Mean per coordinate over the workers whose model has it (`ctx.coverage`); equal to
+    the mean when every worker covers every coordinate (or `ctx.coverage` is None).
+    Uncovered entries of the updates are 0, so the sum only counts covering workers."""
+
+    def init(self, layout: ParamLayout, num_workers: int) -> tuple:
+        return ()
+
+    def __call__(self, state: tuple, updates: torch.Tensor,
+                 ctx: RoundContext) -> tuple[torch.Tensor, tuple]:
+        if ctx.coverage is None:
+            return updates.mean(0), state
+        count = ctx.coverage[ctx.worker_ids].sum(0).clamp_min(1).to(updates.dtype)
+        return updates.sum(0) / count, state

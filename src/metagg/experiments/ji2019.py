@@ -515,7 +515,11 @@ class Ji2019:
 
     def figure7(self) -> None:
         from metagg.aggregators import optimizers as opt
-        from metagg.hetero import PAPER_GROUPS, HeteroEnv, WorkerGroup, coverage_mean
+        from metagg.aggregators.registry import build_aggregator
+        from metagg.hetero import PAPER_GROUPS, HeteroEnv, WorkerGroup
+
+        def coverage_mean(optimizer):
+            return build_aggregator("coverage_mean", optimizer=optimizer)
         from metagg.learned import evaluate_aggregator, load_aggregator
 
         spec = TaskSpec("digits, 4 models × 3 workers → mlp:20:sigmoid", "digits",

@@ -28,7 +28,7 @@ Weighting: metagg aggregators treat every client alike; they do *not* weight by
 `FitRes.num_examples` (Flower's FedAvg does). So `"mean"` with the default
 SGD(lr=1) equals FedAvg exactly when clients hold equally many examples, and is
 the unweighted average otherwise. The example counts are passed to the aggregator
-as `ctx.extras["num_examples"]` (int64 [n]) for aggregators that want them.
+as `ctx.num_examples` (int64 [n]) for aggregators that want them.
 
 Worker ids: Flower client ids (`ClientProxy.cid`) are mapped to 0, 1, 2, ... in
 order of first appearance and passed as `ctx.worker_ids`, so per-worker state and
@@ -50,6 +50,7 @@ Each round's fit metrics (in Flower's history) hold `num_updates`, `dropped_malf
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -78,8 +79,8 @@ except ImportError as exc:  # pragma: no cover - exercised by monkeypatching sys
     ) from exc
 
 from metagg.aggregators.base import Aggregator, RoundContext, TooFewUpdates
-from metagg.aggregators.optimizers import ServerOptimizer
-from metagg.aggregators.registry import build_aggregator, build_optimizer
+from metagg.aggregators.optimizers import ServerOptimizer, build_optimizer
+from metagg.aggregators.registry import build_aggregator
 from metagg.checkpoint import (
     CheckpointError,
     flatten_state,
@@ -146,7 +147,7 @@ class AggregatorStrategy(FedAvg):
             self.aggregator = aggregator
         elif isinstance(aggregator, str):
             if isinstance(optimizer, OptimizerConfig):
-                optimizer = build_optimizer(optimizer)
+                optimizer = build_optimizer(**dataclasses.asdict(optimizer))
             self.aggregator = build_aggregator(aggregator, f=f, optimizer=optimizer,
                                                options=dict(options or {}), seed=seed)
         else:
@@ -305,11 +306,8 @@ class AggregatorStrategy(FedAvg):
             num_workers=self._num_workers(), trusted=self.trusted,
             worker_ids=torch.tensor([ids[k] for k in kept], dtype=torch.int64),
             mode="local_sgd", local_lr=self.local_lr, local_steps=self.local_steps,
-            extras={
-                "num_examples": torch.tensor([results[k][1].num_examples for k in kept],
-                                             dtype=torch.int64),
-                "client_ids": [results[k][0].cid for k in kept],
-            },
+            num_examples=torch.tensor([results[k][1].num_examples for k in kept],
+                                      dtype=torch.int64),
         )
         try:
             step, new_state = self.aggregator.step(self.state, updates, ctx)

@@ -24,7 +24,6 @@ from metagg.learned.rnn import (
     gradient_features,
     log_norm_feature,
     loss_features,
-    worker_slots,
 )
 from metagg.learned.store import load_aggregator, read_aggregator_info, save_aggregator
 
@@ -52,5 +51,4 @@ __all__ = [
     "read_aggregator_info",
     "save_aggregator",
     "save_lagg",
-    "worker_slots",
 ]

@@ -51,8 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from metagg.aggregators.base import Aggregator, RoundContext
-from metagg.aggregators.registry import register
+from metagg.aggregators.base import Aggregator, RoundContext, worker_slots
 from metagg.checkpoint import CheckpointError, save_checkpoint
 from metagg.layout import ParamLayout
 from metagg.learned.features import (
@@ -255,8 +254,6 @@ class LearnedAdaAggregator(Aggregator):
         return step.to(updates.dtype), new
 
     def _slots(self, u: torch.Tensor, ctx: RoundContext) -> torch.Tensor:
-        from metagg.learned.rnn import worker_slots  # lazy: rnn and lagg both load via registry
-
         k = self.config.num_workers
         if ctx.num_workers != k:
             raise ValueError(f"lagg: trained for {k} workers, the round has "
@@ -371,7 +368,7 @@ def load_lagg(path: str | Path) -> LearnedAdaAggregator:
     return (LOptA if config.kind == "lopt" else LAggA)(config=config, net=net)
 
 
-# --------------------------------------------------------------------------- registry
+# --------------------------------------------------------------------------- registry builders
 
 
 def _build(kind: str, arg: str | None, options: dict[str, Any]) -> LearnedAdaAggregator:
@@ -395,15 +392,13 @@ def _build(kind: str, arg: str | None, options: dict[str, Any]) -> LearnedAdaAgg
     return (LOptA if kind == "lopt" else LAggA)(config=config, seed=seed)
 
 
-@register("lopt")
-def build_lopt(*, f: int, optimizer: object, options: dict, arg: str | None) -> LOptA:
-    """`lopt:PATH`, or `lopt` with options {init: true, init_seed, step_mode, ...}:
-    LOpt-A. `f` and the server optimizer are unused (the MLP produces the step)."""
+def build_lopt(arg: str | None, options: dict) -> LOptA:
+    """Registry builder: `lopt:PATH`, or `lopt` with options {init: true, init_seed,
+    step_mode, ...}: LOpt-A (the MLP produces the step; no server optimizer)."""
     return _build("lopt", arg, options)
 
 
-@register("lagg")
-def build_lagg(*, f: int, optimizer: object, options: dict, arg: str | None) -> LAggA:
-    """`lagg:PATH`, or `lagg` with options {init: true, num_workers (default: the run's),
-    init_seed, step_mode, ...}: LAgg-A."""
+def build_lagg(arg: str | None, options: dict) -> LAggA:
+    """Registry builder: `lagg:PATH`, or `lagg` with options {init: true, num_workers
+    (default: the run's), init_seed, step_mode, ...}: LAgg-A."""
     return _build("lagg", arg, options)

@@ -43,8 +43,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from metagg.aggregators.base import Aggregator, RoundContext
-from metagg.aggregators.registry import register
+from metagg.aggregators.base import Aggregator, RoundContext, worker_slots
 from metagg.layout import ParamLayout
 from metagg.tasks import TrustedData
 
@@ -58,7 +57,6 @@ __all__ = [
     "gradient_features",
     "log_norm_feature",
     "loss_features",
-    "worker_slots",
 ]
 
 CELLS = ("lstm", "gru")
@@ -245,36 +243,6 @@ def gru_cell(
 
 
 # --------------------------------------------------------------------------- features
-
-
-def worker_slots(
-    updates: torch.Tensor, worker_ids: torch.Tensor | None, num_workers: int
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Put row k of `updates` [n, d] into slot `worker_ids[k]` of an [M, d] matrix.
-
-    Returns (slots [M, d], present bool [M]); missing workers' slots are zero
-    (the RNN's input width is fixed at M). `present` is None when all M are there
-    in order (the common case, no copy).
-    """
-    n = updates.shape[0]
-    if worker_ids is None:
-        if n != num_workers:
-            raise ValueError(f"got {n} updates for {num_workers} workers and no worker_ids")
-        return updates, None
-    ids = worker_ids.to(torch.int64).cpu()
-    if ids.shape != (n,):
-        raise ValueError(f"worker_ids must have shape [{n}] (one per update), "
-                         f"got {tuple(ids.shape)}")
-    if n == num_workers and torch.equal(ids, torch.arange(n)):
-        return updates, None
-    if n and (int(ids.min()) < 0 or int(ids.max()) >= num_workers or len(ids.unique()) != n):
-        raise ValueError(f"worker_ids must be distinct and in [0, {num_workers}), "
-                         f"got {ids.tolist()}")
-    slots = updates.new_zeros(num_workers, updates.shape[1])
-    slots[ids.to(updates.device)] = updates
-    present = torch.zeros(num_workers, dtype=torch.bool)
-    present[ids] = True
-    return slots, present.to(updates.device)
 
 
 def gradient_features(
@@ -488,34 +456,3 @@ class RNNAggregator(Aggregator):
         c = self.config
         return (f"RNNAggregator({c.kind}, cell={c.cell}, hidden={c.hidden}, layers={c.layers}, "
                 f"M={c.num_workers}, output={c.output})")
-
-
-# --------------------------------------------------------------------------- registry
-
-
-def _build(kind: str, arg: str | None, options: dict) -> RNNAggregator:
-    if not arg:
-        raise ValueError(
-            f"aggregator {kind!r} needs trained weights: give '{kind}:PATH' (a directory with "
-            f"aggregator.safetensors + aggregator.json, or their file stem) or meta-train one "
-            f"(`metagg meta-train rnn ...`, or metagg.learned.meta_train_rnn in Python)")
-    from metagg.learned.store import load_aggregator
-
-    agg = load_aggregator(arg, **options)
-    if agg.config.kind != kind:
-        raise ValueError(f"{arg} holds an {agg.config.kind!r} aggregator, not {kind!r}; "
-                         f"use '{agg.config.kind}:{arg}'")
-    return agg
-
-
-@register("rnn")
-def build_rnn(*, f: int, optimizer: object, options: dict, arg: str | None) -> RNNAggregator:
-    """`rnn:PATH`: a trained RNN aggregator; `options` may set chunk_size. `f` and the
-    server optimizer are unused (the learned rule produces the step itself)."""
-    return _build("rnn", arg, options)
-
-
-@register("arnn")
-def build_arnn(*, f: int, optimizer: object, options: dict, arg: str | None) -> RNNAggregator:
-    """`arnn:PATH`: a trained ARNN aggregator (needs the server's trusted data)."""
-    return _build("arnn", arg, options)

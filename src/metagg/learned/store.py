@@ -31,6 +31,8 @@ from metagg.learned.rnn import DEFAULT_CHUNK, CoordinateRNN, RNNAggregator, RNNC
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "build_arnn",
+    "build_rnn",
     "load_aggregator",
     "pretrained_names",
     "read_aggregator_info",
@@ -172,3 +174,28 @@ def _load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], RN
         raise CheckpointError(f"{where}: kind {meta.get('kind')!r} contradicts config "
                               f"(arnn={config.arnn} means {config.kind!r})")
     return tensors, meta, config, where
+
+
+def _build(kind: str, arg: str | None, options: dict) -> RNNAggregator:
+    if not arg:
+        raise ValueError(
+            f"aggregator {kind!r} needs trained weights: give '{kind}:PATH' (a directory with "
+            f"aggregator.safetensors + aggregator.json, or their file stem) or meta-train one "
+            f"(`metagg meta-train rnn ...`, or metagg.learned.meta_train_rnn in Python)")
+    agg = load_aggregator(arg, **options)
+    if agg.config.kind != kind:
+        raise ValueError(f"{arg} holds an {agg.config.kind!r} aggregator, not {kind!r}; "
+                         f"use '{agg.config.kind}:{arg}'")
+    return agg
+
+
+def build_rnn(arg: str | None, options: dict) -> RNNAggregator:
+    """Registry builder of `rnn:PATH`: a trained RNN aggregator; `options` may set
+    chunk_size. It produces the step itself (no server optimizer)."""
+    return _build("rnn", arg, options)
+
+
+def build_arnn(arg: str | None, options: dict) -> RNNAggregator:
+    """Registry builder of `arnn:PATH`: a trained ARNN aggregator (needs the server's
+    trusted data)."""
+    return _build("arnn", arg, options)
