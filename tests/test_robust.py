@@ -145,9 +145,16 @@ def ref_bucketing(x: torch.Tensor, s: int, perm: list[int]) -> list[list[float]]
     return [[sum(rows[i][k] for i in b) / len(b) for k in range(x.shape[1])] for b in buckets]
 
 
+# geometric_median's float32 iterations run on a Gram matrix centred on an anchor row that
+# depends on the order of the rows: its documented accuracy is 1e-4 of the scale, not 2e-5
+# (hypothesis found a 1-d case off by 5e-5, exact in float64)
+LOOSER = {"geometric_median": 5.0}
+
+
 def same(actual: torch.Tensor, expected: torch.Tensor, x: torch.Tensor, msg: str = "") -> None:
     """Equal up to round-off at the scale of x (summation orders differ)."""
     tol = (2e-5 if x.dtype == torch.float32 else 1e-11) * (1 + x.abs().max().item())
+    tol *= LOOSER.get(msg, 1.0) if x.dtype == torch.float32 else 1.0
     torch.testing.assert_close(actual, expected, rtol=tol, atol=tol, msg=msg)
 
 

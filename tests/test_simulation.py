@@ -123,7 +123,7 @@ class NaNAttack(Attack):
 
 def test_nonfinite_updates_dropped_and_counted(digits):
     sim = Simulation(cfg(attack__name="sign_flip", attack__num_byzantine=1), dataset=digits)
-    sim.attack = NaNAttack()
+    sim.server.attack = NaNAttack()
     for _ in range(5):
         sim.step()
     assert sim.dropped_updates == 5

@@ -33,11 +33,11 @@ def test_missing_and_nonfinite_rows_leave_their_buffer_alone(digits):
     sim = make(digits)
     d = sim.task.layout.size
     everyone, losses = torch.ones(4, dtype=torch.bool), torch.zeros(4)
-    sim.apply_updates(torch.ones(4, d), torch.tensor([True, True, True, False]), losses)
+    sim.server.step(torch.ones(4, d), torch.tensor([True, True, True, False]), losses)
     assert sim.momentum_started.tolist() == [True, True, True, False]
     third = torch.full((4, d), 3.0)
     third[0, 5] = float("nan")
-    sim.apply_updates(third, torch.tensor([True, False, True, True]), losses)
+    sim.server.step(third, torch.tensor([True, False, True, True]), losses)
     m = sim.worker_momentum
     assert torch.equal(m[0], torch.ones(d))  # NaN row: dropped, buffer kept
     assert torch.equal(m[1], torch.ones(d))  # missing: buffer kept
@@ -45,14 +45,14 @@ def test_missing_and_nonfinite_rows_leave_their_buffer_alone(digits):
     assert torch.equal(m[3], torch.full((d,), 3.0))  # first arrival starts the buffer
     assert sim.dropped_updates == 1 and sim.missing_updates == 2
     assert torch.isfinite(sim.params).all() and sim.momentum_started.all()
-    sim.apply_updates(torch.zeros(4, d), everyone, losses)  # the in-place path
+    sim.server.step(torch.zeros(4, d), everyone, losses)  # the in-place path
     assert torch.equal(sim.worker_momentum[2], torch.ones(d))
 
 
 def test_an_absent_worker_shows_the_attacker_its_momentum_not_its_raw_update(digits):
     sim = make(digits)
     d = sim.task.layout.size
-    sim.apply_updates(torch.ones(4, d), torch.ones(4, dtype=torch.bool), torch.zeros(4))
+    sim.server.step(torch.ones(4, d), torch.ones(4, dtype=torch.bool), torch.zeros(4))
     sent = sim._worker_momentum(torch.full((4, d), 3.0), torch.tensor([True, False, True, True]))
     assert torch.equal(sent, torch.full((4, d), 2.0))  # what each would send
     assert torch.equal(sim.worker_momentum[1], torch.ones(d))  # but 1's buffer stays
@@ -70,9 +70,9 @@ def test_an_absent_worker_shows_the_attacker_its_momentum_not_its_raw_update(dig
 def test_byzantine_workers_forge_from_honest_momenta(digits):
     sim = make(digits, attack={"name": "sign_flip", "num_byzantine": 1})
     d, everyone, losses = sim.task.layout.size, torch.ones(4, dtype=torch.bool), torch.zeros(4)
-    sim.apply_updates(torch.ones(4, d), everyone, losses)
+    sim.server.step(torch.ones(4, d), everyone, losses)
     before = sim.params.clone()
-    sim.apply_updates(torch.full((4, d), 3.0), everyone, losses)
+    sim.server.step(torch.full((4, d), 3.0), everyone, losses)
     # momenta are 2; worker 0 sends -2; the mean of (-2, 2, 2, 2) is 1
     torch.testing.assert_close(before - sim.params, torch.ones(d))
 

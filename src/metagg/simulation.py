@@ -24,37 +24,32 @@ import logging
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from metagg.aggregators.base import RoundContext, TooFewUpdates
+from metagg.aggregators.base import RoundContext
 from metagg.aggregators.optimizers import build_optimizer
 from metagg.aggregators.registry import build_aggregator
-from metagg.attacks import Defence, make_attack
+from metagg.attacks import Attack, make_attack
 from metagg.checkpoint import (
     CheckpointError,
     atomic_write_text,
-    flatten_state,
     load_checkpoint,
     save_checkpoint,
-    unflatten_state,
 )
 from metagg.cluster import Cluster
 from metagg.config import ConfigError, RunConfig, config_from_dict, config_to_dict, save_config
 from metagg.data import Dataset, load_dataset, partition
 from metagg.models import build_model
-from metagg.seeding import (
-    RoundStream,
-    byzantine_generator,
-    round_generator,
-    server_sample_generator,
-)
+from metagg.seeding import byzantine_generator, server_sample_generator
+from metagg.server import Server
 from metagg.tasks import Task, TrustedData
 
-__all__ = ["Simulation", "byzantine_ids"]
+__all__ = ["Simulation", "Workers", "build_workers", "byzantine_ids"]
 
 log = logging.getLogger("metagg")
 
@@ -69,8 +64,45 @@ def byzantine_ids(num_workers: int, num_byzantine: int, selection: str, seed: in
     return chosen.sort().values
 
 
+@dataclass
+class Workers:
+    """The workers' side of a run: what a worker process needs, and the simulator too."""
+
+    dataset: Dataset
+    task: Task
+    attack: Attack
+    byzantine: torch.Tensor  # int64 [b], sorted
+    cluster: Cluster
+
+
+def build_workers(cfg: RunConfig, *, dataset: Dataset | None = None,
+                  model: nn.Module | None = None) -> Workers:
+    """Data, model, attack, which workers are Byzantine, and the workers' `Cluster`."""
+    d, w, a = cfg.data, cfg.workers, cfg.attack
+    ds = dataset or load_dataset(d.name, data_dir=d.data_dir, path=d.path, classes=d.classes,
+                                 image_size=d.image_size)
+    model = model or build_model(cfg.model, ds.input_shape, ds.num_classes)
+    task = Task(model, num_classes=ds.num_classes)
+    shards = partition(ds.y_train, w.num_workers, d.partition, seed=cfg.seed, alpha=d.alpha,
+                       shards_per_worker=d.shards_per_worker)
+    attack = make_attack(a.name, **a.options)
+    byzantine = byzantine_ids(w.num_workers, a.num_byzantine, a.selection, cfg.seed)
+    flip = torch.zeros(w.num_workers, dtype=torch.bool)
+    if attack.flips_labels:
+        flip[byzantine] = True
+    cluster = Cluster(task, ds.x_train, ds.y_train, shards, batch_size=w.batch_size,
+                      mode=w.mode, local_steps=w.local_steps, local_lr=w.local_lr,
+                      seed=cfg.seed, flip_labels=flip)
+    return Workers(ds, task, attack, byzantine, cluster)
+
+
 class Simulation:
-    """One simulated training run described by a RunConfig."""
+    """One simulated training run described by a RunConfig.
+
+    The workers are a `Cluster`; the server half of each round is `self.server`
+    (`metagg.server.Server`), whose state (θ, aggregator state, round, counters) is
+    also readable here (`sim.params`, `sim.round`, ...).
+    """
 
     def __init__(
         self,
@@ -80,30 +112,9 @@ class Simulation:
         model: nn.Module | None = None,
     ):
         self.cfg = cfg
-        d = cfg.data
-        self.dataset = dataset or load_dataset(
-            d.name, data_dir=d.data_dir, path=d.path, classes=d.classes, image_size=d.image_size
-        )
-        ds = self.dataset
-        model = model or build_model(cfg.model, ds.input_shape, ds.num_classes)
-        self.task = Task(model, num_classes=ds.num_classes)
-        w = cfg.workers
-        shards = partition(
-            ds.y_train, w.num_workers, d.partition, seed=cfg.seed, alpha=d.alpha,
-            shards_per_worker=d.shards_per_worker,
-        )
-        a = cfg.attack
-        self.attack = make_attack(a.name, **a.options)
-        self.byzantine = byzantine_ids(w.num_workers, a.num_byzantine, a.selection, cfg.seed)
-        self.honest = torch.ones(w.num_workers, dtype=torch.bool)
-        self.honest[self.byzantine] = False
-        flip = torch.zeros(w.num_workers, dtype=torch.bool)
-        if self.attack.flips_labels:
-            flip[self.byzantine] = True
-        self.cluster = Cluster(
-            self.task, ds.x_train, ds.y_train, shards, batch_size=w.batch_size, mode=w.mode,
-            local_steps=w.local_steps, local_lr=w.local_lr, seed=cfg.seed, flip_labels=flip,
-        )
+        workers = build_workers(cfg, dataset=dataset, model=model)
+        self.dataset, self.task, self.cluster = workers.dataset, workers.task, workers.cluster
+        ds, w, a = self.dataset, cfg.workers, cfg.attack
         f = cfg.aggregator.f if cfg.aggregator.f is not None else a.num_byzantine
         self.aggregator = build_aggregator(
             cfg.aggregator.name, f=f, options=cfg.aggregator.options, seed=cfg.seed,
@@ -120,6 +131,11 @@ class Simulation:
             self.eval_x, self.eval_y = ds.x_train[idx], ds.y_train[idx]
         else:
             self.eval_x, self.eval_y = ds.x_train, ds.y_train
+        self.server = Server(
+            self.aggregator, attack=workers.attack, byzantine=workers.byzantine,
+            num_workers=w.num_workers, layout=self.task.layout, seed=cfg.seed,
+            trusted=self.trusted, mode=w.mode, local_lr=w.local_lr, local_steps=w.local_steps,
+            momentum=w.momentum)
         self.reset()
 
     def _check_enough_workers(self, f: int) -> None:
@@ -138,125 +154,32 @@ class Simulation:
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
         """Fresh θ (seeded init), aggregator state and counters."""
-        self.params = self.task.init_params(self.cfg.seed)
-        self.agg_state = self.aggregator.init(self.task.layout, self.cfg.workers.num_workers)
-        self.round = 0
-        self.dropped_updates = 0
-        self.skipped_rounds = 0
-        self.missing_updates = 0
-        self.last_worker_loss = float("nan")
+        self.server.reset(self.task.init_params(self.cfg.seed))
         self.wall_offset = 0.0
-        m = self.cfg.workers.num_workers
-        self.worker_momentum = (torch.zeros(m, self.task.layout.size)
-                                if self.cfg.workers.momentum > 0 else None)
-        self.momentum_started = torch.zeros(m, dtype=torch.bool)
+
+    # the server's state, read through the simulation
+    params = property(lambda self: self.server.params)
+    round = property(lambda self: self.server.round)
+    agg_state = property(lambda self: self.server.agg_state)
+    attack = property(lambda self: self.server.attack)
+    byzantine = property(lambda self: self.server.byzantine)
+    honest = property(lambda self: self.server.honest)
+    dropped_updates = property(lambda self: self.server.dropped_updates)
+    skipped_rounds = property(lambda self: self.server.skipped_rounds)
+    missing_updates = property(lambda self: self.server.missing_updates)
+    last_worker_loss = property(lambda self: self.server.last_worker_loss)
+    worker_momentum = property(lambda self: self.server.worker_momentum)
+    momentum_started = property(lambda self: self.server.momentum_started)
 
     def context(self, worker_ids: torch.Tensor) -> RoundContext:
-        w = self.cfg.workers
-        return RoundContext(
-            round=self.round, params=self.params, layout=self.task.layout,
-            num_workers=w.num_workers, worker_ids=worker_ids, trusted=self.trusted,
-            mode=w.mode, local_lr=w.local_lr, local_steps=w.local_steps,
-            worker_momentum=w.momentum,
-        )
+        return self.server.context(worker_ids)
 
     # ------------------------------------------------------------------ one round
     def step(self) -> None:
         """Run one communication round and advance θ."""
         out = self.cluster.compute(self.params, self.round)
         present = self.cluster.present(self.round, self.cfg.workers.failure_prob)
-        self.apply_updates(out.updates, present, out.losses)
-
-    def apply_updates(
-        self,
-        updates: torch.Tensor,
-        present: torch.Tensor,
-        losses: torch.Tensor,
-        received: torch.Tensor | None = None,
-    ) -> None:
-        """The server's half of a round: attack, safety checks, aggregation, θ ← θ − step.
-
-        `updates` [M, d] and `losses` [M] are the workers' honest outputs; `present`
-        (bool [M]) says who delivers this round. The multi-process server passes
-        `received` (bool [M]), the rows that actually arrived: the attack then sees
-        only those, and the others count as missing. The simulator passes None (all).
-        """
-        t, cfg = self.round, self.cfg
-        if received is not None and bool(received.all()):
-            received = None
-        present = present.clone() if received is None else present & received
-        byzantine = self.byzantine if received is None else self.byzantine[
-            received[self.byzantine]]
-        if self.worker_momentum is not None:
-            updates = self._worker_momentum(updates, present)
-        if len(byzantine) and self.attack.drops_workers:
-            present[byzantine] = False
-        elif len(byzantine) and not self.attack.flips_labels:
-            rows = (torch.arange(cfg.workers.num_workers) if received is None
-                    else received.nonzero().squeeze(1))
-            ctx = self.context(rows)
-            seen = updates if received is None else updates[rows]
-            where = byzantine if received is None else torch.searchsorted(rows, byzantine)
-            forged = self.attack.forge(seen, where, ctx,
-                                       round_generator(cfg.seed, t, RoundStream.ATTACK),
-                                       defence=Defence(self.aggregator, self.agg_state))
-            updates = updates.index_put((byzantine,), forged.to(updates.dtype))
-        reporting = self.honest if received is None else self.honest & received
-        if reporting.any():
-            self.last_worker_loss = float(losses[reporting].mean())
-        self.missing_updates += int((~present).sum())
-
-        # Server safety: a non-finite update never reaches the aggregator. One sum
-        # is a cheap test that every entry is finite; rows are checked only if not.
-        keep = present
-        if not bool(torch.isfinite(updates.sum())):
-            finite = torch.isfinite(updates).all(dim=1)
-            self.dropped_updates += int((present & ~finite).sum())
-            keep = present & finite
-        worker_ids = keep.nonzero().squeeze(1)
-        rows = updates if bool(keep.all()) else updates[keep]
-        try:
-            step, new_state = self.aggregator.step(self.agg_state, rows, self.context(worker_ids))
-        except TooFewUpdates as exc:
-            log.warning("round %d skipped: %s", t, exc)
-            self.skipped_rounds += 1
-            self.round += 1
-            return
-        if not bool(torch.isfinite(step.sum())):
-            log.warning("round %d skipped: %s produced a non-finite step", t, self.aggregator.name)
-            self.skipped_rounds += 1
-            self.round += 1
-            return
-        self.params = self.params - step
-        self.agg_state = new_state
-        self.round += 1
-
-    def _worker_momentum(self, updates: torch.Tensor, arrived: torch.Tensor) -> torch.Tensor:
-        """Honest workers' momentum m_k ← β·m_k + (1 − β)·u_k; returns the rows they send.
-
-        Kept by the server on the workers' behalf and checkpointed with θ: the buffer of
-        worker k advances with each update of k that arrives (as a worker-side buffer
-        would if a worker that misses a round also skips its computation). Before the
-        attack, so Byzantine workers forge from honest momenta, as in Karimireddy et al.
-        2021; a worker that does not deliver this round still shows the attacker the
-        momentum it would have sent. A missing or non-finite row leaves its buffer alone
-        (and is dropped downstream); a buffer starts at its first update.
-        """
-        beta, m = self.cfg.workers.momentum, self.worker_momentum
-        u = updates.to(m.dtype)
-        ok = arrived
-        if not bool(torch.isfinite(u.sum())):
-            ok = arrived & torch.isfinite(u).all(dim=1)
-        if bool(ok.all()) and bool(self.momentum_started.all()):
-            m.lerp_(u, 1 - beta)  # the usual round: in place
-            return m.clone()
-        # lerp, as in the fast path, so a row's value does not depend on the path taken;
-        # weight 1 (a buffer's first update) gives u exactly
-        weight = torch.where(self.momentum_started, 1 - beta, 1.0).to(m.dtype)
-        sent = torch.lerp(m, u, weight[:, None])
-        m.copy_(torch.where(ok[:, None], sent, m))
-        self.momentum_started |= ok
-        return sent
+        self.server.step(out.updates, present, out.losses)
 
     def evaluate(self) -> dict[str, float]:
         train = self.task.evaluate(self.params, self.eval_x, self.eval_y)
@@ -271,11 +194,7 @@ class Simulation:
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint_meta(self, wall_s: float) -> dict[str, Any]:
         return {
-            "round": self.round,
-            "dropped_updates": self.dropped_updates,
-            "skipped_rounds": self.skipped_rounds,
-            "missing_updates": self.missing_updates,
-            "last_worker_loss": self.last_worker_loss,
+            **self.server.counters(),
             "wall_s": wall_s,
             "config": config_to_dict(self.cfg),
             "layout": self.task.layout.to_json(),
@@ -283,11 +202,7 @@ class Simulation:
         }
 
     def save(self, path: str | Path, wall_s: float = 0.0) -> None:
-        tensors = {"params": self.params, **flatten_state(self.agg_state)}
-        if self.worker_momentum is not None:
-            tensors["worker_momentum"] = self.worker_momentum
-            tensors["worker_momentum_started"] = self.momentum_started.to(torch.uint8)
-        save_checkpoint(path, tensors, self._checkpoint_meta(wall_s))
+        save_checkpoint(path, self.server.tensors(), self._checkpoint_meta(wall_s))
 
     def load(self, path: str | Path) -> None:
         """Restore θ, aggregator state and counters from a checkpoint of this run."""
@@ -304,29 +219,11 @@ class Simulation:
             diff = sorted(k for k in mine if saved.get(k) != mine[k])
             raise CheckpointError(f"checkpoint {path} is from a different config (differs in: "
                                   f"{', '.join(diff)})")
-        params = tensors.get("params")
-        if params is None or params.shape != self.params.shape:
-            raise CheckpointError(f"checkpoint {path}: params missing or of the wrong size")
         if int(meta["round"]) > self.cfg.rounds:
             raise CheckpointError(f"checkpoint {path} is at round {meta['round']}, beyond "
                                   f"rounds={self.cfg.rounds}: a resumed run can be extended, "
                                   "not shortened")
-        template = self.aggregator.init(self.task.layout, self.cfg.workers.num_workers)
-        self.agg_state = unflatten_state(template, tensors)
-        if self.worker_momentum is not None:
-            m, started = tensors.get("worker_momentum"), tensors.get("worker_momentum_started")
-            if (m is None or started is None or m.shape != self.worker_momentum.shape
-                    or started.shape != self.momentum_started.shape):
-                raise CheckpointError(f"checkpoint {path}: worker momentum missing or of the "
-                                      "wrong size")
-            self.worker_momentum = m.clone()
-            self.momentum_started = started.bool()
-        self.params = params
-        self.round = int(meta["round"])
-        self.dropped_updates = int(meta["dropped_updates"])
-        self.skipped_rounds = int(meta["skipped_rounds"])
-        self.missing_updates = int(meta.get("missing_updates", 0))
-        self.last_worker_loss = float(meta["last_worker_loss"])
+        self.server.restore(tensors, meta, str(path))
         self.wall_offset = float(meta["wall_s"])
 
     # ------------------------------------------------------------------ a whole run

@@ -4,10 +4,11 @@
     metagg launch CONFIG.yaml --workers 4 --out runs/ps       # one machine, with restarts
 
 Every process reads the same config (`workers.num_workers` must be WORLD_SIZE − 1)
-and builds the same `Simulation`; worker k (rank k + 1) computes only its own row
-of the round, from the same minibatch indices the simulator would draw, and the
-server applies it with `Simulation.apply_updates` — the code the simulator runs —
-so a fault-free distributed run has the simulator's metrics.
+and builds the same workers (`metagg.simulation.build_workers`); worker k (rank k + 1)
+computes only its own row of the round with `Cluster.compute`, from the same minibatch
+indices the simulator draws, and the server applies the rows with `metagg.server.Server`
+— the code the simulator runs — so a fault-free distributed run has the simulator's
+metrics.
 
 A round t on the server:
 
@@ -19,7 +20,7 @@ A round t on the server:
    after its answer, so a dead or hung worker never blocks it;
 3. at the deadline (`--round-timeout`) give up on the rest for this round (a round
    with too few updates for the aggregator is skipped, as in the simulator);
-4. `Simulation.apply_updates`: the configured attack forges the Byzantine rows
+4. `Server.step`: the configured attack forges the Byzantine rows
    (attacks are omniscient, so the server plays them; Byzantine worker processes
    send honest updates), workers that sent nothing count in `missing_updates`,
    non-finite rows are dropped and counted in `dropped_updates`, then the
@@ -80,11 +81,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.func import grad_and_value, vmap
 
 from metagg.checkpoint import CheckpointError, atomic_write_text
 from metagg.config import ConfigError, RunConfig, config_to_dict, load_config
-from metagg.simulation import Simulation
+from metagg.simulation import Simulation, Workers, build_workers
 
 __all__ = ["DistEnv", "Fault", "RuntimeOptions", "ServerSimulation", "TooFewWorkers", "main",
            "parse_fault", "resumable"]
@@ -271,7 +271,7 @@ class ServerSimulation(Simulation):
     """A `Simulation` whose rounds are computed by worker processes.
 
     Only `step` differs: it sends θ out, gathers the updates that arrive in time
-    and hands them to `Simulation.apply_updates`. Metrics, checkpoints, resume and
+    and hands them to `Server.step`. Metrics, checkpoints, resume and
     the summary are `Simulation.run`'s; checkpoints also hold `run_id`.
     """
 
@@ -315,7 +315,7 @@ class ServerSimulation(Simulation):
         updates, losses, received = self.gather()
         gathered = time.perf_counter()
         present = self.cluster.present(self.round, self.cfg.workers.failure_prob)
-        self.apply_updates(updates, present, losses, received)
+        self.server.step(updates, present, losses, received)
         self.stats["rounds"] += 1
         self.stats["gather_s"] += gathered - start
         self.stats["round_s"] += time.perf_counter() - start
@@ -479,39 +479,6 @@ class ServerSimulation(Simulation):
 # --------------------------------------------------------------------------- a worker
 
 
-class WorkerCompute:
-    """Worker k's update exactly as the simulator's `Cluster.compute` makes row k."""
-
-    def __init__(self, sim: Simulation, index: int, device: torch.device):
-        self.cluster = sim.cluster
-        self.task = sim.task
-        self.index = index
-        self.device = device
-        # The same vmapped functions as Cluster (batch of one), so the floats match.
-        self._grad_shared = vmap(grad_and_value(sim.task.loss), in_dims=(None, 0, 0))
-        self._grad = vmap(grad_and_value(sim.task.loss), in_dims=(0, 0, 0))
-
-    def __call__(self, params: torch.Tensor, round: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(update [d], loss of the first local step) at θ = `params` in round `round`."""
-        c, k = self.cluster, self.index
-        idx = c.sample_indices(round)[k]  # [H, B]: the draw the simulator makes for worker k
-        xb, yb = c.x[idx].to(self.device), c.y[idx].to(self.device)
-        if bool(c.flip_labels[k]):
-            yb = self.task.num_classes - 1 - yb
-        if c.mode == "gradient":
-            grads, losses = self._grad_shared(params, xb[None, 0], yb[None, 0])
-            return grads[0], losses[0]
-        local = params[None]
-        first = None
-        for h in range(c.local_steps):
-            grads, losses = self._grad(local, xb[None, h], yb[None, h])
-            local = local - c.local_lr * grads
-            if first is None:
-                first = losses[0]
-        assert first is not None
-        return params - local[0], first
-
-
 class Heartbeat(threading.Thread):
     """Bumps this worker's heartbeat counter a few times a second, on its own connection,
     and notes the server's current round (so the worker can skip a round it has already
@@ -536,19 +503,19 @@ class Heartbeat(threading.Thread):
             return
 
 
-def run_worker(sim: Simulation, env: DistEnv, store: dist.Store, options: RuntimeOptions,
-               device: torch.device) -> None:
+def run_worker(cfg: RunConfig, workers: Workers, env: DistEnv, store: dist.Store,
+               options: RuntimeOptions, device: torch.device) -> None:
     """Serve rounds until the last one, then wait for the server's `finished`."""
-    rank, cfg = env.rank, sim.cfg
+    rank = env.rank
     if store.get("config").decode() != _config_text(cfg):
         raise ConfigError(f"worker rank {rank}: its config differs from the server's; start every "
                           "process with the same config file and --set options")
     beat = Heartbeat(env, options.startup_timeout)
     beat.start()
-    compute = WorkerCompute(sim, rank - 1, device)
+    cluster, me = workers.cluster, torch.tensor([rank - 1])
     nan = any(f.kind == "nan" and f.applies_to(rank) for f in options.faults)
     delay = sum(f.seconds for f in options.faults if f.kind == "delay" and f.applies_to(rank))
-    theta = torch.empty(sim.task.dim, device=device)
+    theta = torch.empty(workers.task.dim, device=device)
     t = int(store.get("start").decode())
     while t < cfg.rounds:
         dist.recv(theta, src=0, tag=t)
@@ -557,7 +524,8 @@ def run_worker(sim: Simulation, env: DistEnv, store: dist.Store, options: Runtim
             store.queue_push(ANSWERS, f"{rank} {t} skip nan")
             t += 1
             continue
-        update, loss = compute(theta, t)
+        out = cluster.compute(theta, t, me)  # the row the simulator computes for this worker
+        update, loss = out.updates[0], out.losses[0]
         if nan:
             update = update.clone()
             update[0] = float("nan")
@@ -677,12 +645,13 @@ def main(argv: Sequence[str] | None = None, *,
         # Build everything (data, model) before joining the group: once the group
         # exists, every process is ready for round one.
         if env.rank == 0:
-            sim = ServerSimulation(cfg, options, device, env.run_id)
+            sim: ServerSimulation | Workers = ServerSimulation(cfg, options, device, env.run_id)
         else:
-            sim = Simulation(cfg)
+            sim = build_workers(cfg)
             # The first call of a vmapped grad is slow (tracing): pay it now, not in
             # round one under the deadline.
-            WorkerCompute(sim, env.rank - 1, device)(sim.params.to(device), 0)
+            sim.cluster.compute(sim.task.init_params(cfg.seed).to(device), 0,
+                                torch.tensor([env.rank - 1]))
             if any(f.kind == "fail" and f.applies_to(env.rank) for f in options.faults):
                 raise RuntimeError(f"injected fault fail:{env.rank}: exiting during start-up")
         store = connect_store(env, options.startup_timeout)
@@ -698,7 +667,7 @@ def main(argv: Sequence[str] | None = None, *,
             sim.finish(out)
             print(json.dumps(summary, indent=2), flush=True)
         else:
-            run_worker(sim, env, store, options, device)
+            run_worker(cfg, sim, env, store, options, device)
         return 0
     except (ConfigError, CheckpointError, ValueError, OSError) as exc:
         who = f"rank {env.rank}" if env is not None else "metagg.runtime.ps"
