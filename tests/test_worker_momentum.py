@@ -53,7 +53,8 @@ def test_an_absent_worker_shows_the_attacker_its_momentum_not_its_raw_update(dig
     sim = make(digits)
     d = sim.task.layout.size
     sim.server.step(torch.ones(4, d), torch.ones(4, dtype=torch.bool), torch.zeros(4))
-    sent = sim._worker_momentum(torch.full((4, d), 3.0), torch.tensor([True, False, True, True]))
+    sent = sim.server._worker_momentum(torch.full((4, d), 3.0),
+                                       torch.tensor([True, False, True, True]))
     assert torch.equal(sent, torch.full((4, d), 2.0))  # what each would send
     assert torch.equal(sim.worker_momentum[1], torch.ones(d))  # but 1's buffer stays
     # the general path (someone absent) and the in-place one agree bit for bit
@@ -61,9 +62,9 @@ def test_an_absent_worker_shows_the_attacker_its_momentum_not_its_raw_update(dig
     a, b = make(digits, beta=0.9), make(digits, beta=0.9)
     first, second = torch.randn(2, 4, d, generator=gen)
     for sim in (a, b):
-        sim._worker_momentum(first, torch.ones(4, dtype=torch.bool))
-    fast = a._worker_momentum(second, torch.ones(4, dtype=torch.bool))
-    general = b._worker_momentum(second, torch.tensor([True, True, True, False]))
+        sim.server._worker_momentum(first, torch.ones(4, dtype=torch.bool))
+    fast = a.server._worker_momentum(second, torch.ones(4, dtype=torch.bool))
+    general = b.server._worker_momentum(second, torch.tensor([True, True, True, False]))
     assert torch.equal(fast[:3], general[:3])
 
 
