@@ -24,12 +24,12 @@ from metagg.learned.meta_pes import MetaTrainPESConfig, PESTrainer, antithetic_n
 def bench(cfg: MetaTrainPESConfig, compiled: bool, threads: int, steps: int) -> dict:
     torch.set_num_threads(threads)
     trainer = PESTrainer(cfg, compile=compiled)
-    phi = trainer.fa.init_phi(cfg.seed)
+    phi = trainer.phi.init(cfg.seed)
     inner = trainer.fresh_inner(range(cfg.pairs))
-    accum = torch.zeros(cfg.pairs, trainer.fa.dim)
+    accum = torch.zeros(cfg.pairs, trainer.phi.dim)
     times = []
     for step in range(steps + 1):
-        eps = antithetic_noise(cfg.pairs, trainer.fa.dim, cfg.sigma,
+        eps = antithetic_noise(cfg.pairs, trainer.phi.dim, cfg.sigma,
                                torch.Generator().manual_seed(step))
         t0 = time.perf_counter()
         res = pes_step(trainer.unroll, phi, accum, inner, eps, sigma=cfg.sigma, seed=step)

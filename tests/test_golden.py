@@ -9,7 +9,9 @@ That file was written by the code of commit 21517e0 (before the move) at one tor
 thread; metrics agree with it to ~3e-7 at two threads, so the tolerance below (1e-5
 relative) catches any change of behaviour while allowing float rounding from a
 different operation order. Counters (dropped, skipped, missing updates) must match
-exactly.
+exactly. A PES gradient estimate divides a difference of two nearly equal losses by 2σ²
+(σ = 0.01): it turns float rounding of ~1e-7 in the losses into ~1e-4 in the gradient,
+so its norm is compared to 1e-3 (the losses, validations and baselines stay at 1e-5).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from metagg.simulation import Simulation
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "pre_restructure.json").read_text())
 RTOL = 1e-5
+LOOSER = {"grad_norm": 1e-3}  # PES estimates amplify rounding (see the module docstring)
 EXACT = {"round", "dropped", "skipped", "missing", "iteration", "step", "clipped", "resets"}
 
 
@@ -38,6 +41,8 @@ def assert_close(got: Any, want: Any, path: str = "") -> None:
             assert key in got, f"{path}/{key} missing"
             if key in EXACT:
                 assert got[key] == value, f"{path}/{key}: {got[key]} != {value}"
+            elif key in LOOSER and "pes" in path:
+                assert math.isclose(got[key], value, rel_tol=LOOSER[key]), f"{path}/{key}"
             else:
                 assert_close(got[key], value, f"{path}/{key}")
     elif isinstance(want, list):

@@ -388,36 +388,13 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 def cmd_zoo(args: argparse.Namespace) -> int:
     from metagg.compare import format_table
-    from metagg.learned.store import STEM, ZOO_DIR, pretrained_names
+    from metagg.learned.zoo import zoo_rows
 
-    rows = []
-    for name in pretrained_names():
-        info = json.loads((ZOO_DIR / name / f"{STEM}.json").read_text())
-        cfg, trained = info.get("config", {}), info.get("trained_on", {})
-        val = info.get("validation", {})
-        kind = info.get("kind", "rnn")
-        if kind in ("lagg", "lopt"):  # Joseph et al. 2025, PES
-            arch = f"MLP {cfg.get('hidden')}x2, {cfg.get('step_mode')}"
-            workers = f"K={trained.get('num_workers')}, H={trained.get('local_steps')}"
-            steps = f"{val.get('best_step')} PES steps"
-        else:  # Ji et al. 2019, BPTT
-            arch = f"{cfg.get('cell')}, {cfg.get('output')}"
-            workers = ("4 models x 3 workers" if trained.get("setting") == "hetero"
-                       else f"{trained.get('num_workers')} workers")
-            steps = f"{trained.get('iterations')} iterations"
-        attack = trained.get("attack", "none")
-        if attack != "none":
-            attack = f"{attack} {trained.get('num_byzantine')}/{trained.get('num_workers')}"
-        loss = ", ".join(f"@{k.split('@')[1]}: {v:.3g}" for k, v in val.items()
-                         if k.startswith("mean_loss@"))
-        rows.append([f"{kind}:pretrained/{name}", arch,
-                     f"{trained.get('dataset')}, {trained.get('model')}, {workers}", attack,
-                     steps, loss])
+    rows = zoo_rows()
     if not rows:
         print("no pretrained aggregators shipped")
         return 0
-    print(format_table(["aggregator", "architecture", "trained on", "attack", "meta-training",
-                        "validation train loss @rounds"], rows))
+    print(format_table(list(rows[0]), [list(r.values()) for r in rows]))
     return 0
 
 

@@ -391,11 +391,10 @@ def meta_train_hetero(
     worker gradients detached, meta-loss Σ_t target loss at θ_{t+1}, Adam, clipping,
     the φ with the best mean log train loss on validation seeds kept), written
     against the env interface because `meta_train` builds its own `MetaEnv`.
-    Written with `metagg.learned.store.save_aggregator` to `out_dir` if given.
+    Written with `metagg.learned.rnn.save_rnn` to `out_dir` if given.
     """
     from metagg.learned.meta_bptt import evaluate_aggregator, unroll_meta_loss
-    from metagg.learned.rnn import CoordinateRNN, RNNAggregator, RNNConfig
-    from metagg.learned.store import save_aggregator
+    from metagg.learned.rnn import CoordinateRNN, RNNAggregator, RNNConfig, save_rnn
 
     cfg = cfg or HeteroMetaConfig()
     rnn_cfg = RNNConfig(num_workers=env.cfg.num_workers, cell=cfg.cell, **cfg.extra)
@@ -450,5 +449,5 @@ def meta_train_hetero(
         validation = {"best_iteration": best["iteration"], "score": best["score"],
                       "score_definition": "mean over seeds of log(train loss at unroll)",
                       f"mean_loss@{cfg.unroll}": best.get("loss")}
-        save_aggregator(out_dir, result, trained_on=trained_on, validation=validation)
+        save_rnn(out_dir, result, trained_on=trained_on, validation=validation)
     return result

@@ -106,7 +106,7 @@ class ParamLayout:
         if flat.shape[-1] != self.size:
             raise ValueError(f"flat vector has {flat.shape[-1]} entries, layout has {self.size}")
         lead = flat.shape[:-1]
-        return {s.name: flat[..., s.slice].view(*lead, *s.shape) for s in self.specs}
+        return {s.name: flat[..., s.slice].view((*lead, *s.shape)) for s in self.specs}
 
     def from_module_params(self, module: nn.Module) -> torch.Tensor:
         """The module's current parameters as one flat float32 vector (a copy)."""

@@ -157,33 +157,9 @@ def test_mlp_grad_fn_declines_other_models():
     assert mlp_grad_fn(task) is None
 
 
-@pytest.mark.parametrize("kind", ["lagg", "lopt"])
-@pytest.mark.parametrize("mode", ["reference", "residual"])
-def test_functional_step_equals_the_aggregator(digits, kind, mode):
-    cfg = tiny_config(kind=kind, step_mode=mode, model="mlp:6,5:relu")
-    trainer = PESTrainer(cfg, digits)
-    fa, env = trainer.fa, trainer.env
-    gen = torch.Generator().manual_seed(3)
-    phi = fa.init_phi(1) + 0.05 * torch.randn(fa.dim, generator=gen)
-    agg = fa.to_aggregator(phi)
-    state, acc = agg.init(env.task.layout, 3), fa.init_state()
-    theta = env.task.init_params(4)
-    cluster = env.cluster(5)
-    for t in range(6):
-        updates = cluster.compute(theta, t).updates
-        ctx = RoundContext(round=t, params=theta, layout=env.task.layout, num_workers=3,
-                           worker_ids=torch.arange(3))
-        want, state = agg.step(state, updates, ctx)
-        got, acc = fa.step(phi, acc, theta, updates)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
-        theta = theta - want
-    for a, b in zip(acc, state, strict=True):
-        torch.testing.assert_close(a, b)
-
-
 def _unroll_losses(trainer, cfg):
-    phi = trainer.fa.init_phi(1)
-    eps = antithetic_noise(cfg.pairs, trainer.fa.dim, 0.1, torch.Generator().manual_seed(0))
+    phi = trainer.phi.init(1)
+    eps = antithetic_noise(cfg.pairs, trainer.phi.dim, 0.1, torch.Generator().manual_seed(0))
     losses, inner = trainer.unroll(torch.cat([phi + eps, phi - eps]),
                                    trainer.fresh_inner(range(cfg.pairs)))
     return losses, inner.theta
@@ -268,7 +244,7 @@ def looped_unroll(trainer: PESTrainer, phi_batch: torch.Tensor, inner: mp.InnerS
     pairs = len(inner.seed)
     losses, thetas, accs = [], [], []
     for i in range(phi_batch.shape[0]):
-        agg = trainer.fa.to_aggregator(phi_batch[i])
+        agg = trainer.aggregator(phi_batch[i])
         theta, state = inner.theta[i], AdaState(*(x[i] for x in inner.acc))
         cluster = env.cluster(int(inner.seed[i % pairs]))
         start, total = int(inner.round[i % pairs]), 0.0
@@ -291,8 +267,8 @@ def looped_unroll(trainer: PESTrainer, phi_batch: torch.Tensor, inner: mp.InnerS
 def test_vmapped_pes_step_equals_looped(digits, kind):
     cfg = tiny_config(kind=kind, step_mode="reference")
     trainer = PESTrainer(cfg, digits)
-    n = trainer.fa.dim
-    phi = trainer.fa.init_phi(0)
+    n = trainer.phi.dim
+    phi = trainer.phi.init(0)
     accum = torch.zeros(cfg.pairs, n)
     inner_v = inner_l = trainer.fresh_inner(range(cfg.pairs))
     assert len(set(inner_v.seed.tolist())) == cfg.pairs  # every pair its own problem
@@ -431,7 +407,7 @@ def test_init_from_starts_at_saved_weights(tmp_path, digits):
     saved = build_aggregator(f"lagg:{tmp_path / 'a'}")
     cfg = tiny_config(steps=1, init_from=str(tmp_path / "a"), seed=3)
     trainer = PESTrainer(cfg, digits)
-    assert torch.equal(mp._initial_phi(trainer.fa, cfg), trainer.fa.flatten(saved.net))
+    assert torch.equal(mp._initial_phi(trainer.phi, cfg), trainer.phi.of(saved.net))
     meta_train_pes(cfg, tmp_path / "b", progress=False, data=digits, stop_at=0)
     start = build_aggregator(f"lagg:{tmp_path / 'b'}")  # step 0's validation keeps φ₀
     for k, v in saved.net.state_dict().items():

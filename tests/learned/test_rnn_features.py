@@ -8,13 +8,8 @@ import pytest
 import torch
 
 from metagg.aggregators.base import worker_slots
-from metagg.learned.rnn import (
-    RNNAggregator,
-    RNNConfig,
-    gradient_features,
-    log_norm_feature,
-    loss_features,
-)
+from metagg.learned.features import gradient_features, log_norm_feature, loss_features
+from metagg.learned.rnn import RNNAggregator, RNNConfig
 from metagg.models import build_model
 from metagg.tasks import Task, TrustedData
 

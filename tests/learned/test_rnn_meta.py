@@ -16,7 +16,8 @@ from metagg.learned.meta_bptt import (
     unroll_meta_loss,
 )
 from metagg.learned.rnn import RNNAggregator
-from metagg.learned.store import load_aggregator, read_aggregator_info
+from metagg.learned.store import read_aggregator_info
+from metagg.learned.zoo import load_aggregator
 from metagg.seeding import derive_seed
 
 

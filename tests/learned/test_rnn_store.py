@@ -11,8 +11,9 @@ import torch
 from metagg.aggregators.registry import build_aggregator
 from metagg.checkpoint import CheckpointError
 from metagg.config import config_from_dict
-from metagg.learned.rnn import RNNAggregator, RNNConfig
-from metagg.learned.store import load_aggregator, read_aggregator_info, save_aggregator
+from metagg.learned.rnn import RNNAggregator, RNNConfig, load_rnn, save_rnn
+from metagg.learned.store import read_aggregator_info
+from metagg.learned.zoo import load_aggregator, save_aggregator
 from metagg.simulation import Simulation
 
 
@@ -30,14 +31,14 @@ def steps_of(agg, u, ctx, rounds=3):
                                            clamp_sign=False, p=6.0, scale=0.2)])
 def test_round_trip_gives_identical_steps(tmp_path, make_ctx, cfg):
     agg = RNNAggregator(cfg, seed=5)
-    stem = save_aggregator(tmp_path / "agg", agg, trained_on={"dataset": "digits"},
+    stem = save_rnn(tmp_path / "agg", agg, trained_on={"dataset": "digits"},
                            validation={"score": 1.5})
     assert stem == tmp_path / "agg" / "aggregator"
     assert (tmp_path / "agg" / "aggregator.safetensors").exists()
     u = torch.randn(4, 33)
     want = steps_of(agg, u, make_ctx(33, 4))
     for path in (tmp_path / "agg", stem, stem.with_suffix(".safetensors")):
-        loaded = load_aggregator(path)
+        loaded = load_rnn(path)
         assert loaded.config == cfg
         assert torch.equal(steps_of(loaded, u, make_ctx(33, 4)), want)
     info = read_aggregator_info(tmp_path / "agg")
@@ -47,17 +48,17 @@ def test_round_trip_gives_identical_steps(tmp_path, make_ctx, cfg):
 
 
 def test_corrupt_safetensors_is_a_clear_error(tmp_path):
-    save_aggregator(tmp_path, RNNAggregator(RNNConfig(num_workers=2)))
+    save_rnn(tmp_path, RNNAggregator(RNNConfig(num_workers=2)))
     f = tmp_path / "aggregator.safetensors"
     blob = bytearray(f.read_bytes())
     blob[-5] ^= 0xFF
     f.write_bytes(bytes(blob))
     with pytest.raises(CheckpointError, match="corrupt"):
-        load_aggregator(tmp_path)
+        load_rnn(tmp_path)
 
 
 def test_json_that_does_not_match_the_weights(tmp_path):
-    save_aggregator(tmp_path, RNNAggregator(RNNConfig(num_workers=2)))
+    save_rnn(tmp_path, RNNAggregator(RNNConfig(num_workers=2)))
     jf = tmp_path / "aggregator.json"
     meta = json.loads(jf.read_text())
     for change, pattern in [({"hidden": 30}, r"tensor w_hh.0 has shape \(20, 80\)"),
@@ -69,27 +70,27 @@ def test_json_that_does_not_match_the_weights(tmp_path):
         bad["config"].update(change)
         jf.write_text(json.dumps(bad))
         with pytest.raises(CheckpointError, match=pattern):
-            load_aggregator(tmp_path)
+            load_rnn(tmp_path)
     bad = dict(meta, format="something.else")
     jf.write_text(json.dumps(bad))
     with pytest.raises(CheckpointError, match="not a metagg RNN aggregator"):
-        load_aggregator(tmp_path)
+        load_rnn(tmp_path)
     jf.write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
-        load_aggregator(tmp_path)
+        load_rnn(tmp_path)
 
 
 def test_missing_files(tmp_path):
     with pytest.raises(CheckpointError, match="expected a directory holding"):
-        load_aggregator(tmp_path / "nowhere")
-    save_aggregator(tmp_path, RNNAggregator(RNNConfig(num_workers=2)))
+        load_rnn(tmp_path / "nowhere")
+    save_rnn(tmp_path, RNNAggregator(RNNConfig(num_workers=2)))
     (tmp_path / "aggregator.safetensors").unlink()
     with pytest.raises(CheckpointError, match="missing"):
-        load_aggregator(tmp_path)
+        load_rnn(tmp_path)
 
 
 def test_registry_checks_the_kind(tmp_path):
-    save_aggregator(tmp_path / "a", RNNAggregator(RNNConfig(num_workers=2, arnn=True)))
+    save_rnn(tmp_path / "a", RNNAggregator(RNNConfig(num_workers=2, arnn=True)))
     assert build_aggregator(f"arnn:{tmp_path / 'a'}").uses_trusted_data
     with pytest.raises(ValueError, match="holds an 'arnn' aggregator"):
         build_aggregator(f"rnn:{tmp_path / 'a'}")
@@ -99,7 +100,7 @@ def test_registry_checks_the_kind(tmp_path):
 
 @pytest.mark.parametrize("kind", ["rnn", "arnn"])
 def test_rnn_path_runs_in_the_simulator(tmp_path, digits, kind):
-    save_aggregator(tmp_path / "w", RNNAggregator(RNNConfig(num_workers=4, arnn=kind == "arnn")))
+    save_rnn(tmp_path / "w", RNNAggregator(RNNConfig(num_workers=4, arnn=kind == "arnn")))
     cfg = config_from_dict({
         "rounds": 6, "eval_every": 3, "workers": {"num_workers": 4, "batch_size": 16,
                                                    "failure_prob": 0.3},
@@ -112,3 +113,20 @@ def test_rnn_path_runs_in_the_simulator(tmp_path, digits, kind):
     resumed = Simulation(cfg, dataset=digits)
     resumed.load(tmp_path / "run" / "checkpoint")
     assert torch.equal(resumed.agg_state.h, sim.agg_state.h)
+
+
+def test_zoo_loads_and_saves_every_kind(tmp_path):
+    from metagg.learned.lagg import LOptA
+
+    for agg in (RNNAggregator(RNNConfig(num_workers=2)), LOptA(seed=0)):
+        save_aggregator(tmp_path / agg.name, agg)
+        back = load_aggregator(tmp_path / agg.name)
+        assert type(back) is type(agg) and back.config == agg.config
+        for k, v in agg.net.state_dict().items():
+            assert torch.equal(back.net.state_dict()[k], v), k
+    jf = tmp_path / "rnn" / "aggregator.json"
+    jf.write_text(jf.read_text().replace("metagg.rnn_aggregator", "something.else"))
+    with pytest.raises(CheckpointError, match=r"unknown format 'something\.else'"):
+        load_aggregator(tmp_path / "rnn")
+    with pytest.raises(TypeError, match="not a learned aggregator"):
+        save_aggregator(tmp_path / "x", object())

@@ -119,13 +119,13 @@ _SPECS: tuple[AggregatorSpec, ...] = (
                    "coordinate (heterogeneous workers)",
                    rule=lambda f, seed, o: CoverageMeanRule(**o)),
     AggregatorSpec("rnn", "learned coordinatewise LSTM/GRU (Ji et al. 2019): rnn:PATH",
-                   build="metagg.learned.store:build_rnn"),
+                   build="metagg.learned.rnn.io:build_rnn"),
     AggregatorSpec("arnn", "learned RNN that also sees the trusted-sample losses: arnn:PATH",
-                   build="metagg.learned.store:build_arnn", uses_trusted_data=True),
+                   build="metagg.learned.rnn.io:build_arnn", uses_trusted_data=True),
     AggregatorSpec("lagg", "learned optimizer on every worker's update (LAgg-A): lagg:PATH",
-                   build="metagg.learned.lagg:build_lagg"),
+                   build="metagg.learned.lagg.io:build_lagg"),
     AggregatorSpec("lopt", "learned optimizer on the mean update (LOpt-A): lopt:PATH",
-                   build="metagg.learned.lagg:build_lopt"),
+                   build="metagg.learned.lagg.io:build_lopt"),
 )
 _REGISTRY: dict[str, AggregatorSpec] = {s.name: s for s in _SPECS}
 

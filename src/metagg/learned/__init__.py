@@ -16,16 +16,9 @@ from metagg.learned.meta_bptt import (
     meta_train_rnn,
 )
 from metagg.learned.meta_pes import MetaTrainPESConfig, meta_train_pes
-from metagg.learned.rnn import (
-    CoordinateRNN,
-    RNNAggregator,
-    RNNConfig,
-    RNNState,
-    gradient_features,
-    log_norm_feature,
-    loss_features,
-)
-from metagg.learned.store import load_aggregator, read_aggregator_info, save_aggregator
+from metagg.learned.rnn import CoordinateRNN, RNNAggregator, RNNConfig, RNNState, load_rnn, save_rnn
+from metagg.learned.store import read_aggregator_info
+from metagg.learned.zoo import load_aggregator, save_aggregator
 
 __all__ = [
     "CoordinateRNN",
@@ -40,15 +33,14 @@ __all__ = [
     "RNNConfig",
     "RNNState",
     "evaluate_aggregator",
-    "gradient_features",
     "load_aggregator",
     "load_lagg",
-    "log_norm_feature",
-    "loss_features",
+    "load_rnn",
     "meta_train",
     "meta_train_pes",
     "meta_train_rnn",
     "read_aggregator_info",
     "save_aggregator",
     "save_lagg",
+    "save_rnn",
 ]

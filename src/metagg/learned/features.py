@@ -1,4 +1,6 @@
-"""The "Ada features" of LAgg-A / LOpt-A (Joseph et al. 2025), built in one place.
+"""The learned aggregators' input features, built in one place: the "Ada features" of
+LAgg-A / LOpt-A (Joseph et al. 2025) and, at the end, the RNN aggregator's preprocessing
+(Ji et al. 2019 §4.2-4.3: `gradient_features`, `log_norm_feature`, `loss_features`).
 
     plan = FeaturePlan.from_layout(layout)
     acc = init_ada_state(plan)                                   # zeros, t = 0
@@ -43,9 +45,14 @@ the tensor's elements; then 11 unnormalised time features tanh(t/τ − 1),
 τ ∈ {1, 3, …, 1e5}, t = rounds seen before this one, are the same for every element.
 Accumulators are updated *before* the features are built (as learned_optimization does).
 
-The normalised channels are kept channel-major, [F + 27, d] (each tensor's block of a
-channel is contiguous), and the 11 time features as one [11] vector, so the MLP can
-fold them into its first bias; `Features.matrix()` gives the full [d, C] matrix.
+Everything here is pure and out of place (no tensor is written after it is made), so
+the same functions run under `torch.no_grad` on the server and under `torch.func.vmap`
+over PES particles. The channels are built one tensor at a time (`tensor_inputs`, raw
+[F + 27, n], with `channel_scale` the per-tensor normalisation): the learned step
+folds the scale into its first layer instead of writing a normalised copy
+(`metagg.learned.lagg.model`). `build_features` assembles the normalised channels of
+every tensor, channel-major [F + 27, d], with the 11 time features as one [11] vector;
+`Features.matrix()` gives the full [d, C] matrix.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ from typing import NamedTuple
 import torch
 
 from metagg.layout import ParamLayout
+from metagg.tasks import TrustedData
 
 __all__ = [
     "ADA_FEATURE_NAMES",
@@ -71,11 +79,15 @@ __all__ = [
     "Features",
     "TensorPlan",
     "build_features",
+    "channel_scale",
     "decays_from_offsets",
     "feature_names",
+    "gradient_features",
     "init_ada_state",
+    "log_norm_feature",
+    "loss_features",
     "nominal_decays",
-    "normalize_per_tensor",
+    "tensor_inputs",
     "time_features",
     "update_ada_state",
 ]
@@ -112,10 +124,6 @@ NUM_ADA_FEATURES = len(ADA_FEATURE_NAMES)  # 27
 NUM_TIME_FEATURES = len(TIME_FEATURE_NAMES)  # 11
 #: LOpt-A's input channels, in order (39).
 FEATURE_NAMES: tuple[str, ...] = ("g", *ADA_FEATURE_NAMES, *TIME_FEATURE_NAMES)
-
-# channel offsets after the F "first" channels
-_P, _M, _R, _MR, _RS, _FG, _VR, _VC, _RVR, _RVC, _FM = 0, 1, 4, 5, 8, 9, 12, 15, 18, 21, 24
-
 
 def feature_names(num_workers: int | None = None) -> tuple[str, ...]:
     """Input channel names: LOpt-A (`num_workers` None) or LAgg-A (`delta_0 … delta_{K-1}`)."""
@@ -156,6 +164,11 @@ class FeaturePlan:
     num_rows: int
     num_cols: int
     num_vec: int
+
+    @property
+    def nonempty(self) -> tuple[TensorPlan, ...]:
+        """The tensors with at least one element (scalars included), in layout order."""
+        return tuple(tp for tp in self.tensors if tp.elems.stop > tp.elems.start)
 
     @classmethod
     def from_layout(cls, layout: ParamLayout) -> FeaturePlan:
@@ -248,30 +261,65 @@ class Features(NamedTuple):
         return torch.cat([self.normalized.T, self.time.expand(d, -1)], dim=1)
 
 
-def time_features(t: int) -> torch.Tensor:
-    """tanh(t/τ − 1) for the 11 τ in `TIMESCALES`, [11]."""
-    return torch.tensor([math.tanh(t / tau - 1.0) for tau in TIMESCALES], dtype=torch.float32)
-
-
-def normalize_per_tensor(x: torch.Tensor, plan: FeaturePlan) -> torch.Tensor:
-    """In place: every row c of x [C, d], per tensor slice, ← x / sqrt(1e-5 + mean(x²))."""
-    for tp in plan.tensors:
-        blk = x[:, tp.elems]
-        n = blk.shape[1]
-        if n == 0:
-            continue
-        ms = torch.einsum("cn,cn->c", blk, blk).div_(n)
-        blk.mul_(torch.rsqrt(ms.add_(NORM_EPS))[:, None])
-    return x
+def time_features(t: int | torch.Tensor) -> torch.Tensor:
+    """tanh(t/τ − 1) for the 11 τ in `TIMESCALES`, [11], computed in float64. `t` may be
+    a 0-d integer tensor (batched under vmap)."""
+    t = torch.as_tensor(t, dtype=torch.float64)
+    return torch.tanh(t / torch.tensor(TIMESCALES, dtype=torch.float64) - 1.0).to(torch.float32)
 
 
 def _safe_rsqrt(x: torch.Tensor) -> torch.Tensor:
     return torch.rsqrt(x.clamp_min(SAFE_MIN))
 
 
+def tensor_inputs(state: AdaState, g: torch.Tensor, params: torch.Tensor,
+                  first: torch.Tensor, tp: TensorPlan) -> torch.Tensor:
+    """The raw (unnormalised) F + 27 channels of one tensor's elements, [F + 27, n].
+
+    Arguments as `build_features`. Row- and column-wise channels of a factored tensor
+    are broadcast views until the final concatenation writes them out.
+    """
+    e = tp.elems
+    m, r = state.m[:, e], state.r[e]  # [3, n], [n]
+    rs = torch.rsqrt(r + 1e-6)
+    if tp.factored:
+        rows, cols = tp.rows, tp.cols
+
+        def grid(x: torch.Tensor) -> torch.Tensor:  # [k, n] -> [k, rows, cols]
+            return x.reshape(-1, rows, cols)
+
+        vr, vc = state.v_row[:, tp.acc[0]], state.v_col[:, tp.acc[1]]  # [3, R], [3, C]
+        row_f = _safe_rsqrt(vr / (vr.mean(1, keepdim=True) + 1e-9))[:, :, None]
+        col_f = _safe_rsqrt(vc)[:, None, :]
+        shape = (3, rows, cols)
+        x = torch.cat([
+            grid(first[:, e]), grid(params[e]), grid(m), grid(r), grid(m * rs), grid(rs),
+            grid(g[e]) * row_f * col_f,
+            vr[:, :, None].expand(shape), vc[:, None, :].expand(shape),
+            torch.rsqrt(vr + 1e-8)[:, :, None].expand(shape),
+            torch.rsqrt(vc + 1e-8)[:, None, :].expand(shape),
+            grid(m) * row_f * col_f,
+        ])
+        return x.reshape(x.shape[0], rows * cols)
+    # unfactored (learned_optimization's RMSProp-like case): v_row = v_col = v
+    v = state.v[:, tp.acc[0]]  # [3, n]
+    rv = torch.rsqrt(v + 1e-8)
+    return torch.cat([first[:, e], params[e][None], m, r[None], m * rs, rs[None],
+                      g[e] * _safe_rsqrt(v + 1e-9), v, v, rv, rv, m * torch.rsqrt(v + 1e-6)])
+
+
+def channel_scale(x: torch.Tensor) -> torch.Tensor:
+    """Per-channel normalisation of one tensor's channels x [C, n]: 1 / sqrt(1e-5 + mean(x²)),
+    [C]."""
+    # vector_norm: ~10x faster than einsum("cn,cn->c") on CPU
+    return torch.rsqrt(torch.linalg.vector_norm(x, dim=1).square() / x.shape[1] + NORM_EPS)
+
+
 def build_features(state: AdaState, g: torch.Tensor, params: torch.Tensor,
-                   first: torch.Tensor, plan: FeaturePlan, *, round_index: int) -> Features:
-    """All per-element inputs of the learned optimizer, in `feature_names` order.
+                   first: torch.Tensor, plan: FeaturePlan, *,
+                   round_index: int | torch.Tensor) -> Features:
+    """All per-element inputs of the learned optimizer, normalised, in `feature_names`
+    order (for inspection and tests; the learned step uses `tensor_inputs` directly).
 
     Args:
         state: accumulators already updated with this round's ḡ.
@@ -282,41 +330,89 @@ def build_features(state: AdaState, g: torch.Tensor, params: torch.Tensor,
         plan: per-tensor slices (`FeaturePlan.from_layout`).
         round_index: t for the time features (rounds seen before this one).
     """
-    f = first.shape[0]
-    x = torch.empty(f + NUM_ADA_FEATURES, plan.size, dtype=torch.float32)
-    x[:f] = first
-    a = x[f:]  # the 27 Ada channels
-    a[_P] = params
-    a[_M:_M + 3] = state.m
-    a[_R] = state.r
-    rs = torch.rsqrt(state.r + 1e-6)
-    torch.mul(state.m, rs, out=a[_MR:_MR + 3])
-    a[_RS] = rs
-    for tp in plan.tensors:
-        e = tp.elems
-        if tp.factored:
-            rows, cols = tp.rows, tp.cols
+    blocks = []
+    for tp in plan.nonempty:
+        x = tensor_inputs(state, g, params, first, tp)
+        blocks.append(x * channel_scale(x)[:, None])
+    return Features(torch.cat(blocks, dim=1), time_features(round_index))
 
-            def blk(c: int, e: slice = e, rows: int = rows, cols: int = cols) -> torch.Tensor:
-                return a[c:c + 3, e].view(3, rows, cols)
 
-            vr, vc = state.v_row[:, tp.acc[0]], state.v_col[:, tp.acc[1]]  # [3, R], [3, C]
-            row_f = _safe_rsqrt(vr / (vr.mean(1, keepdim=True) + 1e-9))[:, :, None]
-            col_f = _safe_rsqrt(vc)[:, None, :]
-            torch.mul(g[e].view(1, rows, cols), row_f, out=blk(_FG)).mul_(col_f)
-            blk(_VR).copy_(vr[:, :, None].expand(3, rows, cols))
-            blk(_VC).copy_(vc[:, None, :].expand(3, rows, cols))
-            blk(_RVR).copy_(torch.rsqrt(vr + 1e-8)[:, :, None].expand(3, rows, cols))
-            blk(_RVC).copy_(torch.rsqrt(vc + 1e-8)[:, None, :].expand(3, rows, cols))
-            torch.mul(state.m[:, e].view(3, rows, cols), row_f, out=blk(_FM)).mul_(col_f)
-        else:  # unfactored: v_row = v_col = v (learned_optimization's RMSProp-like case)
-            v = state.v[:, tp.acc[0]]  # [3, n]
-            a[_FG:_FG + 3, e] = g[e] * _safe_rsqrt(v + 1e-9)
-            a[_VR:_VR + 3, e] = v
-            a[_VC:_VC + 3, e] = v
-            rv = torch.rsqrt(v + 1e-8)
-            a[_RVR:_RVR + 3, e] = rv
-            a[_RVC:_RVC + 3, e] = rv
-            a[_FM:_FM + 3, e] = state.m[:, e] * torch.rsqrt(v + 1e-6)
-    normalize_per_tensor(x, plan)
-    return Features(x, time_features(round_index))
+# --------------------------------------------------------------------------- RNN aggregator
+
+
+def gradient_features(
+    slots: torch.Tensor,
+    present: torch.Tensor | None = None,
+    *,
+    p: float = 10.0,
+    clamp_sign: bool = True,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ji §4.2 preprocessing of worker slots [M, B] → (inputs [B, M], A [B]).
+
+        A_i = ‖(g_{1,i} … g_{M,i})‖₂,   ĝ_{m,i} = g_{m,i} / A_i,
+        |ĝ| < e^{-p}  →  sign(ĝ)·e^{-p}   (clamp_sign=True; exact zeros stay 0)
+                      →  +e^{-p}          (clamp_sign=False: Ji's literal rule, which
+                                           drops the sign of small entries)
+
+    Coordinates with A_i = 0 (every worker sent 0) get an all-zero row, and slots
+    of missing workers (`present` False) are zero whatever the clamp rule.
+    `out` [B, ≥M] receives the inputs in its first M columns.
+    """
+    g = slots.to(torch.float32)
+    a = torch.einsum("mb,mb->b", g, g).sqrt_()  # einsum: ~15× faster than vector_norm(dim=0)
+    inv = torch.where(a > 0, a.reciprocal(), torch.zeros_like(a))
+    x = torch.mul(g.T, inv[:, None], out=None if out is None else out[:, : g.shape[0]])
+    tiny = math.exp(-p)
+    small = x.abs() < tiny
+    if clamp_sign:
+        x = torch.where(small, torch.sign(x) * tiny, x, out=x)
+    else:  # Ji §4.2 as written: small magnitudes become +e^{-p} (sign lost)
+        x = x.masked_fill_(small, tiny)
+        x.masked_fill_((a == 0)[:, None], 0.0)
+    if present is not None:
+        x.masked_fill_(~present[None, :], 0.0)
+    return x, a
+
+
+def log_norm_feature(a: torch.Tensor, p: float = 10.0) -> torch.Tensor:
+    """max(log A_i, −p) / p: L2L's log-magnitude input (Andrychowicz et al. 2016, App. A)
+    applied to the worker spread A_i; 0 where A_i = 0 (no signal)."""
+    f = a.clamp_min(math.exp(-p)).log_().div_(p)
+    return f.masked_fill_(a == 0, 0.0)
+
+
+@torch.no_grad()
+def loss_features(
+    trusted: TrustedData,
+    params: torch.Tensor,
+    slots: torch.Tensor,
+    present: torch.Tensor | None = None,
+    *,
+    probe_lr: float = 1.0,
+    loss_scale: float = 0.1,
+) -> torch.Tensor:
+    """ARNN loss information (Ji §4.3), one number per worker slot, [M].
+
+        f_0 = L_r(θ),   f_m = L_r(θ − probe_lr·g_m)     (L_r: loss on the trusted sample)
+        feature_m = asinh( (f_m − f_0) / (|f_0| + 1e-8) / loss_scale )
+
+    i.e. the relative change of the trusted loss that worker m's update alone
+    would cause; asinh keeps it linear near 0 (honest workers: a few % of f_0)
+    and logarithmic for forged updates whose loss explodes. Non-finite losses
+    count as a huge increase. Missing slots get 0. Computed without gradient:
+    like the workers' own gradients, this is an input, not part of the meta-graph.
+    """
+    theta = params.detach().to(torch.float32)
+    rows = slots if present is None else slots[present]
+    cands = torch.cat([theta[None], theta[None] - probe_lr * rows.to(torch.float32)])
+    losses = trusted.loss(cands).to(torch.float32)
+    f0, fm = losses[0], losses[1:]
+    rel = (fm - f0) / (f0.abs() + 1e-8)
+    rel = torch.nan_to_num(rel, nan=1e12, posinf=1e12, neginf=-1e12)
+    feat = torch.asinh(rel / loss_scale)
+    if present is None:
+        return feat
+    out = feat.new_zeros(slots.shape[0])
+    out[present] = feat
+    return out

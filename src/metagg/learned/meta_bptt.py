@@ -19,7 +19,7 @@ Ji et al. 2019 §4.1-4.2 with L2L's recipe (Andrychowicz et al. 2016) where Ji i
 - every `validate_every` meta-iterations the frozen aggregator runs T rounds (and
   `long_horizon`·T) on held-out model seeds; the score is the mean over seeds and
   horizons of log(final train loss); the best φ is kept (early stopping with
-  `patience`) and written with `metagg.learned.store`.
+  `patience`) and written with `metagg.learned.rnn.io`.
 
 Resume: at every validation the run writes `meta_checkpoint.*` in `out_dir` (φ,
 Adam's state, the best φ so far, history). Everything random in meta-iteration k
@@ -53,8 +53,7 @@ from metagg.checkpoint import (
 )
 from metagg.cluster import Cluster
 from metagg.data import Dataset, load_dataset, partition
-from metagg.learned.rnn import CoordinateRNN, RNNAggregator, RNNConfig, RNNState
-from metagg.learned.store import save_aggregator
+from metagg.learned.rnn import CoordinateRNN, RNNAggregator, RNNConfig, RNNState, save_rnn
 from metagg.models import build_model
 from metagg.seeding import (
     MetaStream,
@@ -505,7 +504,7 @@ def _write(out: Path, agg: RNNAggregator, cfg: MetaTrainConfig, env: MetaEnv,
     validation = {"best_iteration": best["iteration"], "score": best["score"],
                   "score_definition": "mean over seeds and horizons of log(train loss)",
                   **best["validation"]}
-    stem = save_aggregator(out, agg, trained_on=trained_on, validation=validation)
+    stem = save_rnn(out, agg, trained_on=trained_on, validation=validation)
     atomic_write_text(out / "meta_train.jsonl", "".join(json.dumps(r) + "\n" for r in history))
     return stem
 

@@ -27,8 +27,8 @@ Two layers:
    1e-4) with linear warm-up then cosine decay. The 2N perturbed inner runs are one
    batch: the workers' local SGD is one `vmap(grad)` over particles × workers, and the
    aggregator step is `vmap`ped over (meta-parameters, model parameters, accumulators,
-   updates) through `FunctionalAda`, a pure re-implementation of
-   `LearnedAdaAggregator.step` taking φ as a flat vector (tested equal to it).
+   updates): it is `metagg.learned.lagg.ada_step`, the same function the server's
+   aggregator runs, with φ unflattened from each particle's flat vector (`FlatPhi`).
 
 Validation every `validate_every` outer steps runs the unperturbed φ from held-out model
 seeds (the same batched path, P = number of seeds) and records the full training-set
@@ -74,25 +74,13 @@ from metagg.checkpoint import (
 )
 from metagg.cluster import Cluster
 from metagg.data import Dataset, load_dataset, partition
-from metagg.layout import ParamLayout
-from metagg.learned.features import (
-    DECAYS,
-    NORM_EPS,
-    SAFE_MIN,
-    TIMESCALES,
-    AdaState,
-    FeaturePlan,
-    init_ada_state,
-    update_ada_state,
-)
+from metagg.learned.features import AdaState, FeaturePlan, init_ada_state
 from metagg.learned.lagg import (
-    EXP_MULT,
-    STEP_MULT,
-    AdaMLP,
-    LAggA,
+    FlatPhi,
     LAggConfig,
     LearnedAdaAggregator,
-    LOptA,
+    ada_step,
+    learned_ada,
     load_lagg,
     save_lagg,
 )
@@ -102,7 +90,6 @@ from metagg.tasks import Task
 
 __all__ = [
     "PES_TASKS",
-    "FunctionalAda",
     "InnerState",
     "LocalSGDEnv",
     "MetaTrainPESConfig",
@@ -201,126 +188,7 @@ def reset_pairs(accum: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
     return torch.where(done[:, None], torch.zeros((), dtype=accum.dtype), accum)
 
 
-# =========================================================================== functional LAgg-A
-
-
-class FunctionalAda:
-    """`LearnedAdaAggregator.step` as a pure function of a flat φ, for `vmap` over particles.
-
-        fa = FunctionalAda(config, layout)
-        phi = fa.flatten(AdaMLP(config, seed=0))           # [n_meta]
-        step, acc = fa.step(phi, acc, theta, updates)      # one particle; vmap for many
-
-    The ops mirror `build_features` / `AdaMLP.forward` / `_step` without in-place writes
-    (vmap cannot write a batched value into an unbatched buffer); every worker is assumed
-    present (meta-training drops none). Tested equal to the aggregator class.
-    """
-
-    def __init__(self, config: LAggConfig, layout: ParamLayout):
-        if config.kind == "lagg" and config.num_workers < 1:
-            raise ValueError("FunctionalAda: LAgg-A needs num_workers >= 1")
-        self.config = config
-        self.layout = layout
-        self.plan = FeaturePlan.from_layout(layout)
-        template = AdaMLP(config)
-        self.names = list(template.state_dict())
-        self.shapes = [tuple(v.shape) for v in template.state_dict().values()]
-        self.sizes = [math.prod(s) for s in self.shapes]
-        self.dim = sum(self.sizes)
-        self._decays0 = torch.tensor(DECAYS, dtype=torch.float32)
-        self._tau = torch.tensor(TIMESCALES, dtype=torch.float64)
-
-    # ------------------------------------------------------------------ φ as a vector
-    def flatten(self, net: AdaMLP) -> torch.Tensor:
-        """φ of `net` as a flat float32 vector, in state_dict order."""
-        return torch.cat([v.detach().reshape(-1).float() for v in net.state_dict().values()])
-
-    def unflatten(self, phi: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{name: view} of a flat φ (works under vmap)."""
-        parts = torch.split(phi, self.sizes)
-        return {n: p.view(s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)}
-
-    def init_phi(self, seed: int) -> torch.Tensor:
-        """The reference (or residual) initialisation of `AdaMLP(config, seed=seed)`."""
-        return self.flatten(AdaMLP(self.config, seed=seed))
-
-    def to_aggregator(self, phi: torch.Tensor) -> LearnedAdaAggregator:
-        """The ordinary (server-side) aggregator holding φ."""
-        net = AdaMLP(self.config)
-        net.load_state_dict({k: v.clone() for k, v in self.unflatten(phi.detach()).items()})
-        net.requires_grad_(False)
-        cls = LOptA if self.config.kind == "lopt" else LAggA
-        return cls(config=self.config, net=net)
-
-    def init_state(self) -> AdaState:
-        return init_ada_state(self.plan)
-
-    # ------------------------------------------------------------------ one step
-    def features(self, acc: AdaState, g: torch.Tensor, params: torch.Tensor,
-                 first: torch.Tensor) -> torch.Tensor:
-        """The F + 27 normalised channels [F + 27, d] (as `build_features`)."""
-        rs = torch.rsqrt(acc.r + 1e-6)
-        mr = acc.m * rs
-        blocks = []
-        for tp in self.plan.tensors:
-            e = tp.elems
-            n = e.stop - e.start
-            if n == 0:
-                continue
-            m = acc.m[:, e]
-            if tp.factored:
-                rows, cols = tp.rows, tp.cols
-                vr, vc = acc.v_row[:, tp.acc[0]], acc.v_col[:, tp.acc[1]]
-                row_f = _safe_rsqrt(vr / (vr.mean(1, keepdim=True) + 1e-9))[:, :, None]
-                col_f = _safe_rsqrt(vc)[:, None, :]
-                fg = (g[e].view(1, rows, cols) * row_f * col_f).reshape(3, n)
-                v_row = vr[:, :, None].expand(3, rows, cols).reshape(3, n)
-                v_col = vc[:, None, :].expand(3, rows, cols).reshape(3, n)
-                r_row = torch.rsqrt(vr + 1e-8)[:, :, None].expand(3, rows, cols).reshape(3, n)
-                r_col = torch.rsqrt(vc + 1e-8)[:, None, :].expand(3, rows, cols).reshape(3, n)
-                fm = (m.view(3, rows, cols) * row_f * col_f).reshape(3, n)
-            else:
-                v = acc.v[:, tp.acc[0]]
-                fg = g[e] * _safe_rsqrt(v + 1e-9)
-                v_row = v_col = v
-                r_row = r_col = torch.rsqrt(v + 1e-8)
-                fm = m * torch.rsqrt(v + 1e-6)
-            x = torch.cat([first[:, e], params[e][None], m, acc.r[e][None], mr[:, e],
-                           rs[e][None], fg, v_row, v_col, r_row, r_col, fm])
-            ms = torch.einsum("cn,cn->c", x, x) / n
-            blocks.append(x * torch.rsqrt(ms + NORM_EPS)[:, None])
-        return torch.cat(blocks, dim=1)
-
-    def time_features(self, t: torch.Tensor) -> torch.Tensor:
-        """tanh(t/τ − 1) [11] from a 0-d integer tensor (double, as `math.tanh`)."""
-        return torch.tanh(t.to(torch.float64) / self._tau - 1.0).to(torch.float32)
-
-    def decays(self, offsets: torch.Tensor) -> torch.Tensor:
-        return 1.0 - (1.0 - self._decays0) * torch.exp(10.0 * offsets)
-
-    def step(self, phi: torch.Tensor, acc: AdaState, params: torch.Tensor,
-             updates: torch.Tensor) -> tuple[torch.Tensor, AdaState]:
-        """(step [d], new accumulators) for one particle: φ [n_meta], θ [d], updates [K, d]."""
-        cfg = self.config
-        w = self.unflatten(phi)
-        g = updates.mean(0)
-        first = g[None] if cfg.kind == "lopt" else updates
-        decays = self.decays(w["decay_offsets"])
-        new = update_ada_state(acc, g, self.plan, decays)
-        x = self.features(new, g, params, first)  # [C, d]
-        c = x.shape[0]
-        b1 = w["b1"] + w["w1"][c:].T @ self.time_features(acc.t)
-        h = torch.relu(x.T @ w["w1"][:c] + b1)
-        h = torch.relu(h @ w["w2"] + w["b2"])
-        out = h @ w["w3"] + w["b3"]  # [d, 2]
-        mag = torch.exp(EXP_MULT * out[:, 1]) * out[:, 0]
-        if cfg.step_mode == "reference":
-            return mag * STEP_MULT, new
-        base = g if cfg.residual_base == "mean" else new.m[0] / (1.0 - decays[0])
-        rms = torch.cat([g[tp.elems].square().mean().sqrt().expand(tp.elems.stop - tp.elems.start)
-                         for tp in self.plan.tensors if tp.elems.stop > tp.elems.start])
-        step = base * torch.exp(w["log_scale"]) + cfg.correction_scale * rms * mag
-        return step, new
+# =========================================================================== compilation
 
 
 def _compiled(fn: Callable) -> Callable:
@@ -348,10 +216,6 @@ def _compiled(fn: Callable) -> Callable:
             return fn(*args)
 
     return call
-
-
-def _safe_rsqrt(x: torch.Tensor) -> torch.Tensor:
-    return torch.rsqrt(x.clamp_min(SAFE_MIN))
 
 
 # =========================================================================== configuration
@@ -718,8 +582,9 @@ class PESTrainer:
                  compile: bool = False):
         self.cfg = cfg
         self.env = LocalSGDEnv(cfg, data)
-        self.fa = FunctionalAda(cfg.lagg_config(), self.env.task.layout)
-        self._agg_step = vmap(self.fa.step)
+        self.phi = FlatPhi(cfg.lagg_config())
+        self.plan = FeaturePlan.from_layout(self.env.task.layout)
+        self._agg_step = vmap(self._particle_step)
         if compile:
             # Fuses the elementwise work around the matmuls (ReLU masks, softmax, the
             # features): the compiled parts ran 1.5-2.5× faster, a whole outer step 1.25×
@@ -729,6 +594,16 @@ class PESTrainer:
             self._agg_step = _compiled(self._agg_step)
         self.validation_seeds = [derive_seed(cfg.seed, MetaStream.VALID_INIT, j)
                                  for j in range(cfg.validation_seeds)]
+
+    def _particle_step(self, phi: torch.Tensor, acc: AdaState, theta: torch.Tensor,
+                       updates: torch.Tensor) -> tuple[torch.Tensor, AdaState]:
+        """One particle's server step (vmapped over particles): φ [n_meta], θ [d], [K, d]."""
+        return ada_step(self.phi.unflatten(phi), acc, updates, theta, config=self.phi.config,
+                        plan=self.plan)
+
+    def aggregator(self, phi: torch.Tensor) -> LearnedAdaAggregator:
+        """The ordinary (server-side) aggregator holding the flat φ."""
+        return learned_ada(self.phi.config, self.phi.net(phi))
 
     # ------------------------------------------------------------------ inner runs
     def run_length(self, run: int) -> int:
@@ -746,7 +621,7 @@ class PESTrainer:
         seeds = [derive_seed(self.cfg.seed, MetaStream.TRAIN_INIT, r) for r in runs]
         theta = torch.stack([self.env.task.init_params(s) for s in seeds])
         n = len(runs)
-        acc0 = self.fa.init_state()
+        acc0 = init_ada_state(self.plan)
         acc = AdaState(*(x.expand(2 * n, *x.shape).clone() for x in acc0))
         return InnerState(torch.cat([theta, theta]), acc, torch.zeros(n, dtype=torch.int64),
                           torch.tensor([self.run_length(r) for r in runs], dtype=torch.int64),
@@ -818,7 +693,7 @@ class PESTrainer:
                             not bool(torch.isfinite(theta[i]).all()))
 
         theta = torch.stack([task.init_params(s) for s in seeds])
-        acc = AdaState(*(x.expand(p, *x.shape).clone() for x in self.fa.init_state()))
+        acc = AdaState(*(x.expand(p, *x.shape).clone() for x in init_ada_state(self.plan)))
         self.run_rounds(phi.expand(p, -1), theta, acc, seeds, [0] * p, max(horizons), record)
         return _means(out)
 
@@ -956,11 +831,11 @@ def meta_train_pes(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     trainer = PESTrainer(cfg, data, compile=compile)
-    fa = trainer.fa
-    n = fa.dim
+    n = trainer.phi.dim
     resuming = resume and (out / f"{CHECKPOINT}.json").exists()
     # a resume takes φ from the checkpoint: init_from need not exist any more
-    phi0 = fa.init_phi(cfg.seed) if cfg.init_from is None or resuming else _initial_phi(fa, cfg)
+    phi0 = (trainer.phi.init(cfg.seed) if cfg.init_from is None or resuming
+            else _initial_phi(trainer.phi, cfg))
     inner0 = trainer.fresh_inner(range(cfg.pairs))
     run = _Run(step=0, phi=phi0, adam_m=torch.zeros(n), adam_v=torch.zeros(n), adam_t=0,
                accum=torch.zeros(cfg.pairs, n), inner=inner0, runs_started=cfg.pairs,
@@ -1054,13 +929,13 @@ def meta_train_pes(
     return summary
 
 
-def _initial_phi(fa: FunctionalAda, cfg: MetaTrainPESConfig) -> torch.Tensor:
+def _initial_phi(flat: FlatPhi, cfg: MetaTrainPESConfig) -> torch.Tensor:
     """φ of the saved aggregator `cfg.init_from`; it must be the architecture `cfg` trains."""
     agg = load_lagg(cfg.init_from)
-    if agg.config != fa.config:
+    if agg.config != flat.config:
         raise ValueError(f"init_from={cfg.init_from!r} holds {agg.config}, but this run "
-                         f"trains {fa.config}")
-    return fa.flatten(agg.net)
+                         f"trains {flat.config}")
+    return flat.of(agg.net)
 
 
 def _checkpoint(out: Path, cfg: MetaTrainPESConfig, run: _Run, history: list[dict[str, Any]],
@@ -1078,7 +953,7 @@ def _write_aggregator(out: Path, trainer: PESTrainer, cfg: MetaTrainPESConfig,
     validation = {"best_step": run.best_step, "score": run.best_score,
                   "score_definition": "mean over seeds and horizons of log(train loss)",
                   **run.best_validation, "baselines": run.baselines}
-    return save_lagg(out, trainer.fa.to_aggregator(run.best_phi), trained_on=trained_on,
+    return save_lagg(out, trainer.aggregator(run.best_phi), trained_on=trained_on,
                      validation=validation)
 
 

@@ -1,50 +1,39 @@
-"""Saving and loading learned RNN / ARNN aggregators (safetensors + JSON, never pickle).
+"""Where learned aggregators live on disk: the shipped zoo, path resolution, and the
+checked file pair every learned aggregator is saved as (safetensors + JSON, never pickle).
 
-    save_aggregator("runs/rnn-digits", agg, trained_on={...}, validation={...})
-    agg = load_aggregator("runs/rnn-digits")           # a directory ...
-    agg = load_aggregator("runs/rnn-digits/aggregator")  # ... or the file stem
+    resolve_path("runs/rnn-digits")                # DIR -> DIR/aggregator (the file stem)
+    resolve_path("pretrained/digits-mlp20-lstm")   # the copy shipped in the package
+    tensors, meta, where = load_learned_files(path, fmt=..., version=..., what=...)
 
-A saved aggregator is `aggregator.safetensors` (φ, float32) beside
-`aggregator.json`:
-
-    {"format": "metagg.rnn_aggregator", "format_version": 1, "kind": "rnn",
-     "config": {num_workers, cell, hidden, layers, output, arnn, p, scale, clamp_sign,
-                probe_lr, loss_scale},
-     "trained_on": {...}, "validation": {...}, "metagg_version": ..., "sha256": ...}
-
-Both files are written atomically by `metagg.checkpoint`; the JSON records the
-tensor file's sha256, so a corrupt or swapped file is caught on load, and every
-tensor's name and shape is checked against the architecture the JSON describes.
+A saved aggregator is `aggregator.safetensors` (φ, float32) beside `aggregator.json`
+({"format", "format_version", "kind", "config", "feature_names", "trained_on",
+"validation", "metagg_version", "sha256"}). Both files are written atomically by
+`metagg.checkpoint`; the JSON records the tensor file's sha256, so a corrupt or swapped
+file is caught on load, and each kind's loader (`metagg.learned.rnn.io`,
+`metagg.learned.lagg.io`) checks every tensor's name and shape against the config.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from metagg.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from metagg.learned.rnn import DEFAULT_CHUNK, CoordinateRNN, RNNAggregator, RNNConfig
 
 __all__ = [
-    "FORMAT",
-    "FORMAT_VERSION",
-    "build_arnn",
-    "build_rnn",
-    "load_aggregator",
+    "PRETRAINED_PREFIX",
+    "STEM",
+    "ZOO_DIR",
+    "load_learned_files",
     "pretrained_names",
     "read_aggregator_info",
     "resolve_path",
-    "save_aggregator",
+    "save_learned_files",
 ]
 
-FORMAT = "metagg.rnn_aggregator"
-FORMAT_VERSION = 1
 STEM = "aggregator"
-
-
 ZOO_DIR = Path(__file__).resolve().parents[1] / "zoo"
 PRETRAINED_PREFIX = "pretrained/"
 
@@ -74,59 +63,27 @@ def resolve_path(path: str | Path) -> Path:
     return path
 
 
-def save_aggregator(
-    path: str | Path,
-    agg: RNNAggregator,
-    *,
-    trained_on: dict[str, Any] | None = None,
-    validation: dict[str, Any] | None = None,
-) -> Path:
-    """Write `agg`'s φ and description into the directory `path` (created if needed)
-    as aggregator.safetensors + aggregator.json; a `path` ending in .safetensors or
-    .json names the files instead. Returns the file stem written."""
+def save_learned_files(path: str | Path, tensors: dict[str, torch.Tensor],
+                       meta: dict[str, Any]) -> Path:
+    """Write `tensors` (float32) and `meta` as DIR/aggregator.safetensors + .json (or the
+    stem a `path` ending in .safetensors / .json names); returns the stem written."""
     path = Path(path)
     stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path / STEM
-    tensors = {k: v.detach().float().contiguous() for k, v in agg.net.state_dict().items()}
-    meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "kind": agg.config.kind,
-        "config": agg.config.to_dict(),
-        "feature_names": agg.config.feature_names(),
-        "trained_on": trained_on or {},
-        "validation": validation or {},
-    }
-    save_checkpoint(stem, tensors, meta)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(stem, {k: v.detach().float().contiguous() for k, v in tensors.items()}, meta)
     return stem
 
 
 def read_aggregator_info(path: str | Path) -> dict[str, Any]:
-    """The JSON description of a saved aggregator (checked, weights not loaded)."""
-    return _load(path)[1]
-
-
-def load_aggregator(path: str | Path, *, chunk_size: int = DEFAULT_CHUNK) -> RNNAggregator:
-    """Load a saved RNN / ARNN aggregator.
-
-    Raises:
-        CheckpointError: a missing, corrupt or mismatched file, with the reason.
-    """
-    tensors, _, config, where = _load(path)
-    net = CoordinateRNN(config)
-    expected = net.state_dict()
-    problems = [f"missing tensor {k}" for k in expected if k not in tensors]
-    problems += [f"unexpected tensor {k}" for k in tensors if k not in expected]
-    problems += [
-        f"tensor {k} has shape {tuple(tensors[k].shape)} {tensors[k].dtype}, the config needs "
-        f"{tuple(v.shape)} {v.dtype}"
-        for k, v in expected.items()
-        if k in tensors and (tensors[k].shape != v.shape or tensors[k].dtype != v.dtype)
-    ]
-    if problems:
-        raise CheckpointError(f"{where}: weights do not match aggregator.json "
-                              f"({'; '.join(problems)})")
-    net.load_state_dict(tensors)
-    return RNNAggregator(config, net, chunk_size=chunk_size)
+    """The JSON description of any saved learned aggregator (checked against its weights'
+    hash; the weights are not built)."""
+    stem = resolve_path(path)
+    if not stem.with_suffix(".json").exists():
+        raise CheckpointError(f"learned aggregator {path}: no {stem.with_suffix('.json')}")
+    try:
+        return load_checkpoint(stem)[1]
+    except CheckpointError as exc:
+        raise CheckpointError(f"learned aggregator {path}: {exc}") from None
 
 
 def load_learned_files(
@@ -153,49 +110,3 @@ def load_learned_files(
         raise CheckpointError(f"{where}: format_version {meta.get('format_version')!r} "
                               f"is not supported (this metagg reads {version})")
     return tensors, meta, where
-
-
-def _load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], RNNConfig, str]:
-    """(tensors, meta, config, description) of a checked aggregator file pair."""
-    tensors, meta, where = load_learned_files(path, fmt=FORMAT, version=FORMAT_VERSION,
-                                              what="metagg RNN aggregator")
-    raw = meta.get("config")
-    allowed = [f.name for f in dataclasses.fields(RNNConfig)]
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{where}: 'config' must be a mapping with keys {allowed}")
-    unknown = sorted(set(raw) - set(allowed))
-    if unknown:
-        raise CheckpointError(f"{where}: unknown config keys {unknown}; allowed: {allowed}")
-    try:
-        config = RNNConfig(**raw)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{where}: bad config ({exc})") from None
-    if meta.get("kind") != config.kind:
-        raise CheckpointError(f"{where}: kind {meta.get('kind')!r} contradicts config "
-                              f"(arnn={config.arnn} means {config.kind!r})")
-    return tensors, meta, config, where
-
-
-def _build(kind: str, arg: str | None, options: dict) -> RNNAggregator:
-    if not arg:
-        raise ValueError(
-            f"aggregator {kind!r} needs trained weights: give '{kind}:PATH' (a directory with "
-            f"aggregator.safetensors + aggregator.json, or their file stem) or meta-train one "
-            f"(`metagg meta-train rnn ...`, or metagg.learned.meta_train_rnn in Python)")
-    agg = load_aggregator(arg, **options)
-    if agg.config.kind != kind:
-        raise ValueError(f"{arg} holds an {agg.config.kind!r} aggregator, not {kind!r}; "
-                         f"use '{agg.config.kind}:{arg}'")
-    return agg
-
-
-def build_rnn(arg: str | None, options: dict) -> RNNAggregator:
-    """Registry builder of `rnn:PATH`: a trained RNN aggregator; `options` may set
-    chunk_size. It produces the step itself (no server optimizer)."""
-    return _build("rnn", arg, options)
-
-
-def build_arnn(arg: str | None, options: dict) -> RNNAggregator:
-    """Registry builder of `arnn:PATH`: a trained ARNN aggregator (needs the server's
-    trusted data)."""
-    return _build("arnn", arg, options)

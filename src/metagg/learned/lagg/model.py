@@ -1,0 +1,258 @@
+"""LOpt-A and LAgg-A's meta-parameters φ and their one step (Joseph et al. 2025).
+
+    config = LAggConfig(kind="lagg", num_workers=8)
+    net = AdaMLP(config, seed=0)                           # φ, reference initialisation
+    phi = dict(net.named_parameters())          # or FlatPhi(config).unflatten(flat), PES
+    step, state = ada_step(phi, state, updates, params, config=config, plan=plan)
+
+Per round, with updates u_k = θ − θ_k (= −Δ_k, gradient-like) and ḡ = mean_k u_k:
+the Ada accumulators are updated with ḡ and the per-element features are built
+(`metagg.learned.features`, names in `LAggConfig.feature_names()`):
+
+    LOpt-A input  [ḡ, 27 Ada channels, 11 time]              width 39 (worker-count invariant)
+    LAgg-A input  [u_1 … u_K, 27 Ada channels, 11 time]      width K + 38 (46 for K = 8)
+
+LAgg-A is not permutation invariant: worker k (ctx.worker_ids) always feeds channel k;
+a missing worker's channel is zero (and ḡ is the mean of the updates that arrived).
+With K identical workers every worker channel equals normalised ḡ, so LAgg-A with
+first-layer weights w/K on each worker channel computes exactly LOpt-A with weight w
+on its ḡ channel (tested).
+
+A shared MLP (in → 32 → ReLU → 32 → ReLU → 2, weights truncated-normal σ = 1/√fan_in
+cut at ±2σ, zero biases) maps each element's features to (d, g), and
+
+    step_mode="reference" (default):  step = 0.001 · d · exp(0.001 · g)
+    step_mode="residual":             step = α · base + c · rms_T(ḡ) · d · exp(0.001 · g)
+        base = ḡ ("mean", FedAvg) or m_0.9 / (1 − β_0.9) ("momentum", SlowMo's
+        u = Σ β^i ḡ); α = exp(log_scale), a meta-parameter initialised to
+        `residual_scale`; c = `correction_scale`; rms_T(ḡ) the per-tensor RMS of ḡ;
+        the output layer starts at zero, so the untrained aggregator *is* the baseline.
+
+Sign: as in learned_optimization (gradient in, p ← p − step) the inputs point like
+gradients and the server subtracts the step, so d = +(normalised ḡ) moves θ like FedAvg
+(tested). The reference feeds Δ_k = θ_k − θ; with our u_k = −Δ_k the odd channels
+(ḡ, u_k, m, fac_g, fac_m, …) flip sign, which only matters for weights trained there.
+
+The decays are meta-parameters too: β = 1 − (1 − β₀)·exp(10·o), o initialised to 0.
+φ lives in `AdaMLP` (an nn.Module, for initialisation and storage); the per-run state
+is `AdaState` (accumulators and the round counter).
+
+`ada_step` is the one definition of the step: pure and out of place, it takes φ as a
+mapping of tensors, so the server's aggregator (`metagg.learned.lagg.aggregator`, under
+`torch.no_grad`) and PES meta-training (`torch.func.vmap` over particles, φ unflattened
+from one flat vector per particle) execute the same code. The per-tensor normalisation
+of the inputs is folded into the first layer (x·s)ᵀW₁ = xᵀ(s·W₁), so the normalised
+inputs are never written out.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from metagg.layout import ParamLayout
+from metagg.learned.features import (
+    DECAYS,
+    NUM_ADA_FEATURES,
+    NUM_TIME_FEATURES,
+    AdaState,
+    FeaturePlan,
+    channel_scale,
+    decays_from_offsets,
+    feature_names,
+    tensor_inputs,
+    time_features,
+    update_ada_state,
+)
+
+__all__ = [
+    "EXP_MULT",
+    "KINDS",
+    "RESIDUAL_BASES",
+    "STEP_MODES",
+    "STEP_MULT",
+    "AdaMLP",
+    "FlatPhi",
+    "LAggConfig",
+    "ada_step",
+]
+
+KINDS = ("lopt", "lagg")
+STEP_MODES = ("reference", "residual")
+RESIDUAL_BASES = ("mean", "momentum")
+STEP_MULT = 0.001  # step = d · exp(EXP_MULT · g) · STEP_MULT (reference)
+EXP_MULT = 0.001
+
+
+@dataclass(frozen=True)
+class LAggConfig:
+    """What defines a LOpt-A / LAgg-A aggregator (saved beside its weights).
+
+    Attributes:
+        kind: "lopt" (input ḡ) or "lagg" (input every worker's update).
+        num_workers: LAgg-A's K (input width K + 38); 0 = take it from `init()`
+            (untrained aggregators only). Must be 0 for LOpt-A.
+        hidden: MLP width (32 in the reference).
+        step_mode: "reference" (the paper's parameterisation) or "residual"
+            (a baseline step plus the MLP's correction; see the module docstring).
+        residual_base: "mean" (FedAvg) or "momentum" (SlowMo-like) base step.
+        residual_scale: initial α of the base step (0.6 with "momentum" starts at the
+            tuned SlowMo of the spec: α/γ_local = 0.3/0.5).
+        correction_scale: c, the MLP correction's size relative to rms_T(ḡ).
+    """
+
+    kind: str = "lopt"
+    num_workers: int = 0
+    hidden: int = 32
+    step_mode: str = "reference"
+    residual_base: str = "mean"
+    residual_scale: float = 1.0
+    correction_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        def bad(key: str, value: Any, allowed: str) -> ValueError:
+            return ValueError(f"LAggConfig.{key} must be {allowed}, got {value!r}")
+
+        if self.kind not in KINDS:
+            raise bad("kind", self.kind, f"one of {KINDS}")
+        if self.kind == "lopt" and self.num_workers != 0:
+            raise bad("num_workers", self.num_workers, "0 for lopt (it only sees ḡ)")
+        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) \
+                or self.num_workers < 0:
+            raise bad("num_workers", self.num_workers, "an integer >= 0")
+        if isinstance(self.hidden, bool) or not isinstance(self.hidden, int) or self.hidden < 1:
+            raise bad("hidden", self.hidden, "an integer >= 1")
+        if self.step_mode not in STEP_MODES:
+            raise bad("step_mode", self.step_mode, f"one of {STEP_MODES}")
+        if self.residual_base not in RESIDUAL_BASES:
+            raise bad("residual_base", self.residual_base, f"one of {RESIDUAL_BASES}")
+        if not (self.residual_scale > 0 and math.isfinite(self.residual_scale)):
+            raise bad("residual_scale", self.residual_scale, "a finite number > 0")
+        if not (self.correction_scale >= 0 and math.isfinite(self.correction_scale)):
+            raise bad("correction_scale", self.correction_scale, "a finite number >= 0")
+
+    @property
+    def first_channels(self) -> int:
+        """Leading input channels: 1 (ḡ) for LOpt-A, K for LAgg-A."""
+        return 1 if self.kind == "lopt" else self.num_workers
+
+    @property
+    def input_size(self) -> int:
+        return self.first_channels + NUM_ADA_FEATURES + NUM_TIME_FEATURES
+
+    def feature_names(self) -> tuple[str, ...]:
+        return feature_names(None if self.kind == "lopt" else self.num_workers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class AdaMLP(nn.Module):
+    """φ: the per-element MLP (weights stored [in, out]), the decay offsets o [7], and
+    in residual mode log α.
+
+        h₁ = relu(x W₁ + b₁), h₂ = relu(h₁ W₂ + b₂), (d, g) = h₂ W₃ + b₃
+    """
+
+    def __init__(self, config: LAggConfig, *, seed: int = 0):
+        super().__init__()
+        if config.kind == "lagg" and config.num_workers < 1:
+            raise ValueError("LAgg-A's network needs num_workers >= 1 (its input width)")
+        self.config = config
+        gen = torch.Generator().manual_seed(seed)
+        sizes = (config.input_size, config.hidden, config.hidden, 2)
+        for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes), 1):
+            w = torch.empty(fan_in, fan_out)
+            std = 1.0 / math.sqrt(fan_in)
+            nn.init.trunc_normal_(w, 0.0, std, -2 * std, 2 * std, generator=gen)
+            if i == 3 and config.step_mode == "residual":
+                w.zero_()  # residual mode starts exactly at its baseline
+            self.register_parameter(f"w{i}", nn.Parameter(w))
+            self.register_parameter(f"b{i}", nn.Parameter(torch.zeros(fan_out)))
+        self.decay_offsets = nn.Parameter(torch.zeros(len(DECAYS)))
+        if config.step_mode == "residual":
+            self.log_scale = nn.Parameter(torch.tensor(math.log(config.residual_scale)))
+
+
+class FlatPhi:
+    """φ of one architecture as a flat float32 vector, the form PES perturbs and vmaps.
+
+        fp = FlatPhi(config)
+        phi = fp.init(seed=0)                 # [fp.dim], AdaMLP(config, seed=0)'s values
+        ada_step(fp.unflatten(phi), ...)      # views, no copy (works under vmap)
+        net = fp.net(phi)                     # a frozen AdaMLP holding them
+    """
+
+    def __init__(self, config: LAggConfig):
+        if config.kind == "lagg" and config.num_workers < 1:
+            raise ValueError("LAgg-A's φ needs num_workers >= 1 (its input width)")
+        self.config = config
+        self.layout = ParamLayout.from_module(AdaMLP(config))
+
+    @property
+    def dim(self) -> int:
+        return self.layout.size
+
+    def of(self, net: AdaMLP) -> torch.Tensor:
+        """The flat φ of `net` (a copy)."""
+        return self.layout.from_module_params(net)
+
+    def init(self, seed: int) -> torch.Tensor:
+        """The reference (or residual) initialisation of `AdaMLP(config, seed=seed)`."""
+        return self.of(AdaMLP(self.config, seed=seed))
+
+    def unflatten(self, phi: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.layout.unflatten(phi)
+
+    def net(self, phi: torch.Tensor) -> AdaMLP:
+        """A frozen `AdaMLP` holding φ."""
+        net = AdaMLP(self.config)
+        net.load_state_dict({k: v.clone() for k, v in self.unflatten(phi.detach()).items()})
+        return net.requires_grad_(False)
+
+
+def ada_step(phi: Mapping[str, torch.Tensor], state: AdaState, updates: torch.Tensor,
+             params: torch.Tensor, *, config: LAggConfig, plan: FeaturePlan,
+             slots: torch.Tensor | None = None) -> tuple[torch.Tensor, AdaState]:
+    """One LOpt-A / LAgg-A step: (step [d], new accumulators); the server does θ ← θ − step.
+
+    Args:
+        phi: the meta-parameters by name (`AdaMLP`'s): w1, b1, w2, b2, w3, b3,
+            decay_offsets and, in residual mode, log_scale.
+        state: the accumulators before this round.
+        updates: the round's rows [n, d] (float32); ḡ is their mean.
+        params: θ [d].
+        config: the architecture and step rule.
+        plan: per-tensor slices of θ's layout (`FeaturePlan.from_layout`).
+        slots: LAgg-A's K worker channels [K, d] (`worker_slots`: a missing worker's
+            row is zero); None means `updates` are all K workers in order.
+    """
+    g = updates.mean(0)
+    first = g[None] if config.kind == "lopt" else (updates if slots is None else slots)
+    decays = decays_from_offsets(phi["decay_offsets"])
+    new = update_ada_state(state, g, plan, decays)
+    c = first.shape[0] + NUM_ADA_FEATURES
+    w1, w2, w3 = phi["w1"], phi["w2"], phi["w3"]
+    # the 11 time features are equal for every element: folded into the first bias
+    b1 = phi["b1"] + time_features(state.t) @ w1[c:]
+    outs = []
+    for tp in plan.nonempty:
+        x = tensor_inputs(new, g, params, first, tp)  # [C, n] raw channels
+        h = torch.relu(torch.addmm(b1, x.T, channel_scale(x)[:, None] * w1[:c]))
+        h = torch.relu(torch.addmm(phi["b2"], h, w2))
+        outs.append(torch.addmm(phi["b3"], h, w3))
+    out = torch.cat(outs)  # [d, 2]: (d, g) per element
+    mag = torch.exp(EXP_MULT * out[:, 1]) * out[:, 0]  # d · exp(0.001 g)
+    if config.step_mode == "reference":
+        return mag * STEP_MULT, new
+    base = g if config.residual_base == "mean" else new.m[0] / (1.0 - decays[0])
+    # the correction is scaled by each tensor's RMS of ḡ
+    rms = torch.cat([g[tp.elems].square().mean().sqrt().expand(tp.elems.stop - tp.elems.start)
+                     for tp in plan.nonempty])
+    return base * torch.exp(phi["log_scale"]) + config.correction_scale * rms * mag, new

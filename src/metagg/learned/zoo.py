@@ -1,0 +1,80 @@
+"""Any learned aggregator by path, whatever its kind: load, save, and the shipped zoo.
+
+    agg = load_aggregator("pretrained/fmnist8x8-mlp32-lagg-k8h4")   # or a run directory
+    save_aggregator("runs/x", agg, trained_on={...}, validation={...})
+    for row in zoo_rows(): ...                                      # `metagg zoo list`
+
+The kind is read from the saved JSON's "format"; each kind's own module does the work
+(`metagg.learned.rnn.io`, `metagg.learned.lagg.io`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from metagg.aggregators.base import Aggregator
+from metagg.checkpoint import CheckpointError
+from metagg.learned.lagg import io as lagg_io
+from metagg.learned.lagg.aggregator import LearnedAdaAggregator
+from metagg.learned.rnn import io as rnn_io
+from metagg.learned.rnn.aggregator import RNNAggregator
+from metagg.learned.store import pretrained_names, read_aggregator_info
+
+__all__ = ["load_aggregator", "save_aggregator", "zoo_rows"]
+
+
+def load_aggregator(path: str | Path, **options: Any) -> Aggregator:
+    """A saved learned aggregator of any kind (`options` go to its loader, e.g. an RNN's
+    chunk_size); raises CheckpointError with the reason."""
+    fmt = read_aggregator_info(path).get("format")
+    if fmt == rnn_io.FORMAT:
+        return rnn_io.load_rnn(path, **options)
+    if fmt == lagg_io.FORMAT:
+        if options:
+            raise ValueError(f"a LOpt-A/LAgg-A aggregator takes no options, got {sorted(options)}")
+        return lagg_io.load_lagg(path)
+    raise CheckpointError(f"learned aggregator {path}: unknown format {fmt!r} (expected "
+                          f"{rnn_io.FORMAT!r} or {lagg_io.FORMAT!r})")
+
+
+def save_aggregator(path: str | Path, agg: Aggregator, *,
+                    trained_on: dict[str, Any] | None = None,
+                    validation: dict[str, Any] | None = None) -> Path:
+    """Write a learned aggregator (RNN/ARNN or LOpt-A/LAgg-A) to `path`; returns the stem."""
+    if isinstance(agg, RNNAggregator):
+        return rnn_io.save_rnn(path, agg, trained_on=trained_on, validation=validation)
+    if isinstance(agg, LearnedAdaAggregator):
+        return lagg_io.save_lagg(path, agg, trained_on=trained_on, validation=validation)
+    raise TypeError(f"not a learned aggregator: {agg!r}")
+
+
+def zoo_rows() -> list[dict[str, str]]:
+    """One row per shipped aggregator: how to name it, its architecture, what it was
+    meta-trained on, against which attack, how long, and its validation train loss."""
+    rows = []
+    for name in pretrained_names():
+        info = read_aggregator_info(f"pretrained/{name}")
+        cfg, trained = info.get("config", {}), info.get("trained_on", {})
+        val = info.get("validation", {})
+        kind = info.get("kind", "rnn")
+        if kind in ("lagg", "lopt"):  # Joseph et al. 2025, PES
+            arch = f"MLP {cfg.get('hidden')}x2, {cfg.get('step_mode')}"
+            workers = f"K={trained.get('num_workers')}, H={trained.get('local_steps')}"
+            steps = f"{val.get('best_step')} PES steps"
+        else:  # Ji et al. 2019, BPTT
+            arch = f"{cfg.get('cell')}, {cfg.get('output')}"
+            workers = ("4 models x 3 workers" if trained.get("setting") == "hetero"
+                       else f"{trained.get('num_workers')} workers")
+            steps = f"{trained.get('iterations')} iterations"
+        attack = trained.get("attack", "none")
+        if attack != "none":
+            attack = f"{attack} {trained.get('num_byzantine')}/{trained.get('num_workers')}"
+        loss = ", ".join(f"@{k.split('@')[1]}: {v:.3g}" for k, v in val.items()
+                         if k.startswith("mean_loss@"))
+        rows.append({"aggregator": f"{kind}:pretrained/{name}", "architecture": arch,
+                     "trained on": f"{trained.get('dataset')}, {trained.get('model')}, "
+                                   f"{workers}",
+                     "attack": attack, "meta-training": steps,
+                     "validation train loss @rounds": loss})
+    return rows
