@@ -18,23 +18,19 @@ import time
 
 import torch
 
-from metagg.learned.meta_pes import MetaTrainPESConfig, PESTrainer, antithetic_noise, pes_step
+from metagg.config.meta import MetaTrainPESConfig
+from metagg.learned.meta.pes import PES
 
 
 def bench(cfg: MetaTrainPESConfig, compiled: bool, threads: int, steps: int) -> dict:
     torch.set_num_threads(threads)
-    trainer = PESTrainer(cfg, compile=compiled)
-    phi = trainer.phi.init(cfg.seed)
-    inner = trainer.fresh_inner(range(cfg.pairs))
-    accum = torch.zeros(cfg.pairs, trainer.phi.dim)
+    est = PES(cfg, compile=compiled)
+    phi, state = est.init_phi(cfg.seed), est.init_state()
     times = []
     for step in range(steps + 1):
-        eps = antithetic_noise(cfg.pairs, trainer.phi.dim, cfg.sigma,
-                               torch.Generator().manual_seed(step))
         t0 = time.perf_counter()
-        res = pes_step(trainer.unroll, phi, accum, inner, eps, sigma=cfg.sigma, seed=step)
+        state = est.estimate(phi, state, step).state
         times.append(time.perf_counter() - t0)
-        accum, inner = res.accum, res.inner
     return {"mode": "compiled" if compiled else "eager", "threads": threads,
             "first_step_s": round(times[0], 3),
             "median_step_s": round(statistics.median(times[1:]), 3),

@@ -84,9 +84,40 @@ def _phi_abs(net: torch.nn.Module) -> float:
     return float(sum(p.double().abs().sum() for p in net.parameters()))
 
 
+def _bptt_history(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The history as the pre-restructure code wrote it: one row per meta-iteration (the
+    mean per-round meta-loss over its truncations and the last truncation's gradient
+    norm) instead of one per truncation; validation rows as they are."""
+    out: list[dict[str, Any]] = []
+    per_iteration: dict[int, list[dict[str, Any]]] = {}
+    for row in history:
+        if "validation_score" in row:
+            out.append(row)
+        else:
+            group = per_iteration.setdefault(row["iteration"], [])
+            group.append(row)
+            if len(group) == 1:
+                out.append({"iteration": row["iteration"], "_group": group})
+    rows = []
+    for row in out:
+        group = row.pop("_group", None)
+        if group is None:
+            rows.append(row)
+            continue
+        done = [r for r in group if r["meta_loss"] is not None and not r["skipped"]]
+        rounds = sum(r["rounds"] for r in done)
+        rows.append({"iteration": row["iteration"],
+                     "meta_loss": sum(r["meta_loss"] * r["rounds"] for r in done) / max(rounds, 1),
+                     "grad_norm": done[-1]["grad_norm"] if done else math.nan,
+                     "skipped": len(done) < len(group)})
+    return rows
+
+
 def test_hetero_evaluation_and_meta_training_match_pre_restructure() -> None:
-    from metagg.hetero import PAPER_GROUPS, HeteroEnv, HeteroMetaConfig, meta_train_hetero
+    from metagg.cluster import PAPER_GROUPS
+    from metagg.config.meta import MetaTrainConfig
     from metagg.learned import evaluate_aggregator, load_aggregator
+    from metagg.learned.meta import HeteroEnv, meta_train
 
     digits = load_dataset("digits")
     env = HeteroEnv(digits, PAPER_GROUPS)
@@ -96,32 +127,35 @@ def test_hetero_evaluation_and_meta_training_match_pre_restructure() -> None:
     env02 = HeteroEnv(digits, PAPER_GROUPS, active_groups=(0, 2))
     assert_close(evaluate_aggregator(agg, env02, [100], (10,)),
                  GOLDEN["hetero_zoo_eval_active02"], "hetero_zoo_eval_active02")
-    res = meta_train_hetero(env, HeteroMetaConfig(iterations=2, unroll=10, truncation=5,
-                                                  validate_every=2, validation_seeds=1))
-    phi_sum = float(sum(p.double().sum() for p in res.net.parameters()))
-    assert_close({"phi_sum": phi_sum, "phi_abs": _phi_abs(res.net)}, GOLDEN["hetero_meta"],
+    # the recipe meta_train_hetero ran before the move: validation at T only, no patience
+    cfg = MetaTrainConfig(iterations=2, unroll=10, truncation=5, validate_every=2,
+                          validation_seeds=1, long_horizon=1, patience=0)
+    net = meta_train(cfg, [env], progress=False).aggregator.net
+    phi_sum = float(sum(p.double().sum() for p in net.parameters()))
+    assert_close({"phi_sum": phi_sum, "phi_abs": _phi_abs(net)}, GOLDEN["hetero_meta"],
                  "hetero_meta")
 
 
 def test_bptt_meta_training_matches_pre_restructure() -> None:
     from metagg.learned import meta_train_rnn
 
-    r = meta_train_rnn(iterations=3, unroll=10, truncation=5, validate_every=3,
-                       validation_seeds=2, long_horizon=2, num_workers=4, progress=False)
-    got = {"history": r.history, "best_score": r.best_score,
-           "phi_abs": _phi_abs(r.aggregator.net)}
-    assert_close(got, GOLDEN["bptt_rnn"], "bptt_rnn")
-    r = meta_train_rnn(iterations=2, unroll=10, truncation=5, validate_every=2,
-                       validation_seeds=1, long_horizon=1, num_workers=5, arnn=True,
-                       attack="ipm,none", num_byzantine=2, cell="gru", progress=False)
-    got = {"history": r.history, "best_score": r.best_score,
-           "phi_abs": _phi_abs(r.aggregator.net)}
-    assert_close(got, GOLDEN["bptt_arnn_mix"], "bptt_arnn_mix")
+    for name, options in (
+            ("bptt_rnn", {"iterations": 3, "unroll": 10, "truncation": 5, "validate_every": 3,
+                          "validation_seeds": 2, "long_horizon": 2, "num_workers": 4}),
+            ("bptt_arnn_mix", {"iterations": 2, "unroll": 10, "truncation": 5,
+                               "validate_every": 2, "validation_seeds": 1, "long_horizon": 1,
+                               "num_workers": 5, "arnn": True, "attack": "ipm,none",
+                               "num_byzantine": 2, "cell": "gru"})):
+        r = meta_train_rnn(progress=False, **options)
+        got = {"history": _bptt_history(r.history), "best_score": r.best_score,
+               "phi_abs": _phi_abs(r.aggregator.net)}
+        assert_close(got, GOLDEN[name], name)
 
 
 @pytest.mark.parametrize("kind", ["lagg", "lopt"])
 def test_pes_meta_training_matches_pre_restructure(kind: str, tmp_path: Path) -> None:
-    from metagg.learned.meta_pes import MetaTrainPESConfig, meta_train_pes
+    from metagg.config.meta import MetaTrainPESConfig
+    from metagg.learned.meta import meta_train_pes
 
     extra = {"step_mode": "reference"} if kind == "lopt" else {}
     cfg = MetaTrainPESConfig(kind=kind, dataset="digits", model="mlp:32:relu", num_workers=4,
@@ -129,11 +163,11 @@ def test_pes_meta_training_matches_pre_restructure(kind: str, tmp_path: Path) ->
                              max_inner=12, steps=4, warmup=2, validate_every=2,
                              validation_seeds=2, validation_rounds=(5, 10), checkpoint_every=2,
                              **extra)
-    summary = meta_train_pes(cfg, tmp_path, progress=False)
+    result = meta_train_pes(cfg, tmp_path, progress=False)
     history = [json.loads(line) for line in (tmp_path / "meta_train.jsonl").open()]
     for row in history:
         row.pop("wall_s", None)
         row.pop("step_s", None)
-    got = {"history": history, "best_score": summary["best_score"],
-           "baselines": summary["baselines"]}
+    got = {"history": history, "best_score": result.best_score,
+           "baselines": result.summary["baselines"]}
     assert_close(got, GOLDEN[f"pes_{kind}"], f"pes_{kind}")

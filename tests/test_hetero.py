@@ -5,17 +5,17 @@ import torch
 
 from metagg.aggregators import optimizers as opt
 from metagg.aggregators.registry import build_aggregator
-from metagg.cluster import Cluster
-from metagg.data import partition
-from metagg.hetero import (
+from metagg.cluster import (
     PAPER_GROUPS,
+    Cluster,
     HeteroCluster,
-    HeteroEnv,
     WorkerGroup,
     prefix_correspondence,
 )
+from metagg.data import partition
 from metagg.layout import ParamLayout
 from metagg.learned import RNNAggregator, RNNConfig, evaluate_aggregator
+from metagg.learned.meta import HeteroEnv
 from metagg.models import build_model
 from metagg.tasks import Task
 
@@ -117,14 +117,14 @@ def test_group_gradients_are_their_models_gradients_at_the_anchored_params(digit
 
 def test_active_groups_and_coverage_mean(digits):
     env = HeteroEnv(digits, [WorkerGroup("mlp:20:sigmoid", 2), WorkerGroup("mlp:10:sigmoid", 2)])
-    assert env.coverage.shape == (4, env.dim)
+    assert env.coverage.shape == (4, env.task.dim)
     assert env.coverage[:2].all() and not env.coverage[2:].all()
     theta = env.task.init_params(0)
-    updates, ids = env.worker_round(env.cluster(0), theta, 0)
-    assert updates.shape == (4, env.dim)
-    assert torch.equal(updates[~env.coverage], torch.zeros(int((~env.coverage).sum())))
     agg = build_aggregator("coverage_mean", optimizer=opt.sgd(1.0))
-    step, _ = agg.step(agg.init(env.task.layout, 4), updates, env.context(theta, ids, 0))
+    updates, ctx = env.round_inputs(env.inner(0, agg), theta, 0, None)
+    assert updates.shape == (4, env.task.dim)
+    assert torch.equal(updates[~env.coverage], torch.zeros(int((~env.coverage).sum())))
+    step, _ = agg.step(agg.init(env.task.layout, 4), updates, ctx)
     cover = env.coverage
     expected = updates.sum(0) / cover.sum(0)
     torch.testing.assert_close(step, expected)
@@ -134,8 +134,8 @@ def test_active_groups_and_coverage_mean(digits):
 
     env0 = HeteroEnv(digits, [WorkerGroup("mlp:20:sigmoid", 2), WorkerGroup("mlp:10:sigmoid", 2)],
                      active_groups=(1,))
-    updates, ids = env0.worker_round(env0.cluster(0), theta, 0)
-    assert ids.tolist() == [2, 3] and updates.shape == (2, env0.dim)
+    updates, ctx = env0.round_inputs(env0.inner(0, agg), theta, 0, None)
+    assert ctx.worker_ids.tolist() == [2, 3] and updates.shape == (2, env0.task.dim)
     with pytest.raises(ValueError, match="active_groups"):
         HeteroEnv(digits, PAPER_GROUPS, active_groups=(4,))
 

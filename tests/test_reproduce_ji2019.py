@@ -1,17 +1,15 @@
 """`metagg reproduce ji2019` at the hidden tiny scale: files, CSV columns and rows, report."""
 
-import argparse
 import csv
 
 import pytest
 
+from metagg.cli import main as cli_main
 from metagg.data import load_dataset
 from metagg.experiments.ji2019 import (
     CSV_COLUMNS,
     SCALES,
-    add_reproduce_ji2019_arguments,
     check_seeds_disjoint,
-    cmd_reproduce_ji2019,
     reproduce_ji2019,
 )
 from metagg.learned import RNNAggregator, RNNConfig, save_aggregator
@@ -38,11 +36,9 @@ def test_tiny_reproduction_writes_every_figure(tmp_path, capsys):
     hetero = tmp_path / "hetero-rnn"
     save_aggregator(hetero, RNNAggregator(RNNConfig(num_workers=12)),
                     trained_on={"seed": 0, "iterations": 1, "validation_seeds": 1})
-    parser = argparse.ArgumentParser()
-    add_reproduce_ji2019_arguments(parser)
     out = tmp_path / "out"
-    args = parser.parse_args(["--scale", "tiny", "--out", str(out), "--hetero-rnn", str(hetero)])
-    assert cmd_reproduce_ji2019(args) == 0
+    assert cli_main(["reproduce", "ji2019", "--scale", "tiny", "--out", str(out),
+                     "--hetero-rnn", str(hetero)]) == 0
     assert "Figure 7" in capsys.readouterr().out
 
     for f in ("4", "5", "6", "7"):
@@ -131,7 +127,7 @@ def test_interrupted_meta_training_is_not_taken_for_a_finished_one(tmp_path):
     from metagg.experiments.ji2019 import _meta_iterations_done
 
     assert _meta_iterations_done(tmp_path) is None  # nothing there
-    (tmp_path / "meta_checkpoint.json").write_text(json.dumps({"iteration": 40}))
+    (tmp_path / "meta_state.json").write_text(json.dumps({"iteration": 40}))
     assert _meta_iterations_done(tmp_path) == 40
-    (tmp_path / "meta_checkpoint.json").write_text("{torn")
+    (tmp_path / "meta_state.json").write_text("{torn")
     assert _meta_iterations_done(tmp_path) is None

@@ -22,7 +22,6 @@ import torch
 from metagg.checkpoint import load_checkpoint, save_checkpoint
 from metagg.config import ConfigError, config_from_dict, save_config
 from metagg.runtime.launch import _runtime_args, launch
-from metagg.runtime.launch import main as launch_main
 from metagg.runtime.ps import (
     EXIT_TOO_FEW_WORKERS,
     DistEnv,
@@ -339,6 +338,12 @@ def test_ps_rejects_wrong_world_size(tmp_path, monkeypatch, capsys):
     assert ps_main(["--set", "workers.num_workers=4", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "start 5 processes" in err and len(err.strip().splitlines()) == 1
+
+
+def launch_main(argv):
+    from metagg.cli import main
+
+    return main(["launch", *argv])
 
 
 def test_launch_rejects_bad_input(tmp_path, capsys):

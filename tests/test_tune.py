@@ -84,7 +84,7 @@ def test_every_baseline_builds_on_the_default_task():
 
 
 def test_cli_baseline_names_match_the_library():
-    from metagg.cli import BASELINE_NAMES
+    from metagg.cli.run import BASELINE_NAMES
 
     assert set(BASELINE_NAMES) == set(BASELINES)
 

@@ -15,16 +15,30 @@ and a distributed worker can draw exactly the batch the simulator would.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch.func import grad_and_value, vmap
 
-from metagg.seeding import RoundStream, round_generator
+from metagg.layout import ParamLayout
+from metagg.seeding import MetaStream, RoundStream, derive_seed, round_generator
 from metagg.tasks import Task
 
-__all__ = ["Cluster", "GradFn", "WorkerOutput", "local_sgd"]
+__all__ = [
+    "PAPER_GROUPS",
+    "Cluster",
+    "Correspondence",
+    "GradFn",
+    "HeteroCluster",
+    "HeteroOutput",
+    "WorkerGroup",
+    "WorkerOutput",
+    "local_sgd",
+    "prefix_correspondence",
+    "worker_coverage",
+]
 
 #: `fn(params [N, d], x [N, B, ...], y [N, B]) -> (grads [N, d], losses [N])`: N models'
 #: minibatch gradients at once (a vmapped autograd, or a hand-written backward).
@@ -163,3 +177,224 @@ class Cluster:
             return torch.ones(self.num_workers, dtype=torch.bool)
         g = round_generator(self.seed, round, RoundStream.FAILURES)
         return torch.rand(self.num_workers, generator=g) >= failure_prob
+
+
+# --------------------------------------------------------------------------- worker groups
+
+
+@dataclass(frozen=True)
+class WorkerGroup:
+    """`num_workers` workers that all hold a model built from the spec `model`."""
+
+    model: str
+    num_workers: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or \
+                self.num_workers < 1:
+            raise ValueError(f"num_workers must be an integer >= 1, got {self.num_workers!r}")
+
+
+#: Ji §5.5: four systems, 3 workers chosen from each, feeding one MLP20-sigmoid.
+PAPER_GROUPS: tuple[WorkerGroup, ...] = (
+    WorkerGroup("mlp:20:sigmoid", 3),
+    WorkerGroup("mlp:40:sigmoid", 3),
+    WorkerGroup("mlp:20,20:sigmoid", 3),
+    WorkerGroup("mlp:20:relu", 3),
+)
+
+
+# --------------------------------------------------------------------------- the mapping
+
+
+@dataclass(frozen=True)
+class Correspondence:
+    """Which coordinates of a source (group) model are which coordinates of the target.
+
+    `source_index[k]` in the source's flat vector is `target_index[k]` in the
+    target's; every other coordinate of either has no counterpart.
+    """
+
+    target_index: torch.Tensor  # int64 [k]
+    source_index: torch.Tensor  # int64 [k]
+    target_size: int
+    source_size: int
+
+    @property
+    def coverage(self) -> torch.Tensor:
+        """bool [target_size]: target coordinates the source model has."""
+        mask = torch.zeros(self.target_size, dtype=torch.bool)
+        mask[self.target_index] = True
+        return mask
+
+    @property
+    def shared(self) -> torch.Tensor:
+        """bool [source_size]: source coordinates that are target coordinates."""
+        mask = torch.zeros(self.source_size, dtype=torch.bool)
+        mask[self.source_index] = True
+        return mask
+
+    def to_target(self, source: torch.Tensor) -> torch.Tensor:
+        """Source vectors [..., source_size] -> target vectors [..., target_size], 0 where
+        the source has no counterpart."""
+        out = source.new_zeros(*source.shape[:-1], self.target_size)
+        out[..., self.target_index] = source[..., self.source_index]
+        return out
+
+    def embed(self, target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        """`source` [source_size] with its shared coordinates replaced by `target`'s."""
+        return source.index_put((self.source_index,), target[self.target_index])
+
+
+def prefix_correspondence(target: ParamLayout, source: ParamLayout) -> Correspondence:
+    """Match tensors by name and number of dimensions; share their leading block.
+
+    For a target tensor of shape (n1, n2, ...) and a source tensor of the same
+    name and shape (m1, m2, ...), entry (i1, i2, ...) corresponds when
+    i_j < min(n_j, m_j) for every j. Tensors without a same-named, same-rank
+    partner correspond nowhere.
+    """
+    t_parts, s_parts = [], []
+    for t in target:
+        if t.name not in source or len(source[t.name].shape) != len(t.shape):
+            continue
+        s = source[t.name]
+        block = tuple(slice(0, min(a, b)) for a, b in zip(t.shape, s.shape, strict=True))
+        t_parts.append(torch.arange(t.offset, t.offset + t.numel).view(t.shape)[block].flatten())
+        s_parts.append(torch.arange(s.offset, s.offset + s.numel).view(s.shape)[block].flatten())
+    empty = torch.zeros(0, dtype=torch.int64)
+    return Correspondence(torch.cat(t_parts) if t_parts else empty,
+                          torch.cat(s_parts) if s_parts else empty, target.size, source.size)
+
+
+# --------------------------------------------------------------------------- the workers
+
+
+def worker_coverage(maps: Sequence[Correspondence],
+                     groups: Sequence[WorkerGroup]) -> torch.Tensor:
+    """bool [M, d]: each worker's row is its group's `Correspondence.coverage`."""
+    return torch.cat([m.coverage.expand(g.num_workers, -1)
+                      for m, g in zip(maps, groups, strict=True)])
+
+
+@dataclass
+class HeteroOutput:
+    updates: torch.Tensor  # [n, d] the active workers' updates on the target's coordinates
+    worker_ids: torch.Tensor  # int64 [n]: which of the M workers each row is
+    losses: torch.Tensor  # [n] each worker's minibatch loss (of its own model)
+
+
+class HeteroCluster:
+    """M workers in groups with different models, updating one target model.
+
+    Ji §5.5 feeds gradients from workers with *different* local models (MLP 20 and 40
+    sigmoid, MLP 2x20 sigmoid, MLP 20 ReLU; 3 workers each) into one RNN aggregator that
+    updates an MLP20-sigmoid, and does not say how a gradient of one model becomes an
+    update of another. The rule used here (document it wherever results
+    are reported):
+
+    1. **Correspondence by name and leading block** (`prefix_correspondence`). A
+       target tensor and a group tensor correspond when they have the same name
+       (`hidden0.weight`, `output.bias`, ... - `metagg.models` keeps names stable
+       across sizes) and the same number of dimensions; they share the leading block
+       `[:min(n1, m1), :min(n2, m2), ...]` (the first hidden units, the first inputs).
+       MLP40 -> MLP20: hidden units 0-19 of the 40 are the target's 20 units (their
+       input weights and biases, and the output weights leaving them). MLP 2x20 ->
+       MLP20: `hidden0.*` and `output.*` correspond (the group's output layer reads
+       `hidden1` where the target's reads `hidden0`: the correspondence is structural,
+       not functional); `hidden1.*` has no counterpart. MLP20-ReLU -> MLP20-sigmoid:
+       every tensor, one to one.
+    2. **Workers compute at the target's parameters** (anchoring). A group's
+       workers evaluate their own model with the shared coordinates set to the
+       target's current θ; the group's *private* coordinates (those with no target
+       counterpart, e.g. hidden units 20-39) are the group's own, trained by the
+       group itself with mean + SGD (`private_lr`) on its workers' gradients - the
+       group's own small distributed system. So every gradient that reaches the
+       aggregator is a partial derivative of some model's loss with respect to the
+       target's actual parameter values, and a group whose model equals the target's
+       sends exactly the gradients a homogeneous `Cluster` would.
+    3. **Missing coordinates are zero and masked**. A worker's update on a target
+       coordinate its model does not have is 0 and marked uncovered in `coverage`
+       [M, d]. The coordinatewise RNN reads a 0 as "no input from this worker here"
+       (its preprocessing keeps exact zeros at 0, as for a missing worker), and
+       the `coverage_mean` aggregator averages each coordinate over the workers that
+       cover it.
+       In the paper's four groups every target coordinate is covered by every group
+       (the target is the smallest model), so masking only matters for smaller groups.
+
+    Workers are IID shards of the training set (one shard per worker, all groups
+    together: 12 shards for 4 x 3 workers); minibatches come from one `Cluster`
+    sampler, so a round's batches are a function of (seed, round) as elsewhere. Within
+    a group all workers are one `vmap(grad)` call; the only Python loop is over groups.
+
+    Args:
+        target: the model the server trains.
+        groups: the worker groups; workers are numbered group by group.
+        tasks: one `Task` per group (its model).
+        x, y: the training set; shards: one index tensor per worker (M in all).
+        batch_size: minibatch size per worker.
+        seed: minibatch streams (as `Cluster`) and the groups' private initialisations.
+        private_lr: SGD step of each group's private coordinates (0 freezes them).
+
+    State: each group's private coordinates, updated by every `compute` call, so
+    a fresh cluster per run.
+    """
+
+    def __init__(self, target: Task, groups: Sequence[WorkerGroup], tasks: Sequence[Task],
+                 x: torch.Tensor, y: torch.Tensor, shards: Sequence[torch.Tensor], *,
+                 batch_size: int, seed: int = 0, private_lr: float = 1.0):
+        if len(tasks) != len(groups):
+            raise ValueError(f"need one task per group, got {len(tasks)} for {len(groups)}")
+        total = sum(g.num_workers for g in groups)
+        if len(shards) != total:
+            raise ValueError(f"need one shard per worker ({total}), got {len(shards)}")
+        if not private_lr >= 0:
+            raise ValueError(f"private_lr must be >= 0, got {private_lr}")
+        self.target, self.groups, self.tasks = target, tuple(groups), tuple(tasks)
+        self.num_workers = total
+        self.seed, self.private_lr = seed, private_lr
+        # The sampler only draws minibatches (the target's vmapped grads go unused), so
+        # batches are exactly those a homogeneous Cluster with these shards would draw.
+        self.sampler = Cluster(target, x, y, shards, batch_size=batch_size, seed=seed)
+        self.maps = [prefix_correspondence(target.layout, t.layout) for t in tasks]
+        starts = [0]
+        for g in groups:
+            starts.append(starts[-1] + g.num_workers)
+        self.rows = [slice(a, b) for a, b in itertools.pairwise(starts)]
+        self._grads = [vmap(grad_and_value(t.loss), in_dims=(None, 0, 0)) for t in tasks]
+        # Private coordinates start at the group model's own init, seeded per (seed, group).
+        self.private = [t.init_params(derive_seed(seed, MetaStream.HETERO_GROUP_INIT, i))
+                        for i, t in enumerate(tasks)]
+
+    @property
+    def coverage(self) -> torch.Tensor:
+        """bool [M, d]: which target coordinates each worker's model has."""
+        return worker_coverage(self.maps, self.groups)
+
+    def batches(self, round: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs [M, 1, B, ...] and labels [M, 1, B] of every worker in round `round`."""
+        return self.sampler.batches(round)
+
+    @torch.no_grad()
+    def compute(self, params: torch.Tensor, round: int,
+                groups: Sequence[int] | None = None) -> HeteroOutput:
+        """The active groups' workers' gradients at the target's `params`, on its coordinates.
+
+        `groups`: indices of the groups that send (default all). Inactive groups
+        compute nothing and their private coordinates stay as they are.
+        """
+        theta = params.detach()
+        xb, yb = self.batches(round)
+        active = range(len(self.groups)) if groups is None else groups
+        updates, ids, losses = [], [], []
+        for i in active:
+            rows, cmap = self.rows[i], self.maps[i]
+            local = cmap.embed(theta, self.private[i])  # anchored at the target's θ
+            grads, loss = self._grads[i](local, xb[rows, 0], yb[rows, 0])
+            if self.private_lr > 0:  # the group trains its private coordinates itself
+                own = local - self.private_lr * grads.mean(0)
+                self.private[i] = torch.where(cmap.shared, local, own)
+            updates.append(cmap.to_target(grads))
+            ids.append(torch.arange(rows.start, rows.stop))
+            losses.append(loss)
+        return HeteroOutput(torch.cat(updates), torch.cat(ids), torch.cat(losses))

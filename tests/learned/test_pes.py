@@ -1,10 +1,9 @@
-"""Truncated PES: the generic estimator against true gradients, the functional LAgg-A step
-against the aggregator class, the vmapped unroll against a loop over particles, and the
-meta-training loop's checkpoint / resume, outputs and CLI pair."""
+"""Truncated PES: the generic estimate against true gradients, the vmapped unroll against a
+loop over particles through the aggregator class, and the meta-training loop's checkpoint /
+resume, outputs and CLI."""
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
@@ -13,27 +12,22 @@ import pytest
 import torch
 from torch.func import grad_and_value, vmap
 
-import metagg.learned.meta_pes as mp
 from metagg.aggregators.base import RoundContext
 from metagg.aggregators.registry import build_aggregator
-from metagg.checkpoint import load_checkpoint
-from metagg.config import ConfigError
+from metagg.checkpoint import CheckpointError, load_checkpoint
+from metagg.cli import main as cli_main
+from metagg.cluster import Cluster
+from metagg.config.meta import MetaTrainPESConfig
+from metagg.data import partition
 from metagg.learned.features import AdaState
-from metagg.learned.meta_pes import (
-    MetaTrainPESConfig,
-    PESTrainer,
-    add_meta_train_pes_arguments,
-    antithetic_noise,
-    cmd_meta_train_pes,
-    evaluate_local_sgd,
-    lr_schedule,
-    meta_train_pes,
-    mlp_grad_fn,
-    pes_step,
-    reset_pairs,
-)
+from metagg.learned.lagg import load_lagg
+from metagg.learned.meta import loop as lp
+from metagg.learned.meta import meta_train_pes
+from metagg.learned.meta import pes as mp
+from metagg.learned.meta.evaluate import evaluate_aggregator
+from metagg.learned.meta.pes import PES, antithetic_noise, lagg_config, pes_step, reset_pairs
 from metagg.models import build_model
-from metagg.tasks import Task
+from metagg.tasks import Task, mlp_grad_fn
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -53,7 +47,7 @@ def test_single_truncation_is_antithetic_es_and_matches_the_gradient():
     c = torch.randn(n, generator=gen)
     theta = torch.randn(n, generator=gen)
 
-    def unroll(batch, inner, seed):
+    def unroll(batch, inner):
         z = batch - c
         return 0.5 * torch.einsum("pi,ij,pj->p", z, q, z), inner
 
@@ -73,7 +67,7 @@ def _lr_problem():
     w0 = torch.tensor([1.0, -2.0, 3.0], dtype=dt)
     tau = 5
 
-    def unroll(batch, w, seed):
+    def unroll(batch, w):
         losses = torch.zeros(batch.shape[0], dtype=dt)
         for _ in range(tau):
             losses = losses + 0.5 * (a * w * w).sum(-1)
@@ -94,7 +88,7 @@ def test_pes_is_unbiased_over_truncations_and_resets(persistent):
     def horizon_loss(th):
         total, w = 0.0, w0[None]
         for _ in range(truncations):
-            loss, w = unroll(th[None], w, 0)
+            loss, w = unroll(th[None], w)
             total = total + loss[0]
         return total
 
@@ -124,7 +118,7 @@ def test_reset_pairs_and_shape_checks():
     out = reset_pairs(accum, torch.tensor([False, True, False]))
     assert out.tolist() == [[1, 1], [0, 0], [1, 1]] and accum.sum() == 6
     with pytest.raises(ValueError, match="do not fit"):
-        pes_step(lambda b, i, s: (b.sum(1), i), torch.zeros(2), torch.zeros(3, 2), None,
+        pes_step(lambda b, i: (b.sum(1), i), torch.zeros(2), torch.zeros(3, 2), None,
                  torch.zeros(2, 2), sigma=0.1)
 
 
@@ -167,8 +161,8 @@ def _unroll_losses(trainer, cfg):
 
 def test_compiled_trainer_matches_eager(digits, caplog):
     cfg = tiny_config(model="mlp:6:relu")
-    want = _unroll_losses(PESTrainer(cfg, digits), cfg)
-    got = _unroll_losses(PESTrainer(cfg, digits, compile=True), cfg)
+    want = _unroll_losses(PES(cfg, digits), cfg)
+    got = _unroll_losses(PES(cfg, digits, compile=True), cfg)
     assert "torch.compile failed" not in caplog.text  # it really compiled
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
@@ -188,32 +182,33 @@ def _fails_when_built(fn, **kwargs):
 def test_compile_failure_falls_back_to_eager(digits, monkeypatch, caplog, broken):
     monkeypatch.setattr(torch, "compile", broken)
     cfg = tiny_config()
-    want = _unroll_losses(PESTrainer(cfg, digits), cfg)
-    got = _unroll_losses(PESTrainer(cfg, digits, compile=True), cfg)
+    want = _unroll_losses(PES(cfg, digits), cfg)
+    got = _unroll_losses(PES(cfg, digits, compile=True), cfg)
     assert "torch.compile failed (RuntimeError: " in caplog.text
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a, b)
 
 
 def test_lr_schedule_warms_up_then_decays():
-    cfg = tiny_config(steps=20, warmup=4, lr=1.0, final_lr=0.1)
-    lrs = [lr_schedule(cfg, s) for s in range(20)]
+    settings = lp.LoopSettings(steps=20, warmup=4, lr=1.0, final_lr=0.1)
+    lrs = [lp.lr_at(settings, s) for s in range(20)]
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
     assert all(a >= b for a, b in itertools.pairwise(lrs[3:]))
     assert lrs[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(15 / 16 * math.pi)))
 
 
 def test_adamw_matches_torch():
-    cfg = tiny_config(weight_decay=0.1, beta1=0.8, beta2=0.95)
+    settings = lp.LoopSettings(steps=5, lr=0.01, final_lr=0.01, weight_decay=0.1, beta1=0.8,
+                               beta2=0.95)
     p = torch.nn.Parameter(torch.randn(4))
     ref = torch.optim.AdamW([p], lr=0.01, weight_decay=0.1, betas=(0.8, 0.95), eps=1e-8)
-    run = mp._Run(0, p.detach().clone(), torch.zeros(4), torch.zeros(4), 0, torch.zeros(1, 4),
-                  None, 0, 0.0, 0, torch.zeros(4), {}, {}, 0.0)
+    run = lp._Outer(0, p.detach().clone(), torch.zeros(4), torch.zeros(4), 0, None,
+                    torch.zeros(4))
     for k in range(5):
         g = torch.randn(4, generator=torch.Generator().manual_seed(k))
         p.grad = g.clone()
         ref.step()
-        mp._adamw(cfg, run, g, 0.01)
+        lp._adamw(settings, run, g, 0.01)
         torch.testing.assert_close(run.phi, p.detach(), rtol=1e-6, atol=1e-7)
 
 
@@ -225,19 +220,21 @@ def test_config_checks():
     with pytest.raises(ValueError, match="step_mode"):
         tiny_config(step_mode="fancy")
     # caught at construction, not after the data loads
-    with pytest.raises(ValueError, match="max_inner must be an integer"):
+    with pytest.raises(ValueError, match=r"max_inner: expected an integer, got -5\.0"):
         tiny_config(max_inner=-5.0)
-    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+    with pytest.raises(ValueError, match=r"seed: must be an integer in \[0, 2\*\*63 - 1\]"):
         tiny_config(seed=-1)
-    with pytest.raises(ValueError, match="beta1, beta2"):
+    with pytest.raises(ValueError, match="beta1: expected a number, got 'a'"):
         tiny_config(beta1="a")
+    with pytest.raises(ValueError, match="sigma: expected a finite number"):
+        tiny_config(sigma=float("inf"))
     assert tiny_config(validation_rounds=[8, 4]).validation_rounds == (4, 8)
 
 
 # --------------------------------------------------------------------------- vmapped vs looped
 
 
-def looped_unroll(trainer: PESTrainer, phi_batch: torch.Tensor, inner: mp.InnerState):
+def looped_unroll(trainer: PES, phi_batch: torch.Tensor, inner: mp.InnerState):
     """The same truncation one particle at a time, through the ordinary aggregator class and
     `Cluster.compute` (autograd): what `lagg:PATH` does in the simulator."""
     cfg, env = trainer.cfg, trainer.env
@@ -246,7 +243,11 @@ def looped_unroll(trainer: PESTrainer, phi_batch: torch.Tensor, inner: mp.InnerS
     for i in range(phi_batch.shape[0]):
         agg = trainer.aggregator(phi_batch[i])
         theta, state = inner.theta[i], AdaState(*(x[i] for x in inner.acc))
-        cluster = env.cluster(int(inner.seed[i % pairs]))
+        cluster = Cluster(env.task, env.data.x_train, env.data.y_train,
+                          partition(env.data.y_train, cfg.num_workers, cfg.partition,
+                                    seed=cfg.seed), batch_size=cfg.batch_size,
+                          mode="local_sgd", local_steps=cfg.local_steps,
+                          local_lr=cfg.local_lr, seed=int(inner.seed[i % pairs]))
         start, total = int(inner.round[i % pairs]), 0.0
         for t in range(start, start + cfg.unroll):
             out = cluster.compute(theta, t)
@@ -266,7 +267,7 @@ def looped_unroll(trainer: PESTrainer, phi_batch: torch.Tensor, inner: mp.InnerS
 @pytest.mark.parametrize("kind", ["lagg", "lopt"])
 def test_vmapped_pes_step_equals_looped(digits, kind):
     cfg = tiny_config(kind=kind, step_mode="reference")
-    trainer = PESTrainer(cfg, digits)
+    trainer = PES(cfg, digits)
     n = trainer.phi.dim
     phi = trainer.phi.init(0)
     accum = torch.zeros(cfg.pairs, n)
@@ -275,7 +276,7 @@ def test_vmapped_pes_step_equals_looped(digits, kind):
     for k in range(2):  # the second truncation starts mid-run, with accumulated ε
         eps = antithetic_noise(cfg.pairs, n, cfg.sigma, torch.Generator().manual_seed(k))
         got = pes_step(trainer.unroll, phi, accum, inner_v, eps, sigma=cfg.sigma)
-        want = pes_step(lambda b, i, s: looped_unroll(trainer, b, i), phi, accum, inner_l, eps,
+        want = pes_step(lambda b, i: looped_unroll(trainer, b, i), phi, accum, inner_l, eps,
                         sigma=cfg.sigma)
         torch.testing.assert_close(got.loss_pos, want.loss_pos, rtol=0, atol=2e-6)
         torch.testing.assert_close(got.loss_neg, want.loss_neg, rtol=0, atol=2e-6)
@@ -301,7 +302,7 @@ def _rows(path):
 def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, digits, monkeypatch):
     cfg = tiny_config()
     straight = meta_train_pes(cfg, tmp_path / "a", progress=False, data=digits)
-    assert straight["steps_done"] == 6
+    assert straight.summary["steps_done"] == 6
     rows = _rows(tmp_path / "a")
     assert sum(r.get("resets", 0) for r in rows) >= 2  # inner runs of 6-9 rounds did reset
     assert [r["step"] for r in rows if "validation_score" in r] == [0, 3, 6]
@@ -318,30 +319,30 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, digits, monkeypat
     monkeypatch.setattr(mp, "pes_step", dies_in_step_5)
     with pytest.raises(KeyboardInterrupt):
         meta_train_pes(cfg, tmp_path / "b", progress=False, data=digits)
-    _, meta = load_checkpoint(tmp_path / "b" / "pes_state")
+    _, meta = load_checkpoint(tmp_path / "b" / "meta_state")
     assert meta["step"] == 4
     monkeypatch.setattr(mp, "pes_step", real)
     resumed = meta_train_pes(cfg, tmp_path / "b", progress=False, resume=True, data=digits)
 
-    ta, _ = load_checkpoint(tmp_path / "a" / "pes_state")
-    tb, _ = load_checkpoint(tmp_path / "b" / "pes_state")
+    ta, _ = load_checkpoint(tmp_path / "a" / "meta_state")
+    tb, _ = load_checkpoint(tmp_path / "b" / "meta_state")
     assert ta.keys() == tb.keys()
     for key in ta:
         assert torch.equal(ta[key], tb[key]), key
     assert _strip(_rows(tmp_path / "b")) == _strip(rows)
-    assert resumed["best_step"] == straight["best_step"]
-    assert resumed["best_score"] == straight["best_score"]
+    assert resumed.best_step == straight.best_step
+    assert resumed.best_score == straight.best_score
 
 
 def test_outputs_load_as_aggregator_and_match_validation(tmp_path, digits):
     """lagg:OUT loads the best φ; run through the simulator-style loop it gives the
     recorded validation losses; the untrained residual-momentum φ is SlowMo."""
     cfg = tiny_config(steps=3)
-    summary = meta_train_pes(cfg, tmp_path, progress=False, data=digits, stop_at=3)
+    summary = meta_train_pes(cfg, tmp_path, progress=False, data=digits, stop_at=3).summary
     agg = build_aggregator(f"lagg:{tmp_path}")
-    assert agg.config == cfg.lagg_config()
-    trainer = PESTrainer(cfg, digits)
-    res = evaluate_local_sgd(agg, trainer.env, trainer.validation_seeds, cfg.validation_rounds)
+    assert agg.config == lagg_config(cfg)
+    trainer = PES(cfg, digits)
+    res = evaluate_aggregator(agg, trainer.env, trainer.seeds, cfg.validation_rounds)
     best = summary["best_validation"]
     for h in cfg.validation_rounds:
         assert res[f"mean_loss@{h}"] == pytest.approx(best[f"mean_loss@{h}"], rel=1e-4)
@@ -358,33 +359,30 @@ def test_outputs_load_as_aggregator_and_match_validation(tmp_path, digits):
 def test_resume_rejects_another_config(tmp_path, digits):
     meta_train_pes(tiny_config(steps=2, validate_every=2), tmp_path, progress=False,
                    data=digits)
-    with pytest.raises(mp.CheckpointError, match="sigma"):
+    with pytest.raises(CheckpointError, match="sigma"):
         meta_train_pes(tiny_config(steps=2, validate_every=2, sigma=0.1), tmp_path,
                        progress=False, resume=True, data=digits)
 
 
 def test_cli_pair(tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("kind")
-    add_meta_train_pes_arguments(parser)
     common = ["--task", "digits-mlp", "--workers", "3", "--local-steps", "2", "--steps", "2",
               "--set", "batch_size=8", "--set", "pairs=1", "--set", "unroll=2",
               "--set", "validation_rounds=[3]", "--set", "validate_every=2",
               "--set", "model=mlp:4:relu", "--no-compile", "--out", str(tmp_path)]
-    assert cmd_meta_train_pes(parser.parse_args(["lopt", *common])) == 0
+    assert cli_main(["meta-train", "lopt", *common]) == 0
     out = capsys.readouterr().out
     assert "lopt:" in out and json.loads(out[: out.rindex("}") + 1])["steps_done"] == 2
     assert build_aggregator(f"lopt:{tmp_path}").config.kind == "lopt"
-    with pytest.raises(ConfigError, match="KEY=VALUE"):
-        cmd_meta_train_pes(parser.parse_args(["lopt", *common, "--set", "nope=1"]))
+    assert cli_main(["meta-train", "lopt", *common, "--set", "nope=1"]) == 2
+    assert "unknown key nope" in capsys.readouterr().err
 
 
 def test_max_grad_norm_clips_the_estimate_before_adamw(tmp_path, digits, monkeypatch):
     """With a tiny max_grad_norm every step is clipped, and AdamW sees the clipped vector."""
     seen = []
-    real = mp._adamw
-    monkeypatch.setattr(mp, "_adamw", lambda cfg, run, grad, lr: (seen.append(grad.clone()),
-                                                                 real(cfg, run, grad, lr)))
+    real = lp._adamw
+    monkeypatch.setattr(lp, "_adamw", lambda s, run, grad, lr: (seen.append(grad.clone()),
+                                                               real(s, run, grad, lr)))
     meta_train_pes(tiny_config(steps=3, max_grad_norm=1e-3), tmp_path, progress=False,
                    data=digits)
     rows = [r for r in _rows(tmp_path) if "grad_norm" in r]
@@ -406,8 +404,8 @@ def test_init_from_starts_at_saved_weights(tmp_path, digits):
     meta_train_pes(first, tmp_path / "a", progress=False, data=digits)
     saved = build_aggregator(f"lagg:{tmp_path / 'a'}")
     cfg = tiny_config(steps=1, init_from=str(tmp_path / "a"), seed=3)
-    trainer = PESTrainer(cfg, digits)
-    assert torch.equal(mp._initial_phi(trainer.phi, cfg), trainer.phi.of(saved.net))
+    trainer = PES(cfg, digits)
+    assert torch.equal(trainer.phi_of(load_lagg(tmp_path / "a")), trainer.phi.of(saved.net))
     meta_train_pes(cfg, tmp_path / "b", progress=False, data=digits, stop_at=0)
     start = build_aggregator(f"lagg:{tmp_path / 'b'}")  # step 0's validation keeps φ₀
     for k, v in saved.net.state_dict().items():
@@ -415,7 +413,7 @@ def test_init_from_starts_at_saved_weights(tmp_path, digits):
     with pytest.raises(ValueError, match="trains"):  # another architecture
         meta_train_pes(tiny_config(init_from=str(tmp_path / "a"), hidden=4), tmp_path / "c",
                        progress=False, data=digits)
-    with pytest.raises(mp.CheckpointError):
+    with pytest.raises(CheckpointError):
         meta_train_pes(tiny_config(init_from=str(tmp_path / "nothing")), tmp_path / "d",
                        progress=False, data=digits)
 
@@ -423,14 +421,14 @@ def test_init_from_starts_at_saved_weights(tmp_path, digits):
 def test_resume_of_a_checkpoint_written_before_a_config_key_existed(tmp_path, digits):
     cfg = tiny_config(steps=2, validate_every=2)
     meta_train_pes(cfg, tmp_path, progress=False, data=digits)
-    path = tmp_path / "pes_state.json"
+    path = tmp_path / "meta_state.json"
     meta = json.loads(path.read_text())
     for key in ("max_grad_norm", "init_from"):  # as an older metagg wrote it
         del meta["config"][key]
     path.write_text(json.dumps(meta))
     done = meta_train_pes(tiny_config(steps=3, validate_every=2), tmp_path, progress=False,
                           resume=True, data=digits)
-    assert done["steps_done"] == 3
+    assert done.summary["steps_done"] == 3
 
 
 def test_resume_does_not_need_init_from_any_more(tmp_path, digits):
@@ -443,4 +441,4 @@ def test_resume_does_not_need_init_from_any_more(tmp_path, digits):
     meta_train_pes(cfg, tmp_path / "b", progress=False, data=digits, stop_at=1)
     shutil.rmtree(tmp_path / "a")
     assert meta_train_pes(cfg, tmp_path / "b", progress=False, resume=True,
-                          data=digits)["steps_done"] == 2
+                          data=digits).summary["steps_done"] == 2

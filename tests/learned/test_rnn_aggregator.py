@@ -116,11 +116,11 @@ def test_clear_errors(make_ctx):
     state = agg.init(make_ctx(4, 3).layout, 3)
     with pytest.raises(ValueError, match="state is for d=4"):
         agg.step(state, torch.randn(3, 6), make_ctx(6, 3))
-    with pytest.raises(ValueError, match="cell must be one of lstm, gru, got 'rnn'"):
+    with pytest.raises(ValueError, match="cell: unknown value 'rnn'; allowed: lstm, gru"):
         RNNConfig(num_workers=3, cell="rnn")
-    with pytest.raises(ValueError, match="output must be one of"):
+    with pytest.raises(ValueError, match="output: unknown value 'l2l'; allowed: normalized"):
         RNNConfig(num_workers=3, output="l2l")
-    with pytest.raises(ValueError, match="p must be a number > 0"):
+    with pytest.raises(ValueError, match="p: must be > 0, got 0"):
         RNNConfig(num_workers=3, p=0)
     with pytest.raises(ValueError, match="chunk_size"):
         RNNAggregator(RNNConfig(num_workers=3), chunk_size=0)

@@ -8,75 +8,76 @@ import pytest
 import torch
 from torch.func import grad, vmap
 
-from metagg.learned.meta_bptt import (
-    MetaEnv,
-    MetaTrainConfig,
-    evaluate_aggregator,
-    meta_train_rnn,
-    unroll_meta_loss,
-)
-from metagg.learned.rnn import RNNAggregator
+from metagg.aggregators.base import RoundContext
+from metagg.config.meta import MetaTrainConfig
+from metagg.learned.meta import BPTT, GradientEnv, meta_train, meta_train_rnn
+from metagg.learned.meta.evaluate import evaluate_aggregator
+from metagg.learned.rnn import RNNAggregator, RNNConfig
 from metagg.learned.store import read_aggregator_info
 from metagg.learned.zoo import load_aggregator
-from metagg.seeding import derive_seed
+from metagg.seeding import MetaStream, derive_seed
 
 
 @pytest.fixture(scope="module")
 def env(digits):
-    return MetaEnv(MetaTrainConfig(num_workers=4, batch_size=16, arnn=True), digits)
+    return GradientEnv(MetaTrainConfig(num_workers=4, batch_size=16, arnn=True), digits)
+
+
+def _estimator(env, rounds):
+    return BPTT(MetaTrainConfig(num_workers=4, batch_size=16, arnn=True, unroll=rounds,
+                                truncation=rounds), [env])
 
 
 def test_meta_gradient_reaches_phi_and_never_the_workers(env):
-    agg = RNNAggregator(env.cfg.rnn_config(), differentiable=True)
+    est = _estimator(env, 3)
     seen = []
-    real_step = agg.step
+    real_step = est.agg.step
 
     def spy(state, updates, ctx):
         seen.append((updates.requires_grad, updates.grad_fn, ctx.params.requires_grad))
         return real_step(state, updates, ctx)
 
-    agg.step = spy
-    cluster = env.cluster(0)
-    theta = env.task.init_params(0)
-    state = agg.init(env.task.layout, 4)
-    loss, theta_end, state = unroll_meta_loss(agg, env, cluster, theta, state, range(3))
+    est.agg.step = spy
+    out = est.estimate(est.init_phi(0), est.init_state(), 0)
     assert [s[:2] for s in seen] == [(False, None)] * 3  # dashed edges: constants
     assert [s[2] for s in seen] == [False, True, True]  # θ_t stays in the graph
-    assert theta_end.requires_grad and state.h.requires_grad
-    loss.backward()
-    for name, p in agg.net.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), name
-        assert p.grad.abs().sum() > 0, name
+    assert out.metrics["rounds"] == 3 and math.isfinite(out.metrics["meta_loss"])
+    for name, g in est.layout.unflatten(out.grad).items():
+        assert torch.isfinite(g).all() and g.abs().sum() > 0, name
 
 
 def test_meta_gradient_equals_reference_with_explicitly_detached_updates(env):
-    cfg = env.cfg.rnn_config()
-    agg = RNNAggregator(cfg, seed=4, differentiable=True)
-    cluster = env.cluster(1)
-    theta0 = env.task.init_params(1)
-    loss, _, _ = unroll_meta_loss(agg, env, cluster, theta0, agg.init(env.task.layout, 4),
-                                  range(4))
-    got = torch.autograd.grad(loss, list(agg.net.parameters()))
+    est = _estimator(env, 4)
+    phi = est.init_phi(4)
+    got = est.estimate(phi, est.init_state(), 0)
 
-    # Reference: the loop written out, worker gradients from θ.detach() by hand.
+    # Reference: the loop written out, worker gradients from θ.detach() by hand, on the
+    # inner problem meta-iteration 0 draws.
+    seed = derive_seed(0, MetaStream.TRAIN_INIT, 0)
+    agg = est.aggregator(phi)
+    agg.differentiable = True
+    agg.net.requires_grad_(True)
+    run = env.inner(seed, agg)
     worker_grads = vmap(grad(env.task.loss), in_dims=(None, 0, 0))
-    theta, state, ref_loss = theta0, agg.init(env.task.layout, 4), 0.0
+    theta, state, ref_loss = env.task.init_params(seed), agg.init(env.task.layout, 4), 0.0
     for t in range(4):
-        xb, yb = cluster.batches(t)
+        xb, yb = run.cluster.batches(t)
         g = worker_grads(theta.detach(), xb[:, 0], yb[:, 0])
-        step, state = agg.step(state, g, env.context(theta, torch.arange(4), t))
+        ctx = RoundContext(round=t, params=theta, layout=env.task.layout, num_workers=4,
+                           worker_ids=torch.arange(4), trusted=env.trusted)
+        step, state = agg.step(state, g, ctx)
         theta = theta - step
-        ref_loss = ref_loss + env.batch_loss(cluster, theta, t + 1)
-    want = torch.autograd.grad(ref_loss, list(agg.net.parameters()))
-    torch.testing.assert_close(loss, ref_loss)
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+        ref_loss = ref_loss + env.batch_loss(run, theta, t + 1)
+    want = torch.cat([g.reshape(-1) for g in torch.autograd.grad(ref_loss,
+                                                                 list(agg.net.parameters()))])
+    assert got.metrics["meta_loss"] == pytest.approx(float(ref_loss.detach()) / 4, rel=1e-6)
+    torch.testing.assert_close(got.grad, want, atol=1e-6, rtol=1e-4)
 
 
 def test_options_are_checked():
-    with pytest.raises(ValueError, match=r"unknown meta-training option.*unrol"):
+    with pytest.raises(ValueError, match=r"unknown key unrol; allowed: dataset"):
         meta_train_rnn(unrol=20)
-    with pytest.raises(ValueError, match="num_byzantine must be in"):
+    with pytest.raises(ValueError, match=r"num_byzantine: must be in \[0, num_workers=10\)"):
         MetaTrainConfig(num_byzantine=10)
     with pytest.raises(ValueError, match="needs num_byzantine"):
         MetaTrainConfig(attack="ipm")
@@ -90,17 +91,18 @@ def _tiny_run(digits, tmp_path, iterations, **extra):
 
 
 def _check_training_helped(result, digits, tmp_path, first_last=4):
-    metas = [r["meta_loss"] for r in result.history if "meta_loss" in r]
+    metas = [r["meta_loss"] for r in result.history if r.get("meta_loss") is not None]
     early, late = metas[:first_last], metas[-first_last:]
     assert sum(late) / len(late) < sum(early) / len(early) - 0.02, metas
     vals = [r["validation_score"] for r in result.history if "validation_score" in r]
     assert result.best_score < vals[0]  # better than the initial φ on validation
     # held-out seeds: the trained aggregator beats the untrained one and lowers the loss
-    env = MetaEnv(MetaTrainConfig(), digits)
+    env = GradientEnv(MetaTrainConfig(), digits)
     seeds = [derive_seed(123, 9, j) for j in range(2)]
     trained = evaluate_aggregator(result.aggregator, env, seeds, (20,))
     untrained = evaluate_aggregator(RNNAggregator(result.aggregator.config), env, seeds, (20,))
-    start = sum(env.train_loss(env.task.init_params(s)) for s in seeds) / 2
+    start = sum(env.task.evaluate(env.task.init_params(s), digits.x_train,
+                                  digits.y_train)["loss"] for s in seeds) / 2
     assert trained["mean_loss@20"] < untrained["mean_loss@20"] - 0.05
     assert trained["mean_loss@20"] < start - 0.1  # sign convention: θ − step descends
     # written with the store, loadable, same steps
@@ -125,12 +127,14 @@ def test_meta_training_helps_default_lr(digits, tmp_path, cell):
 
 @pytest.mark.parametrize("attack", ["sign_flip", "crash", "label_flip", "ipm"])
 def test_byzantine_meta_training_environment(digits, attack):
-    env = MetaEnv(MetaTrainConfig(num_workers=4, batch_size=8, attack=attack, num_byzantine=2,
-                                  arnn=True), digits)
-    cluster = env.cluster(0)
+    env = GradientEnv(MetaTrainConfig(num_workers=4, batch_size=8, attack=attack,
+                                      num_byzantine=2, arnn=True), digits)
+    run = env.inner(0, RNNAggregator(RNNConfig(num_workers=4, arnn=True)))
+    cluster = run.cluster
     theta = env.task.init_params(0)
     honest = cluster.compute(theta, 0).updates
-    updates, ids = env.worker_round(cluster, theta, 0)
+    updates, ctx = env.round_inputs(run, theta, 0, None)
+    ids = ctx.worker_ids
     if attack == "crash":
         assert ids.tolist() == [2, 3] and torch.equal(updates, honest[2:])
     else:
@@ -144,12 +148,12 @@ def test_byzantine_meta_training_environment(digits, attack):
                             num_byzantine=2, arnn=True, iterations=2, unroll=4, truncation=2,
                             validate_every=2, validation_seeds=1, long_horizon=0,
                             progress=False)
-    assert result.aggregator.uses_trusted_data and len(result.history) == 4
+    assert result.aggregator.uses_trusted_data
+    steps = [r for r in result.history if "validation_score" not in r]
+    assert [r["iteration"] for r in steps] == [1, 1, 2, 2]  # 2 truncations per unroll
 
 
 def test_killed_meta_training_resumes_to_the_same_phi(digits, tmp_path):
-    from metagg.learned.meta_bptt import MetaTrainConfig, meta_train
-
     def cfg(iterations, out):
         return MetaTrainConfig(iterations=iterations, unroll=6, truncation=3, validate_every=2,
                                validation_seeds=1, long_horizon=0, patience=0, lr=3e-3,
@@ -163,7 +167,7 @@ def test_killed_meta_training_resumes_to_the_same_phi(digits, tmp_path):
     assert resumed.best_iteration == straight.best_iteration
     assert [r.get("meta_loss") for r in resumed.history] == \
         [r.get("meta_loss") for r in straight.history]
-    with pytest.raises(Exception, match="different meta-training config"):
+    with pytest.raises(Exception, match="written with a different config"):
         meta_train(MetaTrainConfig(**{**cfg(6, tmp_path / "b").__dict__, "lr": 1e-2}),
                    data=digits, progress=False, resume=True)
     with pytest.raises(Exception, match="nothing to resume"):
@@ -171,16 +175,13 @@ def test_killed_meta_training_resumes_to_the_same_phi(digits, tmp_path):
 
 
 def test_attack_mixture_cycles_attacks_and_validates_on_all(digits):
-    from metagg.learned.meta_bptt import meta_train
-
     cfg = MetaTrainConfig(attack="ipm,none,sign_flip", num_byzantine=2, num_workers=4,
                           attack_options={"sign_flip": {"scale": 4.0}}, arnn=True,
                           iterations=3, unroll=4, truncation=2, validate_every=3,
                           validation_seeds=1, long_horizon=0, patience=0, hidden=8,
                           batch_size=8)
-    envs = cfg.environments()
-    assert [(e.attack, e.num_byzantine, e.attack_options) for e in envs] == [
-        ("ipm", 2, {}), ("none", 0, {}), ("sign_flip", 2, {"scale": 4.0})]
+    assert cfg.attack_settings() == [("ipm", {}, 2), ("none", {}, 0),
+                                     ("sign_flip", {"scale": 4.0}, 2)]
     result = meta_train(cfg, data=digits, progress=False)
     last = result.history[-1]
     assert {"ipm/mean_loss@4", "none/mean_loss@4", "sign_flip/mean_loss@4"} <= set(last)

@@ -16,7 +16,7 @@ paper's claims beside our numbers, the stand-in datasets). Progress goes to stde
   under IPM, ALIE, sign-flip and Gaussian attackers at 3/10 and 7/10 (the paper
   does not name its attack), as `experiments/arnn_byzantine.py`.
 - Figure 7 (§5.5): 4 worker models x 3 workers feeding one RNN that updates an
-  MLP20-sigmoid (`metagg.hetero` documents how gradients are mapped).
+  MLP20-sigmoid (`metagg.cluster.HeteroCluster` documents how gradients are mapped).
 
 The learned aggregators are the pretrained ones in `metagg/zoo`; nothing is
 meta-trained unless `meta_train=True` (`--meta-train`), which also trains what the
@@ -28,7 +28,6 @@ from every seed the learned aggregators were meta-trained or validated with.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -52,8 +51,6 @@ __all__ = [
     "CSV_COLUMNS",
     "SCALES",
     "Scale",
-    "add_reproduce_ji2019_arguments",
-    "cmd_reproduce_ji2019",
     "reproduce_ji2019",
 ]
 
@@ -219,7 +216,7 @@ def check_seeds_disjoint(seeds: Sequence[int], names: Sequence[str]) -> None:
 
     A learned aggregator's `trained_on` records its meta seed, iterations and
     validation seeds; meta-training drew model / minibatch seeds
-    derive_seed(seed, stream, k) for its `seed_streams` (meta_bptt: 0 and 1), and
+    derive_seed(seed, stream, k) for its `seed_streams` (BPTT: 0 and 1), and
     used `seed` itself for the partition and trusted sample.
     """
     for name in names:
@@ -240,8 +237,8 @@ def check_seeds_disjoint(seeds: Sequence[int], names: Sequence[str]) -> None:
 
 def _meta_iterations_done(path: Path) -> int | None:
     """Meta-iterations a (possibly interrupted) meta-training in `path` has done; None
-    when it left no meta_checkpoint (nothing there, or written before checkpoints)."""
-    ckpt = path / "meta_checkpoint.json"
+    when it left no checkpoint (nothing there, or written before checkpoints)."""
+    ckpt = path / "meta_state.json"
     try:
         return int(json.loads(ckpt.read_text())["iteration"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -390,7 +387,7 @@ class Ji2019:
     def meta_trained(self, name: str, **options: Any) -> str | None:
         """'rnn:OUT/aggregators/NAME' if it is there (an earlier --meta-train) or is
         meta-trained now (meta_train=True); None otherwise."""
-        from metagg.learned.meta_bptt import meta_train_rnn
+        from metagg.learned.meta import meta_train_rnn
 
         kind = "arnn" if options.get("arnn") else "rnn"
         path = self.out / "aggregators" / name
@@ -495,7 +492,8 @@ class Ji2019:
     # ------------------------------------------------------------------ figure 7
     def _hetero_rnn(self, data: Dataset) -> str | None:
         """The 12-input RNN: --hetero-rnn, the zoo, OUT/aggregators, or meta-trained now."""
-        from metagg.hetero import HeteroEnv, HeteroMetaConfig, meta_train_hetero
+        from metagg.config.meta import MetaTrainConfig
+        from metagg.learned.meta import HeteroEnv, meta_train
 
         for name in ([self.hetero_rnn] if self.hetero_rnn else []) + [
                 f"rnn:pretrained/{HETERO_RNN}", f"rnn:{self.out / 'aggregators' / HETERO_RNN}"]:
@@ -507,20 +505,22 @@ class Ji2019:
             return None
         s, path = self.scale, self.out / "aggregators" / HETERO_RNN
         self.log(f"  meta-training {HETERO_RNN} ({s.meta_iterations} iterations)")
-        meta_train_hetero(HeteroEnv(data), HeteroMetaConfig(
-            iterations=s.meta_iterations, unroll=s.meta_unroll,
-            truncation=min(20, s.meta_unroll), validate_every=max(1, s.meta_iterations // 5)),
-            out_dir=path, log=self.log)
+        cfg = MetaTrainConfig(iterations=s.meta_iterations, unroll=s.meta_unroll,
+                              truncation=min(20, s.meta_unroll), long_horizon=1, patience=0,
+                              validate_every=max(1, s.meta_iterations // 5),
+                              validation_seeds=2)
+        meta_train(cfg, [HeteroEnv(data)], out_dir=path, progress=False)
         return f"rnn:{path}"
 
     def figure7(self) -> None:
         from metagg.aggregators import optimizers as opt
         from metagg.aggregators.registry import build_aggregator
-        from metagg.hetero import PAPER_GROUPS, HeteroEnv, WorkerGroup
-
-        def coverage_mean(optimizer):
-            return build_aggregator("coverage_mean", optimizer=optimizer)
+        from metagg.cluster import PAPER_GROUPS, WorkerGroup
         from metagg.learned import evaluate_aggregator, load_aggregator
+        from metagg.learned.meta import HeteroEnv
+
+        def coverage_mean(optimizer: opt.ServerOptimizer) -> Any:
+            return build_aggregator("coverage_mean", optimizer=optimizer)
 
         spec = TaskSpec("digits, 4 models × 3 workers → mlp:20:sigmoid", "digits",
                         "mlp:20:sigmoid")
@@ -563,8 +563,10 @@ class Ji2019:
             res = evaluate_aggregator(agg, env, self.eval_seeds, horizons)
             for j, seed in enumerate(self.eval_seeds):
                 theta0 = env.task.init_params(seed)
-                rows = [{"round": 0, "train_loss": env.train_loss(theta0),
-                         "test_accuracy": env.test_accuracy(theta0)}]
+                train = env.task.evaluate(theta0, data.x_train, data.y_train)
+                test = env.task.evaluate(theta0, data.x_test, data.y_test)
+                rows = [{"round": 0, "train_loss": train["loss"],
+                         "test_accuracy": test["accuracy"]}]
                 rows += [{"round": h, "train_loss": res[f"loss@{h}"][j],
                           "test_accuracy": res[f"acc@{h}"][j]} for h in horizons]
                 self.add("7", "", spec.label, "none", label, lr, seed, rows)
@@ -770,7 +772,8 @@ class Ji2019:
                       + (f" ({self.times[f]:.0f} s)" if f in self.times else ""), "",
                       f"**Paper:** {PAPER_CLAIMS[f]}", ""]
             if f == "7":
-                parts += ["Mapping rule (`metagg.hetero`): a group's tensors correspond to the "
+                parts += ["Mapping rule (`metagg.cluster.HeteroCluster`): a group's tensors "
+                          "correspond to the "
                           "target's by name and leading block (hidden units 0-19 of the MLP40 "
                           "are the target's units; the 2×20 MLP's `hidden0`/`output` are the "
                           "target's, its `hidden1` is private); the groups' workers compute "
@@ -854,49 +857,3 @@ def reproduce_ji2019(
         return report
     finally:
         torch.set_num_threads(before)
-
-
-def add_reproduce_ji2019_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `metagg reproduce ji2019`."""
-    parser.add_argument("--scale", choices=list(SCALES), default="quick", metavar="{quick,full}",
-                        help="quick: 1-2 seeds, short runs, a few minutes on 2 cores "
-                             "(default); full: 5 seeds, paper-length runs (long)")
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--figures", default=",".join(FIGURES),
-                        help="comma-separated subset of 4,5,6,7 (default all)")
-    parser.add_argument("--meta-train", action="store_true",
-                        help="meta-train the aggregators the zoo lacks (GRU variants, a "
-                             "Fashion-MNIST RNN, the 12-input RNN of figure 7) into "
-                             "OUT/aggregators")
-    parser.add_argument("--hetero-rnn", default=None, metavar="PATH",
-                        help="a 12-input RNN aggregator for figure 7 (default: the zoo's "
-                             f"{HETERO_RNN}, then OUT/aggregators/{HETERO_RNN})")
-    parser.add_argument("--data-dir", default=None, help="where Fashion-MNIST's files are")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-
-
-def cmd_reproduce_ji2019(args: argparse.Namespace) -> int:
-    """`metagg reproduce ji2019 ...`: run, print where report.md is, return 0."""
-    figures = [f.strip() for f in args.figures.split(",") if f.strip()]
-    command = " ".join(["metagg reproduce ji2019", f"--scale {args.scale}", f"--out {args.out}"]
-                       + ([f"--figures {args.figures}"] if set(figures) != set(FIGURES) else [])
-                       + (["--meta-train"] if args.meta_train else [])
-                       + ([f"--hetero-rnn {args.hetero_rnn}"] if args.hetero_rnn else []))
-    report = reproduce_ji2019(args.out, args.scale, figures=figures, meta_train=args.meta_train,
-                              hetero_rnn=args.hetero_rnn, data_dir=args.data_dir,
-                              threads=args.threads, command=command)
-    print(report.read_text())
-    print(f"wrote {report.parent}/report.md, figure*.png, figure*.csv, tuning.csv")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m metagg.experiments.ji2019 --scale quick --out DIR` (before the CLI has it)."""
-    parser = argparse.ArgumentParser(prog="metagg reproduce ji2019", description=__doc__.split(
-        "\n")[0])
-    add_reproduce_ji2019_arguments(parser)
-    return cmd_reproduce_ji2019(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

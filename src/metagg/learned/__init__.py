@@ -1,31 +1,39 @@
-"""Learned aggregators: the RNN / ARNN of Ji et al. (2019) (BPTT) and LAgg-A / LOpt-A of
-Joseph et al. (2025) (PES), their storage and meta-training.
+"""Learned aggregators: the RNN / ARNN of Ji et al. (2019) (meta-trained by BPTT) and
+LAgg-A / LOpt-A of Joseph et al. (2025) (by PES), their files and meta-training.
 
     from metagg.learned import meta_train_rnn, load_aggregator
     result = meta_train_rnn(iterations=300, out_dir="runs/rnn-digits")
     agg = load_aggregator("runs/rnn-digits")       # or aggregator "rnn:runs/rnn-digits"
+
+Layout: `features` (the inputs), `rnn/` and `lagg/` (each: φ and its step, the
+aggregator, files), `store` / `zoo` (files of any kind, the shipped ones), `meta/`
+(envs, estimators, the outer loop, evaluation).
 """
 
+from metagg.config.meta import MetaTrainConfig, MetaTrainPESConfig
 from metagg.learned.lagg import LAggA, LAggConfig, LOptA, load_lagg, save_lagg
-from metagg.learned.meta_bptt import (
-    MetaEnv,
-    MetaTrainConfig,
+from metagg.learned.meta import (
+    GradientEnv,
+    HeteroEnv,
+    LocalSGDEnv,
     MetaTrainResult,
     evaluate_aggregator,
     meta_train,
+    meta_train_pes,
     meta_train_rnn,
 )
-from metagg.learned.meta_pes import MetaTrainPESConfig, meta_train_pes
 from metagg.learned.rnn import CoordinateRNN, RNNAggregator, RNNConfig, RNNState, load_rnn, save_rnn
 from metagg.learned.store import read_aggregator_info
 from metagg.learned.zoo import load_aggregator, save_aggregator
 
 __all__ = [
     "CoordinateRNN",
+    "GradientEnv",
+    "HeteroEnv",
     "LAggA",
     "LAggConfig",
     "LOptA",
-    "MetaEnv",
+    "LocalSGDEnv",
     "MetaTrainConfig",
     "MetaTrainPESConfig",
     "MetaTrainResult",

@@ -32,7 +32,6 @@ attempt's processes. On several machines use torchrun with `metagg.runtime.ps`.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import json
@@ -57,7 +56,6 @@ from metagg.config import (
     RunConfig,
     config_from_dict,
     config_to_dict,
-    load_config,
     save_config,
 )
 from metagg.runtime.ps import (
@@ -65,12 +63,10 @@ from metagg.runtime.ps import (
     EXIT_FAILED,
     EXIT_TOO_FEW_WORKERS,
     RuntimeOptions,
-    add_runtime_arguments,
     resumable,
-    runtime_options,
 )
 
-__all__ = ["add_launch_arguments", "cmd_launch", "launch"]
+__all__ = ["launch"]
 
 POLL = 0.1  # seconds between looks at the processes
 EXIT_GRACE = 20.0  # how long workers may take to exit after the server has finished
@@ -337,55 +333,3 @@ def _watch(procs: list[multiprocessing.process.BaseProcess],
         while any(p.exitcode is None for p in workers) and time.monotonic() < deadline:
             time.sleep(POLL)
     return server.exitcode
-
-
-def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `metagg launch` arguments (config, --workers, --out, --resume, --set, timeouts).
-
-    `cmd_launch` also reads `args.verbose` when the parser has one (metagg's `-v`).
-    """
-    parser.add_argument("config", nargs="?", default=None,
-                        help="YAML config file (see configs/); omitted = built-in defaults")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="override a config value (repeatable)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="number of worker processes M (default: workers.num_workers)")
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the checkpoint in --out")
-    parser.add_argument("--max-restarts", type=int, default=3,
-                        help="restarts of the whole group after the server dies (default 3)")
-    parser.add_argument("--time-limit", type=float, default=None, metavar="S",
-                        help="stop everything after S seconds (exit code 124)")
-    add_runtime_arguments(parser)
-
-
-def cmd_launch(args: argparse.Namespace) -> int:
-    """`metagg launch`: run, then print the summary; returns the exit code."""
-    cfg = load_config(args.config, args.overrides)
-    code = launch(cfg, args.out, workers=args.workers, resume=args.resume,
-                  options=runtime_options(args), max_restarts=args.max_restarts,
-                  time_limit=args.time_limit, verbose=getattr(args, "verbose", False))
-    summary = args.out / "summary.json"
-    if code == 0 and summary.exists():
-        print(summary.read_text())
-        print(f"wrote {args.out}/metrics.jsonl, summary.json, runtime.json, checkpoint.*; "
-              f"process logs in {args.out}/launch/")
-    return code
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m metagg.runtime.launch ...` (the same as `metagg launch ...`)."""
-    parser = argparse.ArgumentParser(prog="metagg launch", description=__doc__.split("\n")[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="processes log more")
-    add_launch_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return cmd_launch(args)
-    except (ConfigError, ValueError, OSError) as exc:
-        print(f"metagg launch: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

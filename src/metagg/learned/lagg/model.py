@@ -56,6 +56,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from metagg.config.engine import Section, option
+from metagg.config.meta import KINDS, RESIDUAL_BASES, STEP_MODES
 from metagg.layout import ParamLayout
 from metagg.learned.features import (
     DECAYS,
@@ -83,15 +85,12 @@ __all__ = [
     "ada_step",
 ]
 
-KINDS = ("lopt", "lagg")
-STEP_MODES = ("reference", "residual")
-RESIDUAL_BASES = ("mean", "momentum")
 STEP_MULT = 0.001  # step = d · exp(EXP_MULT · g) · STEP_MULT (reference)
 EXP_MULT = 0.001
 
 
 @dataclass(frozen=True)
-class LAggConfig:
+class LAggConfig(Section):
     """What defines a LOpt-A / LAgg-A aggregator (saved beside its weights).
 
     Attributes:
@@ -107,35 +106,18 @@ class LAggConfig:
         correction_scale: c, the MLP correction's size relative to rms_T(ḡ).
     """
 
-    kind: str = "lopt"
-    num_workers: int = 0
-    hidden: int = 32
-    step_mode: str = "reference"
-    residual_base: str = "mean"
-    residual_scale: float = 1.0
-    correction_scale: float = 1.0
+    kind: str = option("lopt", choices=KINDS)
+    num_workers: int = option(0, ge=0)
+    hidden: int = option(32, ge=1)
+    step_mode: str = option("reference", choices=STEP_MODES)
+    residual_base: str = option("mean", choices=RESIDUAL_BASES)
+    residual_scale: float = option(1.0, gt=0)
+    correction_scale: float = option(1.0, ge=0)
 
-    def __post_init__(self) -> None:
-        def bad(key: str, value: Any, allowed: str) -> ValueError:
-            return ValueError(f"LAggConfig.{key} must be {allowed}, got {value!r}")
-
-        if self.kind not in KINDS:
-            raise bad("kind", self.kind, f"one of {KINDS}")
+    def problems(self) -> list[str]:
         if self.kind == "lopt" and self.num_workers != 0:
-            raise bad("num_workers", self.num_workers, "0 for lopt (it only sees ḡ)")
-        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) \
-                or self.num_workers < 0:
-            raise bad("num_workers", self.num_workers, "an integer >= 0")
-        if isinstance(self.hidden, bool) or not isinstance(self.hidden, int) or self.hidden < 1:
-            raise bad("hidden", self.hidden, "an integer >= 1")
-        if self.step_mode not in STEP_MODES:
-            raise bad("step_mode", self.step_mode, f"one of {STEP_MODES}")
-        if self.residual_base not in RESIDUAL_BASES:
-            raise bad("residual_base", self.residual_base, f"one of {RESIDUAL_BASES}")
-        if not (self.residual_scale > 0 and math.isfinite(self.residual_scale)):
-            raise bad("residual_scale", self.residual_scale, "a finite number > 0")
-        if not (self.correction_scale >= 0 and math.isfinite(self.correction_scale)):
-            raise bad("correction_scale", self.correction_scale, "a finite number >= 0")
+            return [f"num_workers: must be 0 for lopt (it only sees ḡ), got {self.num_workers}"]
+        return []
 
     @property
     def first_channels(self) -> int:

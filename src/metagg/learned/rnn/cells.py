@@ -16,14 +16,14 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-__all__ = ["CELLS", "OUTPUT_RULES", "CoordinateRNN", "RNNConfig", "gru_cell", "lstm_cell"]
+from metagg.config.engine import Section, option
+from metagg.config.meta import CELLS, OUTPUT_RULES
 
-CELLS = ("lstm", "gru")
-OUTPUT_RULES = ("normalized", "paper")
+__all__ = ["CELLS", "OUTPUT_RULES", "CoordinateRNN", "RNNConfig", "gru_cell", "lstm_cell"]
 
 
 @dataclass(frozen=True)
-class RNNConfig:
+class RNNConfig(Section):
     """What defines a learned RNN aggregator (saved beside its weights).
 
     Attributes:
@@ -41,32 +41,17 @@ class RNNConfig:
         loss_scale: ARNN feature asinh(relative loss change / loss_scale).
     """
 
-    num_workers: int
-    cell: str = "lstm"
-    hidden: int = 20
-    layers: int = 2
-    output: str = "normalized"
+    num_workers: int = option(ge=1)
+    cell: str = option("lstm", choices=CELLS)
+    hidden: int = option(20, ge=1)
+    layers: int = option(2, ge=1)
+    output: str = option("normalized", choices=OUTPUT_RULES)
     arnn: bool = False
-    p: float = 10.0
-    scale: float = 0.1
+    p: float = option(10.0, gt=0)
+    scale: float = option(0.1, gt=0)
     clamp_sign: bool = True
-    probe_lr: float = 1.0
-    loss_scale: float = 0.1
-
-    def __post_init__(self) -> None:
-        if self.cell not in CELLS:
-            raise ValueError(f"cell must be one of {', '.join(CELLS)}, got {self.cell!r}")
-        if self.output not in OUTPUT_RULES:
-            raise ValueError(f"output must be one of {', '.join(OUTPUT_RULES)}, "
-                             f"got {self.output!r}")
-        for key in ("num_workers", "hidden", "layers"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
-        for key in ("p", "scale", "probe_lr", "loss_scale"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise ValueError(f"{key} must be a number > 0, got {value!r}")
+    probe_lr: float = option(1.0, gt=0)
+    loss_scale: float = option(0.1, gt=0)
 
     @property
     def kind(self) -> str:

@@ -1,0 +1,66 @@
+"""The `metagg` command line: argument parsing only; every command calls a library function.
+
+    metagg demo                                   # mean vs median on digits, table + plot
+    metagg run CONFIG.yaml --set rounds=300 --out runs/x [--resume]
+    metagg compare CONFIG.yaml --aggregators mean,median --seeds 3 --out runs/cmp
+    metagg meta-train rnn --task digits-mlp20 --workers 10 --out runs/rnn
+    metagg tune CONFIG.yaml --baseline slowmo --budget 300 --out runs/tune
+    metagg launch CONFIG.yaml --workers 10 --out runs/ps     # real processes, torch.distributed
+    metagg reproduce ji2019|joseph2025 --scale quick --out runs/repro
+    metagg list                                   # aggregators, attacks, datasets, models
+
+One module per group of commands (`run`: run, compare, demo, tune, list, data, zoo;
+`launch`; `meta`: meta-train; `reproduce`); each registers its sub-commands with the
+function that runs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import yaml
+
+from metagg import __version__
+from metagg.checkpoint import CheckpointError
+from metagg.cli import launch, meta, reproduce, run
+from metagg.config import ConfigError
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="metagg",
+        description="Learned and robust aggregation for distributed training.",
+    )
+    parser.add_argument("--version", action="version", version=f"metagg {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run.add_parsers(sub)
+    meta.add_parsers(sub)
+    launch.add_parsers(sub)
+    reproduce.add_parsers(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError, OSError, ValueError, yaml.YAMLError) as exc:
+        # User errors (bad config, data, files, YAML): one line, no traceback.
+        message = " ".join(str(exc).split())
+        print(f"metagg {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

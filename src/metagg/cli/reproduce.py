@@ -1,0 +1,97 @@
+"""`metagg reproduce ji2019|joseph2025`: the papers' experiments (`metagg.experiments`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_parsers"]
+
+# kept here so that `metagg --help` does not import the experiments
+JI2019_FIGURES = ("4", "5", "6", "7")
+JI2019_SCALES = ("quick", "full", "tiny")  # tiny: the tests' scale, not advertised
+HETERO_RNN = "digits-hetero4x3-mlp20-lstm"  # figure 7's zoo aggregator
+
+
+def add_parsers(sub: Any) -> None:
+    p = sub.add_parser("reproduce", help="reproduce a paper's figures and tables",
+                       description="One command per paper: runs the experiments and writes "
+                                   "figures (PNG), tables (CSV) and report.md to --out.")
+    papers = p.add_subparsers(dest="paper", metavar="PAPER", required=True)
+    q = papers.add_parser(
+        "ji2019", help="learned gradient aggregation, figures 4-7 (Ji et al. 2019)",
+        description="Figures 4 (RNN/ARNN vs tuned SGD/Adam averaging), 5 (transfer to other "
+                    "models and class subsets), 6 (ARNN under Byzantine attack) and 7 (§5.5 "
+                    "heterogeneous worker models) with the shipped aggregators; Fashion-MNIST "
+                    "and digits stand in for MNIST/CIFAR when those are not on disk.")
+    q.add_argument("--scale", choices=JI2019_SCALES, default="quick", metavar="{quick,full}",
+                   help="quick: 1-2 seeds, short runs, a few minutes on 2 cores "
+                        "(default); full: 5 seeds, paper-length runs (long)")
+    q.add_argument("--out", type=Path, required=True, help="output directory")
+    q.add_argument("--figures", default=",".join(JI2019_FIGURES),
+                   help="comma-separated subset of 4,5,6,7 (default all)")
+    q.add_argument("--meta-train", action="store_true",
+                   help="meta-train the aggregators the zoo lacks (GRU variants, a "
+                        "Fashion-MNIST RNN, the 12-input RNN of figure 7) into "
+                        "OUT/aggregators")
+    q.add_argument("--hetero-rnn", default=None, metavar="PATH",
+                   help="a 12-input RNN aggregator for figure 7 (default: the zoo's "
+                        f"{HETERO_RNN}, then OUT/aggregators/{HETERO_RNN})")
+    q.add_argument("--data-dir", default=None, help="where Fashion-MNIST's files are")
+    q.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    q.set_defaults(func=cmd_reproduce_ji2019)
+    q = papers.add_parser(
+        "joseph2025", help="LAgg-A / LOpt-A vs tuned FedAvg, SlowMo, Adam (Joseph et al. 2025)",
+        description="Tune the baselines on the 8x8 Fashion-MNIST task, run the learned "
+                    "optimizers and the tuned baselines on held-out seeds, and report rounds "
+                    "to reach the best baseline's loss, plus generalisation to 784-128-128 "
+                    "(and conv-c10 when CIFAR-10 is on disk: then hours on a CPU), other K "
+                    "and H. quick: ~300 rounds, 3 seeds; full: 1000 rounds, 10 seeds.")
+    q.add_argument("--scale", choices=["quick", "full"], default="quick",
+                   help="how much to run (default quick)")
+    q.add_argument("--lagg", default=None,
+                   help="LAgg-A to evaluate, e.g. lagg:runs/lagg (default: the shipped one)")
+    q.add_argument("--lopt", default=None,
+                   help="LOpt-A to evaluate, e.g. lopt:runs/lopt (default: the shipped one)")
+    q.add_argument("--no-generalization", dest="generalization", action="store_false",
+                   help="only the meta-training task (skip 784-128-128, conv-c10, other K/H)")
+    q.add_argument("--resume", action="store_true",
+                   help="keep the tuning trials and evaluation runs an interrupted run in "
+                        "--out finished")
+    q.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    q.add_argument("--out", type=Path, required=True, help="output directory")
+    q.set_defaults(func=cmd_reproduce_joseph2025)
+
+
+def cmd_reproduce_ji2019(args: argparse.Namespace) -> int:
+    """`metagg reproduce ji2019 ...`: run, print where report.md is, return 0."""
+    from metagg.experiments.ji2019 import reproduce_ji2019
+
+    figures = [f.strip() for f in args.figures.split(",") if f.strip()]
+    subset = set(figures) != set(JI2019_FIGURES)
+    command = " ".join(["metagg reproduce ji2019", f"--scale {args.scale}", f"--out {args.out}"]
+                       + ([f"--figures {args.figures}"] if subset else [])
+                       + (["--meta-train"] if args.meta_train else [])
+                       + ([f"--hetero-rnn {args.hetero_rnn}"] if args.hetero_rnn else []))
+    report = reproduce_ji2019(args.out, args.scale, figures=figures, meta_train=args.meta_train,
+                              hetero_rnn=args.hetero_rnn, data_dir=args.data_dir,
+                              threads=args.threads, command=command)
+    print(report.read_text())
+    print(f"wrote {report.parent}/report.md, figure*.png, figure*.csv, tuning.csv")
+    return 0
+
+
+def cmd_reproduce_joseph2025(args: argparse.Namespace) -> int:
+    """`metagg reproduce joseph2025 ...`: run, print report.md, return 0."""
+    from metagg.experiments import joseph2025 as j
+    from metagg.learned.meta.train import torch_threads
+
+    with torch_threads(max(1, args.threads)):
+        j.reproduce_joseph2025(args.out, scale=args.scale, lagg=args.lagg or j.LAGG_PRETRAINED,
+                               lopt=args.lopt or j.LOPT_PRETRAINED,
+                               generalization=args.generalization, resume=args.resume)
+    print((args.out / "report.md").read_text())
+    return 0
+
+

@@ -1,0 +1,221 @@
+"""Meta-training configurations and the learned architectures' choices.
+
+    cfg = parse(MetaTrainConfig, {"iterations": 300, "attack": "ipm", "num_byzantine": 7})
+    cfg = MetaTrainPESConfig(kind="lagg", steps=500)      # validated when built, too
+
+- `MetaTrainConfig`: the RNN / ARNN aggregator by truncated BPTT (Ji et al. 2019) in
+  gradient mode, optionally against an attack or a mixture of attacks.
+- `MetaTrainPESConfig`: LAgg-A / LOpt-A by truncated PES (Joseph et al. 2025) in
+  local-SGD mode.
+
+Both describe a task by `dataset` ("NAME" or "NAME@SIZE": SIZE×SIZE area-downsampled
+images, parsed once by `dataset_spec`) and a model spec, and the outer optimisation
+(`metagg.learned.meta.loop` runs both). Defaults carry a comment saying where they come from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from metagg.attacks import ATTACKS
+from metagg.config.engine import ConfigError, Section, option, to_dict
+from metagg.config.run import seed_problem
+from metagg.data import PARTITIONS
+
+__all__ = [
+    "CELLS",
+    "KINDS",
+    "OUTPUT_RULES",
+    "RESIDUAL_BASES",
+    "STEP_MODES",
+    "MetaTrainConfig",
+    "MetaTrainPESConfig",
+    "dataset_spec",
+]
+
+# the RNN aggregator (metagg.learned.rnn)
+CELLS = ("lstm", "gru")
+OUTPUT_RULES = ("normalized", "paper")
+# LOpt-A / LAgg-A (metagg.learned.lagg)
+KINDS = ("lopt", "lagg")
+STEP_MODES = ("reference", "residual")
+RESIDUAL_BASES = ("mean", "momentum")
+
+
+def dataset_spec(text: str) -> tuple[str, int | None]:
+    """'fashion_mnist@8' -> ('fashion_mnist', 8); 'digits' -> ('digits', None)."""
+    base, at, size = text.partition("@")
+    if not at:
+        return text, None
+    if not size.isdigit() or int(size) < 1:
+        raise ConfigError(f"dataset {text!r}: expected NAME@SIZE with an integer SIZE >= 1")
+    return base, int(size)
+
+
+def _dataset_problem(text: str) -> str | None:
+    try:
+        dataset_spec(text)
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
+def _attack_problem(text: str) -> str | None:
+    names = [a.strip() for a in text.split(",") if a.strip()] or ["none"]
+    bad = [n for n in names if n not in ATTACKS]
+    if bad:
+        return f"unknown attack {bad[0]!r}; allowed: {', '.join(ATTACKS)} (or a mixture a,b,c)"
+    return None
+
+
+def _positive_ints(values: tuple[int, ...]) -> str | None:
+    if not values or any(v < 1 for v in values):
+        return f"must be integers >= 1, got {list(values)}"
+    return None
+
+
+@dataclass
+class MetaTrainConfig(Section):
+    """Meta-training the RNN / ARNN aggregator by truncated BPTT (saved as `trained_on`).
+
+    Ji et al. 2019 §4.1-4.2 with L2L's recipe (Andrychowicz et al. 2016) where Ji is
+    silent: fresh model init per meta-iteration, unroll T rounds truncated every K
+    rounds, Adam on φ after every truncation, gradient-norm clipping.
+    """
+
+    dataset: str = option("digits", check=_dataset_problem)  # built in, no download
+    data_dir: str | None = None
+    model: str = "mlp:20:sigmoid"  # Ji §5.2's MNIST model
+    num_workers: int = option(10, ge=1)  # M (Ji: 10)
+    batch_size: int = option(32, ge=1)  # per worker
+    partition: str = option("iid", choices=PARTITIONS)  # Ji: equal shards of the training set
+    unroll: int = option(100, ge=1)  # T rounds per meta-iteration (L2L: 100)
+    truncation: int = option(20, ge=1)  # K: BPTT truncation, an Adam step every K rounds (L2L)
+    iterations: int = option(300, ge=1)  # meta-iterations (budgets in these, not minutes)
+    lr: float = option(1e-3, gt=0)  # Adam on φ
+    clip: float = option(1.0, gt=0)  # gradient-norm clipping of the meta-gradient
+    seed: int = option(0, check=seed_problem)  # φ init, data partition, model-init streams
+    cell: str = option("lstm", choices=CELLS)
+    hidden: int = option(20, ge=1)  # Ji: 2 layers of 20
+    layers: int = option(2, ge=1)
+    output: str = option("normalized", choices=OUTPUT_RULES)  # normalized (stronger) | paper
+    arnn: bool = False  # feed trusted-sample loss features (Ji §4.3)
+    p: float = option(10.0, gt=0)  # clamp / log-norm floor e^{-p} (L2L: 10)
+    scale: float = option(0.1, gt=0)  # output scale (L2L: 0.1)
+    clamp_sign: bool = True  # keep the sign of clamped entries (Ji writes +e^{-p})
+    probe_lr: float = option(1.0, gt=0)  # ARNN probe step θ − probe_lr·g_m
+    trusted_samples: int = option(100, ge=0)  # server's trusted sample (as RunConfig's)
+    # Byzantine training: an attack from metagg.attacks.ATTACKS, or a mixture
+    # "ipm,sign_flip,none" (meta-iteration k meets the (k mod n)-th; validation scores
+    # the mean over all); with a mixture attack_options maps name -> options
+    attack: str = option("none", check=_attack_problem)
+    num_byzantine: int = option(0, ge=0)  # workers 0..b-1 are Byzantine
+    attack_options: dict[str, Any] = option(factory=dict)
+    validate_every: int = option(20, ge=1)  # meta-iterations between validations
+    validation_seeds: int = option(3, ge=1)  # held-out model inits per validation
+    long_horizon: int = option(4, ge=0)  # also validate at long_horizon·T rounds (<= 1: off)
+    patience: int = option(10, ge=0)  # validations without improvement before stopping (0: never)
+    out_dir: str | None = None  # where the best aggregator is written
+
+    def problems(self) -> list[str]:
+        errors = []
+        if not self.num_byzantine < self.num_workers:
+            errors.append(f"num_byzantine: must be in [0, num_workers={self.num_workers}), "
+                          f"got {self.num_byzantine}")
+        if self.attack != "none" and self.num_byzantine == 0:
+            errors.append(f"num_byzantine: attack {self.attack!r} needs num_byzantine >= 1")
+        names = self.attack_names()
+        if len(names) > 1 and set(self.attack_options) - set(names):
+            errors.append(f"attack_options: with an attack mixture, it maps attack name -> "
+                          f"options; {sorted(set(self.attack_options) - set(names))} not in "
+                          f"{names}")
+        if self.arnn and self.trusted_samples < 1:
+            errors.append("trusted_samples: arnn needs trusted_samples >= 1")
+        return errors
+
+    def attack_names(self) -> list[str]:
+        return [a.strip() for a in self.attack.split(",") if a.strip()] or ["none"]
+
+    def attack_settings(self) -> list[tuple[str, dict[str, Any], int]]:
+        """(attack, options, num_byzantine) of each attack of the mixture (one without)."""
+        names = self.attack_names()
+        if len(names) == 1:
+            return [(names[0], dict(self.attack_options), self.num_byzantine)]
+        return [(n, dict(self.attack_options.get(n, {})),
+                 0 if n == "none" else self.num_byzantine) for n in names]
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+@dataclass
+class MetaTrainPESConfig(Section):
+    """Meta-training LAgg-A / LOpt-A by truncated PES (saved as the aggregator's `trained_on`).
+
+    Defaults are the spec's recipe on its small task (8×8 Fashion-MNIST, MLP 64-32-10 ReLU,
+    K = 8, H = 4, local lr 0.5, B = 128; 50-round truncations, σ = 0.01, 8 pairs, inner
+    runs of 100-1000 rounds, AdamW 3e-3 → 1e-3 with 100 warm-up steps, 5 000 steps).
+
+    `step_mode` defaults to "residual" (momentum base at the tuned SlowMo): measured on
+    that task, K = 8, H = 4, after 50 outer steps the reference parameterisation still had
+    validation loss 2.300 at round 300 (2.305 untrained), while the residual one starts at
+    SlowMo's 0.431 and only has to improve on it. "reference" stays for the faithful variant.
+    """
+
+    kind: str = option("lagg", choices=KINDS)  # lagg (LAgg-A, fixed K) | lopt (LOpt-A)
+    # NAME[@SIZE]: SIZE×SIZE area-downsampled images
+    dataset: str = option("fashion_mnist@8", check=_dataset_problem)
+    data_dir: str | None = None
+    model: str = "mlp:32:relu"
+    num_workers: int = option(8, ge=1)  # K
+    local_steps: int = option(4, ge=1)  # H
+    local_lr: float = option(0.5, gt=0)
+    batch_size: int = option(128, ge=1)  # per worker and local step
+    partition: str = option("iid", choices=PARTITIONS)
+    # the learned optimizer (metagg.learned.lagg.LAggConfig)
+    step_mode: str = option("residual", choices=STEP_MODES)  # reference | residual
+    residual_base: str = option("momentum", choices=RESIDUAL_BASES)  # mean | momentum (SlowMo)
+    residual_scale: float = option(0.6, gt=0)  # initial α: 0.6 with momentum = tuned SlowMo
+    correction_scale: float = option(1.0, ge=0)
+    hidden: int = option(32, ge=1)
+    # PES
+    unroll: int = option(50, ge=1)  # rounds per truncation
+    sigma: float = option(0.01, gt=0)
+    pairs: int = option(8, ge=1)  # antithetic pairs (2·pairs perturbed inner runs)
+    min_inner: int = option(100, ge=1)  # inner run length, log-uniform in [min, max] rounds
+    max_inner: int = option(1000, ge=1)
+    loss_clip: float = option(1.5, gt=0)  # per-round loss clipped to [0, loss_clip · ln C]
+    # outer optimizer: AdamW, linear warm-up to lr, cosine decay to final_lr
+    steps: int = option(5000, ge=1)
+    lr: float = option(3e-3, gt=0)
+    final_lr: float = option(1e-3, ge=0)
+    warmup: int = option(100, ge=0)
+    weight_decay: float = option(1e-4, ge=0)
+    beta1: float = option(0.9, ge=0, lt=1)
+    beta2: float = option(0.999, ge=0, lt=1)
+    adam_eps: float = option(1e-8, gt=0)
+    # clip the PES gradient estimate to this global L2 norm before AdamW (0 = off): a
+    # LAgg-A run blew up after 1 850 steps when the estimate's norm grew from ~10 to ~200
+    max_grad_norm: float = option(0.0, ge=0)
+    seed: int = option(0, check=seed_problem)  # φ init, partition, inner problems, noise
+    # start φ from a saved aggregator of the same architecture (a directory or
+    # pretrained/NAME) instead of the seed's initialisation, e.g. to continue training
+    # shipped weights with other settings; None = a fresh φ
+    init_from: str | None = option(None, check=lambda v: None if v else "must be a path")
+    # validation / bookkeeping
+    validate_every: int = option(50, ge=1)  # a validation costs about 6 outer steps
+    validation_seeds: int = option(5, ge=1)
+    validation_rounds: tuple[int, ...] = option((300, 1000), check=_positive_ints)
+    checkpoint_every: int = option(10, ge=1)
+
+    def problems(self) -> list[str]:
+        if self.max_inner < self.min_inner:
+            return [f"max_inner: must be >= min_inner ({self.min_inner}), got {self.max_inner}"]
+        if self.kind == "lagg" and self.num_workers < 1:
+            return ["num_workers: LAgg-A needs num_workers >= 1"]
+        object.__setattr__(self, "validation_rounds", tuple(sorted(set(self.validation_rounds))))
+        return []
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)

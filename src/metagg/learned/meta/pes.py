@@ -1,0 +1,340 @@
+"""Truncated Persistent Evolution Strategies for LAgg-A / LOpt-A (Joseph et al. 2025).
+
+    est = PES(MetaTrainPESConfig(kind="lagg"))           # an `Estimator` for the outer loop
+    g = pes_step(unroll, theta, accum, inner, eps, sigma=0.01).grad   # the bare maths
+
+Two layers:
+
+1. The generic truncated-PES estimate (`pes_step`, `pes_gradient`, `reset_pairs`). Given
+   meta-parameters θ [n] and `unroll(theta_batch [P, n], inner) -> (losses [P], inner)`
+   with P = 2N particles (N antithetic pairs; particle i and i + N share one inner
+   problem), it draws ε_i ~ N(0, σ² I), evaluates θ + ε_i and θ − ε_i, adds ε_i to the
+   pair's running sum A_i of the perturbations used since its inner run started, and
+   estimates ∇ E[L] as mean_i A_i · (L⁺_i − L⁻_i) / (2σ²) (Vicol et al. 2021; the
+   spec's "Meta-training (PES)"). When a pair's inner run ends, `reset_pairs` zeroes A_i.
+   With A reset every truncation this is plain antithetic ES (truncated ES, biased
+   over a long horizon); keeping A is what makes the estimate unbiased (tested).
+
+2. The estimator `PES` in local-SGD mode (the spec's recipe): each pair owns an inner
+   problem (model init + minibatch stream, K workers doing H local SGD steps); a
+   truncation unrolls `unroll` rounds; inner runs last a log-uniform number of rounds in
+   [min_inner, max_inner] (rounded up to whole truncations, so resets fall between
+   truncations) and are then replaced; meta-loss = mean over the truncation of the
+   workers' training loss at θ_t, each round's loss clipped to [0, loss_clip·ln C]
+   (NaN/inf → the maximum). The 2N perturbed inner runs are one batch: the workers'
+   local SGD is one batched gradient over particles × workers, and the aggregator's
+   step is `metagg.learned.lagg.ada_step` — the function the server's aggregator runs —
+   vmapped over (φ, θ, accumulators, updates). Validation runs the unperturbed φ from
+   held-out model seeds through the same batched path; FedAvg and SlowMo (spec-tuned:
+   α = 0.6 in metagg's convention, β = 0.9) on the same seeds are the baselines.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch.func import vmap
+
+from metagg.aggregators import optimizers as opt
+from metagg.aggregators.base import Aggregator
+from metagg.aggregators.registry import build_aggregator
+from metagg.compiling import compile_or_eager
+from metagg.config.meta import MetaTrainPESConfig
+from metagg.data import Dataset
+from metagg.learned.features import AdaState, FeaturePlan, init_ada_state
+from metagg.learned.lagg import (
+    FlatPhi,
+    LAggConfig,
+    LearnedAdaAggregator,
+    ada_step,
+    learned_ada,
+    save_lagg,
+)
+from metagg.learned.meta.envs import LocalSGDEnv
+from metagg.learned.meta.estimators import Estimate, validation_seeds
+from metagg.learned.meta.evaluate import evaluate_aggregator, record, score
+from metagg.seeding import MetaStream, derive_generator, derive_seed
+
+__all__ = [
+    "PES",
+    "InnerState",
+    "PESState",
+    "PESStep",
+    "antithetic_noise",
+    "lagg_config",
+    "pes_gradient",
+    "pes_step",
+    "reset_pairs",
+]
+
+
+# --------------------------------------------------------------------------- the maths
+
+
+class PESStep(NamedTuple):
+    """One truncation's result: the gradient estimate and the carried-over state."""
+
+    grad: torch.Tensor  # [n] estimate of ∇_θ E[meta-loss]
+    accum: torch.Tensor  # [N, n] accumulated perturbations, ε of this truncation included
+    inner: Any  # the inner states after the truncation (batched over the P = 2N particles)
+    loss_pos: torch.Tensor  # [N] meta-loss of θ + A_i's run
+    loss_neg: torch.Tensor  # [N] meta-loss of θ − A_i's run
+
+
+def antithetic_noise(num_pairs: int, dim: int, sigma: float,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """ε [N, n] with i.i.d. N(0, σ²) entries (the + half of the antithetic pairs)."""
+    return torch.randn(num_pairs, dim, generator=generator) * sigma
+
+
+def pes_gradient(accum: torch.Tensor, loss_pos: torch.Tensor, loss_neg: torch.Tensor,
+                 sigma: float) -> torch.Tensor:
+    """mean_i A_i · (L⁺_i − L⁻_i) / (2σ²); A [N, n] must already include this truncation's ε."""
+    diff = (loss_pos - loss_neg).to(accum.dtype)
+    return (accum * diff[:, None]).mean(0) / (2.0 * sigma * sigma)
+
+
+def pes_step(unroll: Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]],
+             theta: torch.Tensor, accum: torch.Tensor, inner: Any, eps: torch.Tensor, *,
+             sigma: float) -> PESStep:
+    """One truncated-PES step.
+
+    Args:
+        unroll: `unroll(theta_batch [2N, n], inner) -> (losses [2N], inner)`; particle
+            i < N runs θ + ε_i (this truncation's perturbation), particle N + i its
+            antithetic twin θ − ε_i; A_i only weights the estimate. It must be a pure
+            function of its inputs for the estimate to be unbiased.
+        theta: meta-parameters [n].
+        accum: A [N, n], the perturbations summed since each pair's inner run started
+            (zeros for fresh runs: then this is antithetic ES).
+        inner: the particles' inner states (whatever `unroll` takes).
+        eps: this truncation's perturbations [N, n] (`antithetic_noise`).
+        sigma: their standard deviation.
+    """
+    if eps.shape != accum.shape or eps.shape[1:] != theta.shape:
+        raise ValueError(f"pes_step: eps {tuple(eps.shape)}, accum {tuple(accum.shape)} and "
+                         f"theta {tuple(theta.shape)} do not fit ([N, n], [N, n], [n])")
+    losses, inner = unroll(torch.cat([theta + eps, theta - eps]), inner)
+    n = eps.shape[0]
+    new_accum = accum + eps
+    return PESStep(pes_gradient(new_accum, losses[:n], losses[n:], sigma), new_accum, inner,
+                   losses[:n], losses[n:])
+
+
+def reset_pairs(accum: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+    """A with the rows of pairs whose inner run ended (bool [N]) set to zero."""
+    return torch.where(done[:, None], torch.zeros((), dtype=accum.dtype), accum)
+
+
+# --------------------------------------------------------------------------- the estimator
+
+
+class InnerState(NamedTuple):
+    """The P = 2N particles' inner runs (pair i: particles i and N + i)."""
+
+    theta: torch.Tensor  # [P, d] model parameters
+    acc: AdaState  # fields with a leading [P]
+    round: torch.Tensor  # [N] int64 rounds done in the pair's current inner run
+    length: torch.Tensor  # [N] int64 rounds the run lasts before it is reset
+    seed: torch.Tensor  # [N] int64 the run's model-init and minibatch seed
+
+
+class PESState(NamedTuple):
+    """What the estimator carries from step to step (checkpointed)."""
+
+    accum: torch.Tensor  # [N, n] perturbations since each pair's run started
+    inner: InnerState
+    runs_started: torch.Tensor  # [] int64 inner runs drawn so far (numbers the next ones)
+
+
+def lagg_config(cfg: MetaTrainPESConfig) -> LAggConfig:
+    """The architecture a PES run trains."""
+    return LAggConfig(kind=cfg.kind, num_workers=cfg.num_workers if cfg.kind == "lagg" else 0,
+                      hidden=cfg.hidden, step_mode=cfg.step_mode,
+                      residual_base=cfg.residual_base, residual_scale=cfg.residual_scale,
+                      correction_scale=cfg.correction_scale)
+
+
+class PES:
+    """The truncated-PES estimator of LAgg-A / LOpt-A (see the module docstring).
+
+    Args:
+        cfg: the run's configuration.
+        data: a `Dataset` to use instead of loading `cfg.dataset`.
+        compile: `torch.compile` the workers' local SGD and the learned step (eager
+            fallback with a warning): the compiled parts ran 1.5-2.5× faster, a whole
+            outer step 1.25× (1 thread) to 1.3× (2 threads) on a quiet machine
+            (benchmarks/pes.py); ~30 s of compilation once per process; results equal to
+            ~1e-7, so a run is resumed with the setting it started with.
+    """
+
+    name = "truncated_pes"
+
+    def __init__(self, cfg: MetaTrainPESConfig, data: Dataset | None = None, *,
+                 compile: bool = False):
+        self.cfg, self.kind = cfg, cfg.kind
+        self.env = LocalSGDEnv(cfg, data)
+        self.phi = FlatPhi(lagg_config(cfg))
+        self.dim = self.phi.dim
+        self.plan = FeaturePlan.from_layout(self.env.task.layout)
+        self._agg_step = vmap(self._particle_step)
+        if compile:
+            self.env.grad_fn = compile_or_eager(self.env.grad_fn)
+            self._agg_step = compile_or_eager(self._agg_step)
+        self.seeds = validation_seeds(cfg.seed, MetaStream.VALID_INIT, cfg.validation_seeds)
+
+    def _particle_step(self, phi: torch.Tensor, acc: AdaState, theta: torch.Tensor,
+                       updates: torch.Tensor) -> tuple[torch.Tensor, AdaState]:
+        """One particle's server step (vmapped over particles): φ [n_meta], θ [d], [K, d]."""
+        return ada_step(self.phi.unflatten(phi), acc, updates, theta, config=self.phi.config,
+                        plan=self.plan)
+
+    # ------------------------------------------------------------------ φ
+    def init_phi(self, seed: int) -> torch.Tensor:
+        return self.phi.init(seed)
+
+    def phi_of(self, agg: Aggregator) -> torch.Tensor:
+        if not isinstance(agg, LearnedAdaAggregator) or agg.config != self.phi.config:
+            raise ValueError(f"{agg!r} holds {getattr(agg, 'config', None)}, but this run "
+                             f"trains {self.phi.config}")
+        return self.phi.of(agg.net)
+
+    def aggregator(self, phi: torch.Tensor) -> LearnedAdaAggregator:
+        """The ordinary (server-side) aggregator holding the flat φ."""
+        return learned_ada(self.phi.config, self.phi.net(phi))
+
+    # ------------------------------------------------------------------ inner runs
+    def run_length(self, run: int) -> int:
+        """Rounds of inner run number `run`: log-uniform in [min_inner, max_inner], rounded
+        up to whole truncations so a reset always falls between two truncations."""
+        cfg = self.cfg
+        u = float(torch.rand((), generator=derive_generator(cfg.seed, MetaStream.RUN_LENGTH,
+                                                            run)))
+        rounds = math.exp(math.log(cfg.min_inner)
+                          + u * (math.log(cfg.max_inner) - math.log(cfg.min_inner)))
+        return max(1, math.ceil(rounds / cfg.unroll)) * cfg.unroll
+
+    def fresh_inner(self, runs: Sequence[int]) -> InnerState:
+        """New inner runs (numbers `runs`, one per pair), both particles of a pair at the
+        same model initialisation."""
+        seeds = [derive_seed(self.cfg.seed, MetaStream.TRAIN_INIT, r) for r in runs]
+        theta = torch.stack([self.env.task.init_params(s) for s in seeds])
+        n = len(runs)
+        acc = AdaState(*(x.expand(2 * n, *x.shape).clone() for x in init_ada_state(self.plan)))
+        return InnerState(torch.cat([theta, theta]), acc, torch.zeros(n, dtype=torch.int64),
+                          torch.tensor([self.run_length(r) for r in runs], dtype=torch.int64),
+                          torch.tensor(seeds, dtype=torch.int64))
+
+    def replace_pairs(self, inner: InnerState, done: torch.Tensor,
+                      runs: Sequence[int]) -> InnerState:
+        """Replace the finished pairs (bool [N]) by fresh runs numbered `runs` (in order)."""
+        idx = torch.nonzero(done).flatten()
+        if len(idx) == 0:
+            return inner
+        fresh = self.fresh_inner(runs)
+        pidx = torch.cat([idx, idx + len(done)])
+        acc = AdaState(*(a.index_copy(0, pidx, f) for a, f in zip(inner.acc, fresh.acc,
+                                                                   strict=True)))
+        return InnerState(inner.theta.index_copy(0, pidx, fresh.theta), acc,
+                          inner.round.index_copy(0, idx, fresh.round),
+                          inner.length.index_copy(0, idx, fresh.length),
+                          inner.seed.index_copy(0, idx, fresh.seed))
+
+    def run_rounds(self, phi: torch.Tensor, theta: torch.Tensor, acc: AdaState,
+                   seeds: Sequence[int], start: Sequence[int], rounds: int,
+                   after: Callable[[int, torch.Tensor], None] | None = None,
+                   ) -> tuple[torch.Tensor, AdaState, torch.Tensor]:
+        """`rounds` rounds for P particles: φ [P, n], θ [P, d], acc [P, ...]; particle i
+        uses the minibatches of run seeds[i % len(seeds)] from round start[...]. Returns
+        (θ, acc, per-round clipped loss [rounds, P]). `after(r, θ)` after each round."""
+        rep = theta.shape[0] // len(seeds)
+        losses = []
+        with torch.no_grad():
+            for r in range(rounds):
+                # both particles of a pair see the same minibatches
+                xb, yb = self.env.batches(seeds, [t + r for t in start], rep)
+                updates, loss = self.env.local_sgd(theta, xb, yb)
+                step, acc = self._agg_step(phi, acc, theta, updates)
+                theta = theta - step
+                losses.append(self.env.clip_loss(loss))
+                if after is not None:
+                    after(r + 1, theta)
+        return theta, acc, torch.stack(losses)
+
+    def unroll(self, phi_batch: torch.Tensor, inner: InnerState) -> tuple[torch.Tensor,
+                                                                         InnerState]:
+        """One truncation (`cfg.unroll` rounds) of every particle: (meta-loss [P], inner)."""
+        theta, acc, losses = self.run_rounds(phi_batch, inner.theta, inner.acc,
+                                             inner.seed.tolist(), inner.round.tolist(),
+                                             self.cfg.unroll)
+        return losses.mean(0), inner._replace(theta=theta, acc=acc,
+                                              round=inner.round + self.cfg.unroll)
+
+    # ------------------------------------------------------------------ steps
+    def init_state(self) -> PESState:
+        pairs = self.cfg.pairs
+        return PESState(torch.zeros(pairs, self.dim), self.fresh_inner(range(pairs)),
+                        torch.tensor(pairs))
+
+    def resumable(self, step: int) -> bool:
+        return True
+
+    def checkpoint_state(self, state: PESState) -> PESState:
+        return state
+
+    def restore_state(self, tensors: PESState) -> PESState:
+        return tensors
+
+    def progress(self, step: int) -> dict[str, Any]:
+        return {}
+
+    def estimate(self, phi: torch.Tensor, state: PESState, step: int) -> Estimate:
+        cfg = self.cfg
+        noise = derive_generator(cfg.seed, MetaStream.PES_NOISE, step)
+        eps = antithetic_noise(cfg.pairs, self.dim, cfg.sigma, noise)
+        res = pes_step(self.unroll, phi, state.accum, state.inner, eps, sigma=cfg.sigma)
+        done = res.inner.round >= res.inner.length
+        k, started = int(done.sum()), int(state.runs_started)
+        inner = self.replace_pairs(res.inner, done, range(started, started + k))
+        meta_loss = float(torch.cat([res.loss_pos, res.loss_neg]).mean())
+        return Estimate(res.grad, PESState(reset_pairs(res.accum, done), inner,
+                                           torch.tensor(started + k)),
+                        {"meta_loss": meta_loss, "resets": k})
+
+    # ------------------------------------------------------------------ validation, files
+    def validate(self, phi: torch.Tensor) -> tuple[float, dict[str, Any]]:
+        """φ from every held-out seed, batched: (score, mean loss / accuracy at the horizons)."""
+        task, seeds, horizons = self.env.task, self.seeds, self.cfg.validation_rounds
+        p = len(seeds)
+        out: dict[str, Any] = {f"{k}@{h}": [] for h in horizons for k in ("loss", "acc")}
+
+        def after(t: int, theta: torch.Tensor) -> None:
+            if t in horizons:
+                for i in range(p):
+                    record(out, t, task, self.env.data, theta[i], False)
+
+        theta = torch.stack([task.init_params(s) for s in seeds])
+        acc = AdaState(*(x.expand(p, *x.shape).clone() for x in init_ada_state(self.plan)))
+        self.run_rounds(phi.expand(p, -1), theta, acc, seeds, [0] * p, max(horizons), after)
+        means = {f"mean_{k}": sum(v) / len(v) for k, v in out.items()}
+        return score(out, horizons), means
+
+    def baselines(self) -> dict[str, dict[str, Any]]:
+        """FedAvg (mean + SGD lr 1) and the spec's tuned SlowMo on the validation seeds."""
+        cfg = self.cfg
+        aggs = {"fedavg": build_aggregator("mean", optimizer=opt.sgd(1.0)),
+                "slowmo": build_aggregator("mean", optimizer=opt.slowmo(0.6, 0.9,
+                                                                        local_lr=cfg.local_lr))}
+        out = {}
+        for name, agg in aggs.items():
+            res = evaluate_aggregator(agg, self.env, self.seeds, cfg.validation_rounds)
+            out[name] = {k: v for k, v in res.items() if k.startswith("mean_")}
+            out[name]["score"] = score(res, cfg.validation_rounds)
+        return out
+
+    def save(self, out: Any, phi: torch.Tensor, trained_on: dict[str, Any],
+             validation: dict[str, Any]) -> Any:
+        return save_lagg(out, self.aggregator(phi), trained_on=trained_on, validation=validation)
