@@ -83,7 +83,7 @@ def test_tiny_reproduction_writes_every_figure(tmp_path, capsys):
 
 
 def test_missing_hetero_rnn_is_reported(tmp_path, monkeypatch):
-    import metagg.experiments.ji2019 as ji2019
+    import metagg.experiments.ji2019.runner as ji2019
 
     monkeypatch.setattr(ji2019, "HETERO_RNN", "no-such-rnn")  # as if the zoo lacked it
     report = reproduce_ji2019(tmp_path, "tiny", figures=["7"]).read_text()
@@ -103,7 +103,7 @@ def test_seed_clash_with_meta_training_is_refused(tmp_path):
 
 
 def test_meta_train_fills_the_gaps_and_is_reused(tmp_path, monkeypatch):
-    import metagg.experiments.ji2019 as ji2019
+    import metagg.experiments.ji2019.runner as ji2019
 
     monkeypatch.setattr(ji2019, "HETERO_RNN", "digits-hetero4x3-mlp20-lstm-test")  # not shipped
     reproduce_ji2019(tmp_path, "tiny", figures=["4", "7"], meta_train=True)
@@ -124,7 +124,7 @@ def test_meta_train_fills_the_gaps_and_is_reused(tmp_path, monkeypatch):
 def test_interrupted_meta_training_is_not_taken_for_a_finished_one(tmp_path):
     import json
 
-    from metagg.experiments.ji2019 import _meta_iterations_done
+    from metagg.experiments.ji2019.runner import _meta_iterations_done
 
     assert _meta_iterations_done(tmp_path) is None  # nothing there
     (tmp_path / "meta_state.json").write_text(json.dumps({"iteration": 40}))

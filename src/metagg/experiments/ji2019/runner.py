@@ -28,15 +28,11 @@ from every seed the learned aggregators were meta-trained or validated with.
 
 from __future__ import annotations
 
-import csv
 import json
-import math
-import statistics
 import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,171 +40,28 @@ import torch
 
 from metagg.config import config_from_dict
 from metagg.data import Dataset, load_dataset
+from metagg.experiments.ji2019 import report
+from metagg.experiments.ji2019.report import fmt, mean_or_inf
+from metagg.experiments.ji2019.settings import (
+    ARNN,
+    BYZ_AGGREGATORS,
+    BYZ_ATTACKS,
+    EVAL_SEED0,
+    FIG4_TASKS,
+    FIG5_LEFT,
+    FIG5_RIGHT,
+    FIGURES,
+    HETERO_RNN,
+    RNN,
+    SCALES,
+    TUNE_SEED0,
+    Scale,
+    TaskSpec,
+)
 from metagg.learned.store import resolve_path
 from metagg.seeding import derive_seed
 
-__all__ = [
-    "CSV_COLUMNS",
-    "SCALES",
-    "Scale",
-    "reproduce_ji2019",
-]
-
-CSV_COLUMNS = ("figure", "panel", "task", "setting", "aggregator", "lr", "seed", "round",
-               "train_loss", "test_accuracy")
-TUNING_COLUMNS = ("figure", "task", "optimizer", "lr", "seed", "rounds", "final_train_loss")
-
-RNN = "rnn:pretrained/digits-mlp20-lstm"
-ARNN = "arnn:pretrained/digits-mlp20-arnn-lstm"
-HETERO_RNN = "digits-hetero4x3-mlp20-lstm"  # zoo name looked for by figure 7
-EVAL_SEED0, TUNE_SEED0 = 100, 200
-
-
-@dataclass(frozen=True)
-class Scale:
-    """How much of everything to run.
-
-    Attributes:
-        seeds: evaluation seeds per curve; tune_seeds: seeds per grid point.
-        rounds: rounds per dataset ("digits", "fashion_mnist") in figures 4, 5, 7.
-        points: evaluations per run (plus round 0).
-        sgd_lrs, adam_lrs: the grids the averaging baselines are tuned on.
-        byz_rounds, byz_settings: figure 6's run length and attack settings.
-        eval_train_samples: cap on the train examples behind "train loss".
-        meta_iterations, meta_unroll: meta-training budget with --meta-train.
-    """
-
-    name: str
-    seeds: int
-    tune_seeds: int
-    rounds: dict[str, int]
-    points: int
-    sgd_lrs: tuple[float, ...]
-    adam_lrs: tuple[float, ...]
-    byz_rounds: int
-    byz_settings: tuple[str, ...]
-    eval_train_samples: int
-    meta_iterations: int
-    meta_unroll: int
-
-
-ALL_BYZ = ("none", "ipm 3/10", "ipm 7/10", "alie 3/10", "alie 7/10", "sign_flip 3/10",
-           "sign_flip 7/10", "gaussian 3/10", "gaussian 7/10")
-
-SCALES: dict[str, Scale] = {
-    # tiny: for the tests only (seconds); hidden from the command line's help.
-    "tiny": Scale("tiny", seeds=1, tune_seeds=1, rounds={"digits": 4, "fashion_mnist": 4},
-                  points=2, sgd_lrs=(1.0,), adam_lrs=(0.1,), byz_rounds=4,
-                  byz_settings=("none", "ipm 7/10"), eval_train_samples=500,
-                  meta_iterations=1, meta_unroll=4),
-    "quick": Scale("quick", seeds=2, tune_seeds=1, rounds={"digits": 150, "fashion_mnist": 200},
-                   points=10, sgd_lrs=(0.5, 1.0, 2.0, 4.0, 8.0),
-                   adam_lrs=(0.003, 0.01, 0.03, 0.1, 0.3),
-                   byz_rounds=100, byz_settings=ALL_BYZ, eval_train_samples=5000,
-                   meta_iterations=40, meta_unroll=100),
-    "full": Scale("full", seeds=5, tune_seeds=2, rounds={"digits": 400, "fashion_mnist": 1000},
-                  points=20, sgd_lrs=(0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0),
-                  adam_lrs=(0.003, 0.01, 0.03, 0.1, 0.3, 1.0), byz_rounds=300, byz_settings=ALL_BYZ,
-                  eval_train_samples=10000, meta_iterations=300, meta_unroll=100),
-}
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """One training task: a dataset (optionally a class subset) and the workers' model."""
-
-    label: str
-    dataset: str
-    model: str
-    classes: tuple[int, ...] | None = None
-
-
-FIG4_TASKS = (TaskSpec("digits, mlp:20:sigmoid", "digits", "mlp:20:sigmoid"),
-              TaskSpec("fashion_mnist, mlp:20:sigmoid", "fashion_mnist", "mlp:20:sigmoid"))
-FIG5_LEFT = tuple(TaskSpec(f"digits, {m}", "digits", m)
-                  for m in ("mlp:40:sigmoid", "mlp:20,20:sigmoid", "mlp:20:relu"))
-FIG5_RIGHT = (TaskSpec("fashion_mnist-2 (classes 0-1)", "fashion_mnist", "mlp:20:sigmoid",
-                       (0, 1)),
-              TaskSpec("fashion_mnist-5 (classes 0-4)", "fashion_mnist", "mlp:20:sigmoid",
-                       (0, 1, 2, 3, 4)))
-
-# Figure 6, as experiments/arnn_byzantine.py: label -> (attack, Byzantine count, options).
-BYZ_ATTACKS: dict[str, tuple[str, int, dict[str, float]]] = {
-    "none": ("none", 0, {}),
-    "ipm 3/10": ("ipm", 3, {"eps": 0.1}), "ipm 7/10": ("ipm", 7, {"eps": 0.1}),
-    "alie 3/10": ("alie", 3, {"z": 1.5}), "alie 7/10": ("alie", 7, {"z": 1.5}),
-    "sign_flip 3/10": ("sign_flip", 3, {"scale": 4.0}),
-    "sign_flip 7/10": ("sign_flip", 7, {"scale": 4.0}),
-    "gaussian 3/10": ("gaussian", 3, {"sigma": 200.0}),
-    "gaussian 7/10": ("gaussian", 7, {"sigma": 200.0}),
-}
-BYZ_AGGREGATORS = {"mean": "mean", "median": "median", "krum": "krum", "zeno": "zeno",
-                   "fltrust": "fltrust", "rnn": RNN, "arnn": ARNN,
-                   "arnn-ipm7": "arnn:pretrained/digits-mlp20-arnn-lstm-ipm7",
-                   "arnn-signflip7": "arnn:pretrained/digits-mlp20-arnn-lstm-signflip7",
-                   "arnn-alie7": "arnn:pretrained/digits-mlp20-arnn-lstm-alie7"}
-# the ARNN meta-trained against each attack (figure 6's "ARNN vs Krum" comparison)
-MATCHED_ARNN = {"ipm": "arnn-ipm7", "sign_flip": "arnn-signflip7", "alie": "arnn-alie7"}
-
-PAPER_CLAIMS = {
-    "4": "“Both the RNN aggregators and ARNN aggregators outperform the current "
-         "state-of-the-art averaging aggregator, and ARNN aggregators are more efficient "
-         "than the RNN aggregators”; LSTM and GRU perform alike (§5.2; MNIST MLP 1×20 "
-         "sigmoid, CIFAR-10 CNN).",
-    "5": "Left: “The RNN aggregator still outperforms the averaging aggregator in (1) "
-         "[40 units] and (2) [2 hidden], and has competitive performance in (3) [ReLU]”. "
-         "Right: it “works well on transferring among the disjoint subset of the data” "
-         "(CIFAR-2, CIFAR-5) and “can compete with classic averaging” (§5.3).",
-    "6": "“The averaging aggregator is unable to tolerate any Byzantine attack”; with 3/10 "
-         "Byzantine “the RNN aggregator and ARNN aggregator have slightly better performance "
-         "than the Krum aggregator”; at 7/10 “the Krum aggregator and RNN aggregator cannot "
-         "resist the attackers” while “the ARNN aggregator still works well and outperforms "
-         "the Krum by 43.14%” (§5.4; the attack is not named).",
-    "7": "“The RNN aggregator can efficiently utilize gradients from different local models "
-         "to improve the global learning model's performance” (§5.5; 4 systems, 3 workers "
-         "each, one RNN updating an MLP20-sigmoid).",
-}
-
-STAND_IN_ROWS = [
-    ("MNIST, MLP 784-20-10 sigmoid (figures 4, 5 left, 6, 7)",
-     "digits (scikit-learn's 8×8 digits, MLP 64-20-10 sigmoid): the task the shipped "
-     "aggregators were meta-trained on; figure 4 adds Fashion-MNIST (28×28, MLP 784-20-10)"),
-    ("CIFAR-10, 2 conv + max-pool + FC (figure 4)",
-     "not run (no CIFAR-10 here; a conv net on Fashion-MNIST is hours of CPU): figure 4 uses "
-     "digits and Fashion-MNIST with the MLP"),
-    ("CIFAR-2 / CIFAR-5 (figure 5 right)",
-     "Fashion-MNIST classes 0-1 / 0-4, MLP 784-20-{2,5} sigmoid (a dataset the digits RNN "
-     "never saw)"),
-    ("10 workers, equal shards (all figures)",
-     "10 workers, IID equal shards, batch 32, gradient mode (figure 7: 12 workers, 3 per model)"),
-]
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _fmt(values: Sequence[float], scale: float = 1.0, digits: int = 3, sci: bool = False) -> str:
-    """'m ± s' over seeds (just m for one seed); 'diverged' if any is non-finite."""
-    vals = [scale * v for v in values]
-    if not vals:
-        return "–"
-    if not all(math.isfinite(v) for v in vals):
-        return "diverged"
-    spec = f"#.{digits}g" if sci else f".{digits}f"  # '#': keep trailing zeros (1.00)
-    mean = statistics.fmean(vals)
-    if len(vals) == 1:
-        return f"{mean:{spec}}"
-    return f"{mean:{spec}} ± {statistics.stdev(vals):{spec}}"
-
-
-def _mean(values: Sequence[float]) -> float:
-    return statistics.fmean(values) if values and all(math.isfinite(v) for v in values) \
-        else math.inf
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+__all__ = ["Ji2019", "check_seeds_disjoint", "reproduce_ji2019"]
 
 
 def check_seeds_disjoint(seeds: Sequence[int], names: Sequence[str]) -> None:
@@ -252,23 +105,6 @@ def _exists(name: str) -> bool:
         return resolve_path(path).with_suffix(".json").exists()
     except Exception:  # e.g. an unknown pretrained/ name
         return False
-
-
-def _describe(name: str) -> str:
-    """One line on what a learned aggregator was trained on."""
-    _, _, path = name.partition(":")
-    info = json.loads(resolve_path(path).with_suffix(".json").read_text())
-    cfg, t = info["config"], info.get("trained_on", {})
-    attack = t.get("attack", "none")
-    attack = "no attack" if attack == "none" else f"{attack} {t.get('num_byzantine')}/" \
-                                                  f"{t.get('num_workers')}"
-    where = t.get("dataset_name") or t.get("dataset")
-    return (f"`{name}`: {info['kind'].upper()}-{cfg['cell'].upper()}, {cfg['output']} output, "
-            f"{cfg['num_workers']} input slots; meta-trained on {where}, {t.get('model')}, "
-            f"{attack}, {t.get('iterations')} meta-iterations")
-
-
-# --------------------------------------------------------------------------- the runner
 
 
 class Ji2019:
@@ -375,7 +211,7 @@ class Ji2019:
                 self.tuning.append({"figure": figure, "task": spec.label, "optimizer": optimizer,
                                     "lr": lr, "seed": seed, "rounds": rounds,
                                     "final_train_loss": loss})
-            scores[lr] = _mean(finals)
+            scores[lr] = mean_or_inf(finals)
         best = min(lrs, key=lambda lr: scores[lr])
         if len(lrs) > 1 and best in (min(lrs), max(lrs)):
             self.note(figure, f"{spec.label}: the tuned mean+{optimizer} lr {best:g} is at the "
@@ -427,8 +263,8 @@ class Ji2019:
                 self.add(figure, panel, spec.label, "none", label, lr, seed, rows)
             final = [r for r in self.records[figure] if r["task"] == spec.label
                      and r["aggregator"] == label and r["round"] == rounds]
-            self.log(f"  {label:<24} train loss {_fmt([r['train_loss'] for r in final], sci=True)}"
-                     f", test acc {_fmt([r['test_accuracy'] for r in final], 100, 1)} %"
+            self.log(f"  {label:<24} train loss {fmt([r['train_loss'] for r in final], sci=True)}"
+                     f", test acc {fmt([r['test_accuracy'] for r in final], 100, 1)} %"
                      f" ({time.perf_counter() - t0:.0f} s)")
 
     def _try(self, figure: str, spec: TaskSpec, fn: Any) -> None:
@@ -486,7 +322,7 @@ class Ji2019:
                     rows = self.simulate(spec, agg, seed=seed, rounds=rounds, attack=attack)
                     self.add("6", "", spec.label, setting, label, 1.0, seed, rows)
                     finals.append(rows[-1]["test_accuracy"])
-                self.log(f"  {label:<16} test acc {_fmt(finals, 100, 1)} % "
+                self.log(f"  {label:<16} test acc {fmt(finals, 100, 1)} % "
                          f"({time.perf_counter() - t0:.0f} s)")
 
     # ------------------------------------------------------------------ figure 7
@@ -570,239 +406,9 @@ class Ji2019:
                 rows += [{"round": h, "train_loss": res[f"loss@{h}"][j],
                           "test_accuracy": res[f"acc@{h}"][j]} for h in horizons]
                 self.add("7", "", spec.label, "none", label, lr, seed, rows)
-            self.log(f"  {label:<34} train loss {_fmt(res[f'loss@{rounds}'], sci=True)}, "
-                     f"test acc {_fmt(res[f'acc@{rounds}'], 100, 1)} % "
+            self.log(f"  {label:<34} train loss {fmt(res[f'loss@{rounds}'], sci=True)}, "
+                     f"test acc {fmt(res[f'acc@{rounds}'], 100, 1)} % "
                      f"({time.perf_counter() - t0:.0f} s)")
-
-    # ------------------------------------------------------------------ output
-    def finals(self, figure: str, task: str, aggregator: str,
-               setting: str = "none") -> list[dict[str, Any]]:
-        """Each seed's last row of one curve."""
-        rows = [r for r in self.records[figure] if r["task"] == task
-                and r["aggregator"] == aggregator and r["setting"] == setting]
-        last = max((r["round"] for r in rows), default=None)
-        return [r for r in rows if r["round"] == last]
-
-    def write_csv(self, figure: str) -> Path:
-        path = self.out / f"figure{figure}.csv"
-        with open(path, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
-            w.writeheader()
-            w.writerows(self.records[figure])
-        return path
-
-    def plot(self, figure: str) -> Path | None:
-        """Mean over seeds against rounds: figure 6 test accuracy per setting; the others
-        train loss (log) and test accuracy per task."""
-        recs = self.records[figure]
-        if not recs:
-            return None
-        import logging
-
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        # log-axis tick labels use mathtext, whose STIX fallbacks are missing on slim
-        # installs: matplotlib then warns once per font although DejaVu renders them fine
-        logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
-        key = "setting" if figure == "6" else "task"
-        groups = list(dict.fromkeys(r[key] for r in recs))
-        metrics = ("test_accuracy",) if figure == "6" else ("train_loss", "test_accuracy")
-        panels = [(g, m) for g in groups for m in metrics]
-        ncols = 3 if figure == "6" else 2 * min(2, len(groups))
-        nrows = math.ceil(len(panels) / ncols)
-        fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.3 * nrows),
-                                 squeeze=False)
-        for i, (ax, (g, metric)) in enumerate(zip(axes.flat, panels, strict=False)):
-            curves: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-            for r in recs:
-                if r[key] == g:
-                    curves[r["aggregator"]][r["round"]].append(r[metric])
-            for agg, by_round in curves.items():
-                xs = sorted(by_round)
-                scale = 100.0 if metric == "test_accuracy" else 1.0
-                ax.plot(xs, [scale * statistics.fmean(by_round[x]) for x in xs], label=agg)
-            if metric == "train_loss":
-                ax.set_yscale("log")
-            ax.set_title(g if len(g) < 48 else g[:45] + "…", fontsize=9)
-            ax.set_xlabel("round")
-            ax.set_ylabel("test accuracy (%)" if metric == "test_accuracy" else "train loss")
-            ax.grid(alpha=0.3)
-            if i == 0 or (figure != "6" and metric == "train_loss"):  # one legend per task
-                ax.legend(fontsize=6)
-        for ax in list(axes.flat)[len(panels):]:
-            ax.axis("off")
-        fig.suptitle(f"Ji et al. 2019 figure {figure} (metagg, scale {self.scale.name})")
-        fig.tight_layout()
-        path = self.out / f"figure{figure}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return path
-
-    def write_tuning(self) -> None:
-        with open(self.out / "tuning.csv", "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=TUNING_COLUMNS)
-            w.writeheader()
-            w.writerows(self.tuning)
-
-    def _final_tables(self, figure: str, key: str) -> str:
-        """Two tables (final train loss, final test accuracy): aggregators × tasks/settings."""
-        recs = self.records[figure]
-        cols = list(dict.fromkeys(r[key] for r in recs))
-        aggs = list(dict.fromkeys(r["aggregator"] for r in recs))
-        out = []
-        for metric, title, scale, digits, sci in (
-                ("test_accuracy", "final test accuracy (%)", 100.0, 1, False),
-                ("train_loss", "final train loss", 1.0, 3, True)):  # 3 significant digits
-            rows = []
-            for agg in aggs:
-                cells = []
-                for c in cols:
-                    task = c if key == "task" else recs[0]["task"]
-                    setting = c if key == "setting" else "none"
-                    finals = self.finals(figure, task, agg, setting)
-                    cell = _fmt([r[metric] for r in finals], scale, digits, sci)
-                    lrs = {r["lr"] for r in finals if r["lr"] and agg.startswith("mean+")}
-                    if lrs and metric == "train_loss":
-                        cell += f" (lr {', '.join(sorted(lrs))})"
-                    cells.append(cell)
-                rows.append([agg, *cells])
-            out.append(f"{title}, mean ± std over seeds {self.eval_seeds}:\n\n"
-                       + _table(["aggregator", *cols], rows))
-        return "\n".join(out)
-
-    def _final_mean(self, figure: str, task: str, agg: str, metric: str,
-                    setting: str = "none") -> float | None:
-        """Mean over seeds of one curve's final `metric` (None if it did not run)."""
-        finals = self.finals(figure, task, agg, setting)
-        return _mean([r[metric] for r in finals]) if finals else None
-
-    def _vs(self, figure: str, task: str, a: str, b: str) -> str:
-        la, lb = (self._final_mean(figure, task, x, "train_loss") for x in (a, b))
-        if la is None or lb is None:
-            return ""
-        aa, ab = (100 * self._final_mean(figure, task, x, "test_accuracy") for x in (a, b))
-        return (f"{a} vs {b}: train loss {la:#.3g} vs {lb:#.3g} "
-                f"({'lower' if la < lb else 'higher'}), test acc {aa:.1f} vs {ab:.1f} %")
-
-    def _ours(self, figure: str) -> list[str]:
-        """Our numbers on the paper's claim: per task (per attack setting in figure 6)."""
-        recs = self.records[figure]
-        aggs = list(dict.fromkeys(r["aggregator"] for r in recs))
-        lines = []
-        if figure in ("4", "5"):
-            tasks = list(dict.fromkeys(r["task"] for r in recs))
-            for a in (a for a in aggs if not a.startswith("mean+")):
-                for b in ("mean+sgd", "mean+adam"):
-                    pairs = [(self._final_mean(figure, t, a, "train_loss"),
-                              self._final_mean(figure, t, b, "train_loss")) for t in tasks]
-                    pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
-                    wins = sum(x < y for x, y in pairs)
-                    lines.append(f"- {a}: lower final train loss than tuned {b} on {wins} of "
-                                 f"{len(pairs)} tasks")
-            for t in tasks:
-                loss = {a: self._final_mean(figure, t, a, "train_loss") for a in aggs}
-                acc = {a: self._final_mean(figure, t, a, "test_accuracy") for a in aggs}
-                loss = {a: v for a, v in loss.items() if v is not None}
-                acc = {a: 100 * v for a, v in acc.items() if v is not None}
-                lines.append(
-                    f"- {t}: train loss " + ", ".join(f"{a} {v:#.3g}" for a, v in loss.items())
-                    + f" (lowest: {min(loss, key=loss.get)}); test acc "
-                    + ", ".join(f"{a} {v:.1f}" for a, v in acc.items())
-                    + f" % (highest: {max(acc, key=acc.get)})")
-        elif figure == "6":
-            task = recs[0]["task"]
-            for setting in dict.fromkeys(r["setting"] for r in recs):
-                acc = {a: 100 * v for a in aggs if (v := self._final_mean(
-                    "6", task, a, "test_accuracy", setting)) is not None}
-                matched = MATCHED_ARNN.get(BYZ_ATTACKS[setting][0])
-                shown = [a for a in ("mean", "krum", "rnn", "arnn", matched) if a in acc]
-                line = f"- {setting}: test acc (%) " + ", ".join(f"{a} {acc[a]:.1f}" for a in shown)
-                if "krum" in acc:
-                    diffs = [f"{a} − krum = {acc[a] - acc['krum']:+.1f}"
-                             for a in ("rnn", "arnn", matched) if a in acc]
-                    line += " → " + ", ".join(diffs) + " points"
-                lines.append(line)
-        elif figure == "7":
-            task = recs[0]["task"]
-            het, homo, own = "4 models × 3", "12 mlp:20:sigmoid", "3 mlp:20:sigmoid only"
-            for a, b in ((f"rnn ({het})", f"rnn ({own})"),
-                         (f"rnn ({het})", f"mean+adam ({own})"),
-                         (f"mean+adam ({het})", f"mean+adam ({own})"),
-                         (f"mean+sgd ({het})", f"mean+sgd ({own})"),
-                         (f"rnn ({het})", f"rnn ({homo})"),
-                         (f"mean+adam ({het})", f"mean+adam ({homo})"),
-                         (f"rnn ({het})", f"mean+adam ({het})"),
-                         (f"rnn ({het})", f"mean+sgd ({het})")):
-                text = self._vs("7", task, a, b)
-                if text:
-                    lines.append(f"- {text}")
-        return lines
-
-    def write_report(self, figures: Sequence[str], command: str) -> Path:
-        s = self.scale
-        total = time.perf_counter() - self.start
-        parts = [
-            "# Ji et al. 2019, “Learning to Learn Gradient Aggregation by Gradient Descent” — "
-            "metagg reproduction", "",
-            f"Command: `{command}`  ",
-            f"Scale `{s.name}`: {s.seeds} evaluation seed(s) {self.eval_seeds}, "
-            f"{s.tune_seeds} tuning seed(s) {self.tune_seeds}; rounds {s.rounds} "
-            f"(figures 4, 5, 7), {s.byz_rounds} (figure 6); train loss on at most "
-            f"{s.eval_train_samples} train examples; total wall time {total:.0f} s "
-            f"(torch threads: {torch.get_num_threads()}).", "",
-            "Every curve: 10 workers (figure 7: 12), IID equal shards, batch 32, gradient "
-            "mode; the learned aggregators produce the step (θ ← θ − step), the baselines "
-            "average the gradients and apply server SGD or Adam with the learning rate of "
-            f"the grid SGD {list(s.sgd_lrs)} / Adam {list(s.adam_lrs)} that gave the lowest "
-            "final train loss on the tuning seeds (`tuning.csv`). Figure 6's rules use "
-            "server SGD lr 1.", "",
-            "## Stand-in datasets", "", _table(["paper", "here"], STAND_IN_ROWS),
-            "## Learned aggregators used", "",
-            *[f"- {_describe(n)}" for n in sorted(self.used)], "",
-        ]
-        titles = {"4": "Figure 4 — learned aggregators vs tuned averaging",
-                  "5": "Figure 5 — transfer without retraining (left: models, right: data)",
-                  "6": "Figure 6 — Byzantine workers (digits, mlp:20:sigmoid)",
-                  "7": "Figure 7 (§5.5) — heterogeneous worker models"}
-        for f in figures:
-            parts += [f"## {titles[f]}", "", f"Files: `figure{f}.png`, `figure{f}.csv`"
-                      + (f" ({self.times[f]:.0f} s)" if f in self.times else ""), "",
-                      f"**Paper:** {PAPER_CLAIMS[f]}", ""]
-            if f == "7":
-                parts += ["Mapping rule (`metagg.cluster.HeteroCluster`): a group's tensors "
-                          "correspond to the "
-                          "target's by name and leading block (hidden units 0-19 of the MLP40 "
-                          "are the target's units; the 2×20 MLP's `hidden0`/`output` are the "
-                          "target's, its `hidden1` is private); the groups' workers compute "
-                          "their own model's gradient with the shared coordinates set to the "
-                          "target's θ; private coordinates are trained by the group with mean "
-                          "+ SGD (lr 1); target coordinates a model lacks are sent as 0 and "
-                          "masked (averaging divides by the workers that cover them). "
-                          "Rows: “4 models × 3” is the paper's setting; “12 mlp:20:sigmoid” "
-                          "fills the same 12 slots with target-model workers (the homogeneous "
-                          "reference); “3 mlp:20:sigmoid only” feeds the same aggregators only "
-                          "the target group's 3 workers — what the target has without the "
-                          "other systems (the 12-slot RNN then sees 9 empty slots, which it "
-                          "never saw in meta-training, so mean+adam is the fairer "
-                          "reference there).", ""]
-            if self.records[f]:
-                parts += ["**Ours:**", "", *self._ours(f), "",
-                          self._final_tables(f, "setting" if f == "6" else "task")]
-            for note in self.notes[f]:
-                parts.append(f"- note: {note}")
-            parts.append("")
-        path = self.out / "report.md"
-        path.write_text("\n".join(parts))
-        return path
-
-
-# --------------------------------------------------------------------------- entry points
-
-
-FIGURES = ("4", "5", "6", "7")
 
 
 def reproduce_ji2019(
@@ -849,11 +455,11 @@ def reproduce_ji2019(
             t0 = time.perf_counter()
             getattr(run, f"figure{f}")()
             run.times[f] = time.perf_counter() - t0
-            run.write_csv(f)
-            run.plot(f)
-        run.write_tuning()
-        report = run.write_report(order, command)
-        run.log(f"done: {report}")
-        return report
+            report.write_csv(run, f)
+            report.plot(run, f)
+        report.write_tuning(run)
+        path = report.write_report(run, order, command)
+        run.log(f"done: {path}")
+        return path
     finally:
         torch.set_num_threads(before)
