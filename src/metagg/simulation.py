@@ -35,12 +35,7 @@ from metagg.aggregators.base import RoundContext
 from metagg.aggregators.optimizers import build_optimizer
 from metagg.aggregators.registry import build_aggregator
 from metagg.attacks import Attack, make_attack
-from metagg.checkpoint import (
-    CheckpointError,
-    atomic_write_text,
-    load_checkpoint,
-    save_checkpoint,
-)
+from metagg.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
 from metagg.cluster import Cluster
 from metagg.config import ConfigError, RunConfig, config_from_dict, config_to_dict, save_config
 from metagg.data import Dataset, load_dataset, partition
@@ -54,6 +49,10 @@ __all__ = ["Simulation", "Workers", "build_workers", "byzantine_ids"]
 log = logging.getLogger("metagg")
 
 ACCURACY_MILESTONES = (0.8, 0.9, 0.95)
+# `Server` attributes readable as the simulation's own (`sim.params`, `sim.round`, ...)
+SERVER_STATE = frozenset({"params", "round", "agg_state", "attack", "byzantine", "honest",
+                          "dropped_updates", "skipped_rounds", "missing_updates",
+                          "last_worker_loss", "worker_momentum", "momentum_started"})
 
 
 def byzantine_ids(num_workers: int, num_byzantine: int, selection: str, seed: int) -> torch.Tensor:
@@ -157,19 +156,11 @@ class Simulation:
         self.server.reset(self.task.init_params(self.cfg.seed))
         self.wall_offset = 0.0
 
-    # the server's state, read through the simulation
-    params = property(lambda self: self.server.params)
-    round = property(lambda self: self.server.round)
-    agg_state = property(lambda self: self.server.agg_state)
-    attack = property(lambda self: self.server.attack)
-    byzantine = property(lambda self: self.server.byzantine)
-    honest = property(lambda self: self.server.honest)
-    dropped_updates = property(lambda self: self.server.dropped_updates)
-    skipped_rounds = property(lambda self: self.server.skipped_rounds)
-    missing_updates = property(lambda self: self.server.missing_updates)
-    last_worker_loss = property(lambda self: self.server.last_worker_loss)
-    worker_momentum = property(lambda self: self.server.worker_momentum)
-    momentum_started = property(lambda self: self.server.momentum_started)
+    def __getattr__(self, name: str) -> Any:
+        # the server's state (θ, round, counters...), read through the simulation
+        if name in SERVER_STATE and "server" in self.__dict__:
+            return getattr(self.server, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def context(self, worker_ids: torch.Tensor) -> RoundContext:
         return self.server.context(worker_ids)

@@ -12,6 +12,11 @@ __all__ = ["add_parsers"]
 JI2019_FIGURES = ("4", "5", "6", "7")
 JI2019_SCALES = ("quick", "full", "tiny")  # tiny: the tests' scale, not advertised
 HETERO_RNN = "digits-hetero4x3-mlp20-lstm"  # figure 7's zoo aggregator
+JOSEPH2025 = ("Tune the baselines on the 8x8 Fashion-MNIST task, run the learned optimizers "
+              "and the tuned baselines on held-out seeds, and report rounds to reach the best "
+              "baseline's loss, plus generalisation to 784-128-128 (and conv-c10 when CIFAR-10 "
+              "is on disk: then hours on a CPU), other K and H. quick: ~300 rounds, 3 seeds; "
+              "full: 1000 rounds, 10 seeds.")
 
 
 def add_parsers(sub: Any) -> None:
@@ -41,13 +46,9 @@ def add_parsers(sub: Any) -> None:
     q.add_argument("--data-dir", default=None, help="where Fashion-MNIST's files are")
     q.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     q.set_defaults(func=cmd_reproduce_ji2019)
-    q = papers.add_parser(
-        "joseph2025", help="LAgg-A / LOpt-A vs tuned FedAvg, SlowMo, Adam (Joseph et al. 2025)",
-        description="Tune the baselines on the 8x8 Fashion-MNIST task, run the learned "
-                    "optimizers and the tuned baselines on held-out seeds, and report rounds "
-                    "to reach the best baseline's loss, plus generalisation to 784-128-128 "
-                    "(and conv-c10 when CIFAR-10 is on disk: then hours on a CPU), other K "
-                    "and H. quick: ~300 rounds, 3 seeds; full: 1000 rounds, 10 seeds.")
+    q = papers.add_parser("joseph2025", description=JOSEPH2025,
+                          help="LAgg-A / LOpt-A vs tuned FedAvg, SlowMo, Adam "
+                               "(Joseph et al. 2025)")
     q.add_argument("--scale", choices=["quick", "full"], default="quick",
                    help="how much to run (default quick)")
     q.add_argument("--lagg", default=None,

@@ -37,6 +37,7 @@ __all__ = [
     "option",
     "parse",
     "parse_value",
+    "problem_of",
     "to_dict",
 ]
 
@@ -62,6 +63,20 @@ def option(default: Any = dataclasses.MISSING, *, factory: Callable[[], Any] | N
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def problem_of(validate: Callable[[Any], Any]) -> Callable[[Any], str | None]:
+    """A `check` for `option` from a function that raises ValueError on a bad value (its
+    message is the problem), e.g. `check=problem_of(parse_model_spec)`."""
+
+    def check(value: Any) -> str | None:
+        try:
+            validate(value)
+        except ValueError as exc:
+            return str(exc)
+        return None
+
+    return check
 
 
 class Section:

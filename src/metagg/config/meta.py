@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from metagg.attacks import ATTACKS
-from metagg.config.engine import ConfigError, Section, option, to_dict
+from metagg.config.engine import ConfigError, Section, option, problem_of, to_dict
 from metagg.config.run import seed_problem
 from metagg.data import PARTITIONS
 
@@ -53,14 +53,6 @@ def dataset_spec(text: str) -> tuple[str, int | None]:
     return base, int(size)
 
 
-def _dataset_problem(text: str) -> str | None:
-    try:
-        dataset_spec(text)
-    except ConfigError as exc:
-        return str(exc)
-    return None
-
-
 def _attack_problem(text: str) -> str | None:
     names = [a.strip() for a in text.split(",") if a.strip()] or ["none"]
     bad = [n for n in names if n not in ATTACKS]
@@ -84,7 +76,7 @@ class MetaTrainConfig(Section):
     rounds, Adam on φ after every truncation, gradient-norm clipping.
     """
 
-    dataset: str = option("digits", check=_dataset_problem)  # built in, no download
+    dataset: str = option("digits", check=problem_of(dataset_spec))  # built in, no download
     data_dir: str | None = None
     model: str = "mlp:20:sigmoid"  # Ji §5.2's MNIST model
     num_workers: int = option(10, ge=1)  # M (Ji: 10)
@@ -165,7 +157,7 @@ class MetaTrainPESConfig(Section):
 
     kind: str = option("lagg", choices=KINDS)  # lagg (LAgg-A, fixed K) | lopt (LOpt-A)
     # NAME[@SIZE]: SIZE×SIZE area-downsampled images
-    dataset: str = option("fashion_mnist@8", check=_dataset_problem)
+    dataset: str = option("fashion_mnist@8", check=problem_of(dataset_spec))
     data_dir: str | None = None
     model: str = "mlp:32:relu"
     num_workers: int = option(8, ge=1)  # K

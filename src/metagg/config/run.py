@@ -17,7 +17,15 @@ import yaml
 from metagg.aggregators.optimizers import OPTIMIZERS
 from metagg.aggregators.registry import check_aggregator_name
 from metagg.attacks import ATTACKS
-from metagg.config.engine import ConfigError, Section, apply_overrides, option, parse, to_dict
+from metagg.config.engine import (
+    ConfigError,
+    Section,
+    apply_overrides,
+    option,
+    parse,
+    problem_of,
+    to_dict,
+)
 from metagg.data import DATASETS, PARTITIONS
 from metagg.models import parse_model_spec
 
@@ -42,14 +50,6 @@ def seed_problem(seed: int) -> str | None:
     """Why `seed` cannot seed torch's generators (None if it can)."""
     if not 0 <= seed <= MAX_SEED:
         return f"must be an integer in [0, 2**63 - 1], got {seed}"
-    return None
-
-
-def _model_problem(spec: str) -> str | None:
-    try:
-        parse_model_spec(spec)
-    except ValueError as exc:
-        return str(exc)
     return None
 
 
@@ -134,7 +134,7 @@ class AttackConfig(Section):
 class RunConfig(Section):
     seed: int = option(0, check=seed_problem)
     rounds: int = option(200, gt=0)
-    model: str = option("mlp:20:sigmoid", check=_model_problem)  # see metagg.models
+    model: str = option("mlp:20:sigmoid", check=problem_of(parse_model_spec))  # metagg.models
     data: DataConfig = option(factory=DataConfig)
     workers: WorkersConfig = option(factory=WorkersConfig)
     optimizer: OptimizerConfig = option(factory=OptimizerConfig)
