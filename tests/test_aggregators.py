@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from metagg.aggregators.base import RoundContext, TooFewUpdates
-from metagg.aggregators.registry import aggregator_names, build_aggregator, check_aggregator_name
+from metagg.aggregators.registry import (
+    aggregator_names,
+    aggregator_spec,
+    build_aggregator,
+    check_aggregator_name,
+)
 from metagg.aggregators.rules import server_update
 from metagg.config import config_from_dict
 from metagg.models import build_model
@@ -177,3 +182,15 @@ def test_allow_unsafe_reaches_nnm_and_is_ignored_without_guarantee():
     assert unsafe.min_updates == 3 and unsafe.rule.allow_unsafe
     assert build_aggregator("median", f=2, options={"allow_unsafe": True}).min_updates == 1
     assert build_aggregator("bucketing+median", options={"bucket_size": 3}).rule.bucket_size == 3
+
+
+def test_registry_entries_are_declarative_specs():
+    krum = aggregator_spec("krum")
+    assert (krum.min_updates(2), krum.min_updates(2, unsafe=True)) == (7, 5)
+    assert krum.requirement == "n > 2f + 2" and krum.build is None
+    assert aggregator_spec("mean").min_updates(5) == 1  # no guarantee, no minimum
+    assert aggregator_spec("lagg").build == "metagg.learned.lagg.io:build_lagg"
+    assert aggregator_spec("zeno").uses_trusted_data and aggregator_spec("arnn").uses_trusted_data
+    with pytest.raises(ValueError, match="unknown aggregator 'nope'"):
+        aggregator_spec("nope")
+    assert "pre-aggregation applies to rule-based" in check_aggregator_name("nnm+lagg")

@@ -90,3 +90,53 @@ def test_override_reads_exponent_notation_as_a_number():
     cfg = load_config(None, ["optimizer.lr=1e-2", "aggregator.name=median"])
     assert cfg.optimizer.lr == 0.01
     assert cfg.aggregator.name == "median"  # strings that are not numbers stay strings
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"optimizer": {"lr": float("inf")}}, "optimizer.lr: expected a finite number, got inf"),
+    ({"workers": {"local_lr": float("nan")}}, "workers.local_lr: expected a finite number"),
+    ({"seed": 99999999999999999999}, "seed: must be an integer in [0, 2**63 - 1]"),
+    ({"seed": -1}, "seed: must be an integer in [0, 2**63 - 1], got -1"),
+])
+def test_non_finite_numbers_and_seed_range_name_their_key(data, message):
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(data)
+    assert message in str(exc.value)
+
+
+def test_yaml_inf_in_an_override_is_refused():
+    with pytest.raises(ConfigError, match=r"optimizer\.lr: expected a finite number"):
+        load_config(None, ["optimizer.lr=1e400"])
+
+
+def test_meta_configs_use_the_same_engine():
+    from metagg.config import parse
+    from metagg.config.meta import MetaTrainConfig, MetaTrainPESConfig
+
+    with pytest.raises(ConfigError) as exc:
+        parse(MetaTrainPESConfig, {"pairs": 0, "sigma": -1.0, "kindd": "lagg"})
+    msg = str(exc.value)
+    assert "unknown key kindd; allowed: kind," in msg  # every problem at once
+    with pytest.raises(ConfigError) as exc:
+        MetaTrainPESConfig(pairs=0, sigma=-1.0)  # built in Python: checked too
+    assert "pairs: must be >= 1, got 0" in str(exc.value)
+    assert "sigma: must be > 0, got -1.0" in str(exc.value)
+    cfg = parse(MetaTrainConfig, {"dataset": "fashion_mnist@8", "iterations": 2})
+    assert cfg.to_dict()["dataset"] == "fashion_mnist@8"  # NAME@SIZE kept as written
+    with pytest.raises(ConfigError, match="expected NAME@SIZE with an integer SIZE"):
+        MetaTrainConfig(dataset="digits@big")
+    assert parse(MetaTrainPESConfig, {"validation_rounds": [8, 4]}).validation_rounds == (4, 8)
+
+
+def test_architecture_configs_use_the_engine():
+    from metagg.learned.lagg import LAggConfig
+    from metagg.learned.rnn import RNNConfig
+
+    with pytest.raises(ConfigError, match=r"cell: unknown value 'rnn'; allowed: lstm, gru"):
+        RNNConfig(num_workers=3, cell="rnn")
+    with pytest.raises(ConfigError, match="num_workers: must be 0 for lopt"):
+        LAggConfig(kind="lopt", num_workers=4)
+    assert LAggConfig(kind="lagg", num_workers=4, residual_scale=1).residual_scale == 1.0

@@ -187,3 +187,15 @@ def test_attack_mixture_cycles_attacks_and_validates_on_all(digits):
     assert {"ipm/mean_loss@4", "none/mean_loss@4", "sign_flip/mean_loss@4"} <= set(last)
     with pytest.raises(ValueError, match="maps attack name"):
         MetaTrainConfig(attack="ipm,alie", num_byzantine=2, attack_options={"eps": 0.5})
+
+
+def test_meta_training_rounds_go_through_the_server_round(digits):
+    """The gradient env's rows are the server's: a non-finite forged update is dropped
+    and counted, as in the simulator, instead of reaching the learned aggregator."""
+    env = GradientEnv(MetaTrainConfig(num_workers=4, batch_size=8, attack="gaussian",
+                                      num_byzantine=1, attack_options={"sigma": math.inf}),
+                      digits)
+    run = env.inner(0, RNNAggregator(RNNConfig(num_workers=4)))
+    rows, ctx = env.round_inputs(run, env.task.init_params(0), 0, None)
+    assert ctx.worker_ids.tolist() == [1, 2, 3] and torch.isfinite(rows).all()
+    assert run.server.dropped_updates == 1

@@ -21,13 +21,8 @@ from typing import Any
 from metagg import robust
 from metagg.aggregators import optimizers as opt
 from metagg.aggregators.base import Aggregator, KernelRule, Rule, RuleAggregator
-from metagg.aggregators.rules import (
-    CenteredClipRule,
-    CoverageMeanRule,
-    FLTrustRule,
-    PreAggregatedRule,
-    ZenoRule,
-)
+from metagg.aggregators.preagg import PRE_AGGREGATIONS, PreAggregatedRule
+from metagg.aggregators.rules import CenteredClipRule, CoverageMeanRule, FLTrustRule, ZenoRule
 
 __all__ = [
     "PRE_AGGREGATIONS",
@@ -38,9 +33,6 @@ __all__ = [
     "check_aggregator_name",
     "parse_aggregator_name",
 ]
-
-PRE_AGGREGATIONS = ("nnm", "bucketing")
-
 
 @dataclass(frozen=True)
 class AggregatorSpec:

@@ -5,7 +5,6 @@
   the server's trusted batch; survives a Byzantine majority.
 - `FLTrustRule`: Cao et al. 2021, weights each update by its cosine with the
   server's own update on its root data; survives a Byzantine majority.
-- `PreAggregatedRule`: NNM or bucketing, then any rule ("nnm+krum").
 - `CoverageMeanRule`: the mean per coordinate over the workers whose model has it
   (workers with different models, `RoundContext.coverage`).
 
@@ -14,12 +13,12 @@ All follow the `Rule` protocol of `metagg.aggregators.base`.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
 from metagg import robust
-from metagg.aggregators.base import RoundContext, Rule
+from metagg.aggregators.base import RoundContext
 from metagg.layout import ParamLayout
 from metagg.seeding import RoundStream, round_generator
 
@@ -28,7 +27,6 @@ __all__ = [
     "CoverageMeanRule",
     "FLTrustRule",
     "FLTrustState",
-    "PreAggregatedRule",
     "ZenoRule",
     "server_update",
 ]
@@ -156,29 +154,6 @@ class FLTrustRule:
         if total <= 0:
             return torch.zeros_like(g0), state
         return (weights @ updates) / total, state
-
-
-class PreAggregatedRule:
-    """A pre-aggregation step (NNM or bucketing) applied before another rule."""
-
-    def __init__(self, pre: str, rule: Rule, *, f: int, bucket_size: int = 2, seed: int = 0,
-                 allow_unsafe: bool = False):
-        if pre not in ("nnm", "bucketing"):
-            raise ValueError(f"unknown pre-aggregation {pre!r}; allowed: nnm, bucketing")
-        self.pre, self.rule, self.f = pre, rule, f
-        self.bucket_size, self.seed, self.allow_unsafe = bucket_size, seed, allow_unsafe
-
-    def init(self, layout: ParamLayout, num_workers: int) -> Any:
-        return self.rule.init(layout, num_workers)
-
-    def __call__(self, state: Any, updates: torch.Tensor, ctx: RoundContext):
-        if self.pre == "nnm":
-            mixed = robust.nnm(updates, self.f, allow_unsafe=self.allow_unsafe)
-        else:
-            g = round_generator(self.seed, ctx.round, RoundStream.AGGREGATOR)
-            mixed = robust.bucketing(updates, self.bucket_size, generator=g)
-        return self.rule(state, mixed, ctx)
-
 
 
 class CoverageMeanRule:
