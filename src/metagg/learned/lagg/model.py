@@ -86,6 +86,7 @@ __all__ = [
 ]
 
 STEP_MULT = 0.001  # step = d · exp(EXP_MULT · g) · STEP_MULT (reference)
+MLP_BLOCK = 8192  # elements per block of the per-element MLP (see ada_step)
 EXP_MULT = 0.001
 
 
@@ -226,9 +227,15 @@ def ada_step(phi: Mapping[str, torch.Tensor], state: AdaState, updates: torch.Te
     outs = []
     for tp in plan.nonempty:
         x = tensor_inputs(new, g, params, first, tp)  # [C, n] raw channels
-        h = torch.relu(torch.addmm(b1, x.T, channel_scale(x)[:, None] * w1[:c]))
-        h = torch.relu(torch.addmm(phi["b2"], h, w2))
-        outs.append(torch.addmm(phi["b3"], h, w3))
+        w1_scaled = channel_scale(x)[:, None] * w1[:c]
+        # the MLP in row blocks: its [rows, 32] activations stay small enough for the
+        # C allocator to reuse instead of mapping fresh pages every round (measured:
+        # whole-tensor activations made the server's step ~1.8× slower on this CPU)
+        for s in range(0, x.shape[1], MLP_BLOCK):
+            # relu_ writes only to the product just made: no input is modified
+            h = torch.addmm(b1, x[:, s:s + MLP_BLOCK].T, w1_scaled).relu_()
+            h = torch.addmm(phi["b2"], h, w2).relu_()
+            outs.append(torch.addmm(phi["b3"], h, w3))
     out = torch.cat(outs)  # [d, 2]: (d, g) per element
     mag = torch.exp(EXP_MULT * out[:, 1]) * out[:, 0]  # d · exp(0.001 g)
     if config.step_mode == "reference":
