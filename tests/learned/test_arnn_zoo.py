@@ -1,6 +1,6 @@
 """The shipped (pretrained) aggregators in src/metagg/zoo: they load, say what they
 were trained on, run in the simulator, and the attack-trained ARNNs resist 7 of 10
-Byzantine workers (numbers: experiments/arnn_byzantine.py)."""
+Byzantine workers (numbers: the README's ARNN table, from `metagg compare`)."""
 
 from __future__ import annotations
 

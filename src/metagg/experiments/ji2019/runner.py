@@ -14,7 +14,7 @@ paper's claims beside our numbers, the stand-in datasets). Progress goes to stde
   (left) and to class subsets of another dataset (right), against tuned averaging.
 - Figure 6 (§5.4): mean, median, Krum, Zeno, FLTrust, the RNN and the shipped ARNNs
   under IPM, ALIE, sign-flip and Gaussian attackers at 3/10 and 7/10 (the paper
-  does not name its attack), as `experiments/arnn_byzantine.py`.
+  does not name its attack), as in the README's ARNN table (`metagg compare`).
 - Figure 7 (§5.5): 4 worker models x 3 workers feeding one RNN that updates an
   MLP20-sigmoid (`metagg.cluster.HeteroCluster` documents how gradients are mapped).
 

@@ -85,7 +85,7 @@ FIG5_RIGHT = (TaskSpec("fashion_mnist-2 (classes 0-1)", "fashion_mnist", "mlp:20
               TaskSpec("fashion_mnist-5 (classes 0-4)", "fashion_mnist", "mlp:20:sigmoid",
                        (0, 1, 2, 3, 4)))
 
-# Figure 6, as experiments/arnn_byzantine.py: label -> (attack, Byzantine count, options).
+# Figure 6: label -> (attack, Byzantine count, options), as in the README's ARNN table.
 BYZ_ATTACKS: dict[str, tuple[str, int, dict[str, float]]] = {
     "none": ("none", 0, {}),
     "ipm 3/10": ("ipm", 3, {"eps": 0.1}), "ipm 7/10": ("ipm", 7, {"eps": 0.1}),
