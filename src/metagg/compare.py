@@ -22,9 +22,9 @@ from typing import Any
 import yaml
 
 from metagg.config import ConfigError, RunConfig, config_from_dict, config_to_dict
-from metagg.data import Dataset, load_dataset
+from metagg.data import Dataset
 from metagg.plots import plot_overlay
-from metagg.simulation import Simulation, read_metrics
+from metagg.simulation import Simulation, load_run_dataset, read_metrics
 
 __all__ = ["compare", "format_table", "mean_std", "parse_attack_setting"]
 
@@ -132,10 +132,7 @@ def compare(
     aggregator_options = aggregator_options or {}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    d = cfg.data
-    dataset = dataset or load_dataset(
-        d.name, data_dir=d.data_dir, path=d.path, classes=d.classes, image_size=d.image_size
-    )
+    dataset = dataset or load_run_dataset(cfg)
     m = cfg.workers.num_workers
     settings = ([parse_attack_setting(a) for a in attacks] if attacks
                 else [(cfg.attack.name, cfg.attack.num_byzantine, cfg.attack.options)])

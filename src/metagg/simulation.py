@@ -39,12 +39,12 @@ from metagg.checkpoint import CheckpointError, atomic_write_text, load_checkpoin
 from metagg.cluster import Cluster
 from metagg.config import ConfigError, RunConfig, config_from_dict, config_to_dict, save_config
 from metagg.data import Dataset, load_dataset, partition
-from metagg.models import build_model
+from metagg.models import build_model, parse_model_spec
 from metagg.seeding import byzantine_generator, server_sample_generator
 from metagg.server import Server
 from metagg.tasks import Task, TrustedData
 
-__all__ = ["Simulation", "Workers", "build_workers", "byzantine_ids"]
+__all__ = ["Simulation", "Workers", "build_workers", "byzantine_ids", "load_run_dataset"]
 
 log = logging.getLogger("metagg")
 
@@ -63,6 +63,13 @@ def byzantine_ids(num_workers: int, num_byzantine: int, selection: str, seed: in
     return chosen.sort().values
 
 
+def load_run_dataset(cfg: RunConfig) -> Dataset:
+    """The dataset a config's `data` section names, loaded once for many runs."""
+    d = cfg.data
+    return load_dataset(d.name, data_dir=d.data_dir, path=d.path, classes=d.classes,
+                        image_size=d.image_size, seq_len=d.seq_len)
+
+
 @dataclass
 class Workers:
     """The workers' side of a run: what a worker process needs, and the simulator too."""
@@ -78,9 +85,15 @@ def build_workers(cfg: RunConfig, *, dataset: Dataset | None = None,
                   model: nn.Module | None = None) -> Workers:
     """Data, model, attack, which workers are Byzantine, and the workers' `Cluster`."""
     d, w, a = cfg.data, cfg.workers, cfg.attack
-    ds = dataset or load_dataset(d.name, data_dir=d.data_dir, path=d.path, classes=d.classes,
-                                 image_size=d.image_size)
-    model = model or build_model(cfg.model, ds.input_shape, ds.num_classes)
+    ds = dataset or load_run_dataset(cfg)
+    if model is None:
+        language_model = parse_model_spec(cfg.model)[0] == "transformer"
+        if ds.tokens != language_model:
+            raise ConfigError(
+                f"model {cfg.model!r} does not fit data {ds.name!r}: token data (name: text) "
+                "needs a language model (e.g. model: transformer:2:32:4), and a transformer "
+                "needs token data")
+        model = build_model(cfg.model, ds.input_shape, ds.num_classes)
     task = Task(model, num_classes=ds.num_classes)
     shards = partition(ds.y_train, w.num_workers, d.partition, seed=cfg.seed, alpha=d.alpha,
                        shards_per_worker=d.shards_per_worker)

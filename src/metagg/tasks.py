@@ -26,7 +26,11 @@ __all__ = ["Task", "TrustedData", "mlp_grad_fn"]
 
 
 class Task:
-    """Classification with cross-entropy for any `nn.Module` without buffers that change."""
+    """Classification with cross-entropy for any `nn.Module` without buffers that change.
+
+    A language model is the same thing one position at a time: logits ``[B, T, V]``
+    against next-token targets ``[B, T]``; loss and accuracy are per token.
+    """
 
     def __init__(self, model: nn.Module, *, num_classes: int):
         self.model = model
@@ -44,8 +48,9 @@ class Task:
         return functional_call(self.model, self.layout.unflatten(params), (x,))
 
     def loss(self, params: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of the model at flat `params` on a batch."""
-        return F.cross_entropy(self.logits(params, x), y)
+        """Mean cross-entropy of the model at flat `params` on a batch (per token for an LM)."""
+        logits = self.logits(params, x)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
     def init_params(self, seed: int) -> torch.Tensor:
         """PyTorch's default initialisation, seeded, as a flat float32 vector."""
@@ -56,14 +61,15 @@ class Task:
     def evaluate(
         self, params: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 4096
     ) -> dict[str, float]:
-        """Mean loss and accuracy over (x, y), in chunks to bound memory."""
+        """Mean loss and accuracy over (x, y) (per token for an LM), in chunks to bound memory."""
         total_loss, correct = 0.0, 0
         for start in range(0, len(x), batch_size):
             logits = self.logits(params, x[start : start + batch_size])
-            yb = y[start : start + batch_size]
+            logits = logits.reshape(-1, logits.shape[-1])
+            yb = y[start : start + batch_size].reshape(-1)
             total_loss += float(F.cross_entropy(logits, yb, reduction="sum"))
             correct += int((logits.argmax(dim=1) == yb).sum())
-        n = max(len(x), 1)
+        n = max(y.numel(), 1)
         return {"loss": total_loss / n, "accuracy": correct / n}
 
 

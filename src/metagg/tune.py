@@ -176,8 +176,7 @@ def tune(
     Returns:
         {"baseline", "metric", "score", "best": {key: value}, "trials", "config": dict}.
     """
-    from metagg.data import load_dataset
-    from metagg.simulation import Simulation
+    from metagg.simulation import Simulation, load_run_dataset
 
     if metric not in METRICS:
         raise ConfigError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
@@ -186,9 +185,7 @@ def tune(
     points = _grid_points(baseline, grid or {}, max_trials, cfg.seed)
     for point in points:  # every config error before the first trial runs
         trial_config(cfg, baseline, point, budget, cfg.seed)
-    d = cfg.data
-    dataset = load_dataset(d.name, data_dir=d.data_dir, path=d.path, classes=d.classes,
-                           image_size=d.image_size)
+    dataset = load_run_dataset(cfg)
     sign = -1.0 if metric == "test_accuracy" else 1.0  # lower score is better
     search = {"baseline": baseline, "budget": budget, "seeds": seeds, "metric": metric,
               "points": points, "task": config_to_dict(cfg)}

@@ -150,7 +150,7 @@ def test_bad_arguments(kwargs, match):
 @pytest.mark.parametrize(
     ("labels", "match"),
     [
-        (torch.zeros(4, 2, dtype=torch.int64), "1-D"),
+        (torch.zeros(4, 2, 2, dtype=torch.int64), "1-D"),
         (torch.zeros(4), "integers"),
         (torch.tensor([0, -1, 2, 3]), ">= 0"),
     ],

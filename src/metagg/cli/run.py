@@ -267,6 +267,8 @@ def cmd_data(args: argparse.Namespace) -> int:
                       f"`metagg data download {name}` with network, or put the files in one "
                       "of those folders")
         print(f"{'npz':<14} your own arrays: data.name=npz, data.path=FILE.npz")
+        print(f"{'text':<14} built in (characters of six free-software licence texts); "
+              "your own: data.name=text, data.path=FILE.txt")
         return 0
     if args.name is None:
         raise ConfigError(f"metagg data {args.action}: name a dataset ({', '.join(files)})")
@@ -279,6 +281,10 @@ def cmd_data(args: argparse.Namespace) -> int:
         data_dir = str(Path(data_dir) / name)
     ds = load_dataset(name, data_dir=data_dir, download=args.action == "download")
     where = sources.locate(name, data_dir)[0] if name in files else "built in"
+    if ds.tokens:
+        print(f"{ds.name}: {len(ds.y_train)} train + {len(ds.y_test)} test sequences of "
+              f"{ds.input_shape[0]} characters, vocabulary {ds.num_classes} ({where})")
+        return 0
     print(f"{ds.name}: {len(ds.y_train)} train + {len(ds.y_test)} test examples of shape "
           f"{tuple(ds.input_shape)}, {ds.num_classes} classes ({where})")
     return 0

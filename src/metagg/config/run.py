@@ -63,17 +63,21 @@ def _dataset_problem(name: str) -> str | None:
 @dataclass
 class DataConfig(Section):
     name: str = option("digits", check=_dataset_problem)  # built in, no download
-    path: str | None = None  # .npz file for name=npz
+    path: str | None = None  # .npz file for name=npz; a UTF-8 text file for name=text
     data_dir: str | None = None  # where IDX / CIFAR files live
     classes: list[int] | None = None  # keep only these classes (CIFAR-2 style)
     image_size: int | None = option(None, gt=0)  # downsample images (8 -> 8x8 Fashion-MNIST)
     partition: str = option("iid", choices=PARTITIONS)  # iid | dirichlet | shards
     alpha: float = option(0.5, gt=0)  # Dirichlet concentration (smaller = more label skew)
     shards_per_worker: int = option(2, gt=0)  # for partition=shards
+    seq_len: int = option(32, gt=0)  # characters per sequence, name=text only
 
     def problems(self) -> list[str]:
-        if self.name.lower() == "npz" and not self.path:
+        name = self.name.lower()
+        if name == "npz" and not self.path:
             return ["path: required when data.name is npz"]
+        if name == "text" and self.partition != "iid":
+            return ["partition: text sequences have no single label to skew by; use iid"]
         return []
 
 

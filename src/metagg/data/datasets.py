@@ -7,7 +7,9 @@
     >>> c2 = load_dataset("cifar10", classes=[0, 1], data_dir="data")  # CIFAR-2
 
 Images are ``[N, C, H, W]`` in [0, 1] (not standardised: models may do that);
-flat features ``[N, F]``. Labels are contiguous ``0..num_classes-1``.
+flat features ``[N, F]``. Labels are contiguous ``0..num_classes-1``. Text (``"text"``,
+`metagg.data.text`) is token data: inputs int64 ``[N, T]`` and targets ``[N, T]``, the
+inputs shifted by one token (next-character prediction).
 """
 
 from __future__ import annotations
@@ -22,25 +24,27 @@ import torch
 import torch.nn.functional as F
 
 from metagg.data import sources
+from metagg.data.text import text_splits
 
 __all__ = ["DATASETS", "Dataset", "load_dataset", "normalize_name"]
 
-DATASETS: tuple[str, ...] = ("digits", "fashion_mnist", "mnist", "cifar10", "npz")
+DATASETS: tuple[str, ...] = ("digits", "fashion_mnist", "mnist", "cifar10", "npz", "text")
 _ALIASES = {"fmnist": "fashion_mnist", "fashionmnist": "fashion_mnist", "cifar_10": "cifar10"}
 _NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Dataset:
-    """A classification dataset held in memory.
+    """A classification (or next-token) dataset held in memory.
 
     Attributes:
         name: the canonical dataset name (plus ``[classes]`` / ``@size`` when derived).
-        x_train: float32 ``[N, C, H, W]`` images (C=1 for grayscale) or ``[N, F]`` features.
-        y_train: int64 ``[N]`` labels in ``0..num_classes-1``.
-        x_test: float32, same trailing shape as ``x_train``.
+        x_train: float32 ``[N, C, H, W]`` images (C=1 for grayscale) or ``[N, F]``
+            features; or int64 ``[N, T]`` token ids (then ``tokens`` is True).
+        y_train: int64 ``[N]`` labels in ``0..num_classes-1`` (tokens: ``[N, T]``).
+        x_test: the same dtype and trailing shape as ``x_train``.
         y_test: int64 labels.
-        num_classes: number of classes.
+        num_classes: number of classes (tokens: the vocabulary size).
     """
 
     name: str
@@ -53,10 +57,13 @@ class Dataset:
     def __post_init__(self) -> None:
         for split in ("train", "test"):
             x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
-            if x.dtype != torch.float32 or y.dtype != torch.int64 or y.ndim != 1:
+            tokens = x.dtype == torch.int64 and y.shape == x.shape and x.ndim == 2
+            if not tokens and (x.dtype != torch.float32 or y.dtype != torch.int64
+                               or y.ndim != 1):
                 raise ValueError(
-                    f"Dataset {self.name!r}: x_{split} must be float32 and y_{split} int64 [N], "
-                    f"got {x.dtype} and {y.dtype} {tuple(y.shape)}"
+                    f"Dataset {self.name!r}: x_{split} must be float32 and y_{split} int64 [N] "
+                    f"(or both int64 [N, T] tokens), got {x.dtype} {tuple(x.shape)} and "
+                    f"{y.dtype} {tuple(y.shape)}"
                 )
             if x.ndim < 2 or len(x) != len(y):
                 raise ValueError(
@@ -68,6 +75,11 @@ class Dataset:
                 f"Dataset {self.name!r}: train inputs {tuple(self.x_train.shape[1:])} and test "
                 f"inputs {tuple(self.x_test.shape[1:])} differ"
             )
+
+    @property
+    def tokens(self) -> bool:
+        """Whether this is token data (inputs int64 [N, T], next-token targets [N, T])."""
+        return self.x_train.dtype == torch.int64
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -238,23 +250,26 @@ def load_dataset(
     classes: Sequence[int] | None = None,
     image_size: int | None = None,
     download: bool = False,
+    seq_len: int = 32,
 ) -> Dataset:
-    """Load a dataset as float32 inputs and int64 labels.
+    """Load a dataset as float32 inputs and int64 labels (``"text"``: int64 tokens).
 
     Args:
         name: one of ``DATASETS`` (case-insensitive, ``-`` or ``_``; ``fmnist`` works).
         data_dir: a folder holding the dataset's files (also searched as
             ``data_dir/NAME``). Searched before ``$METAGG_DATA_DIR/NAME``, the
             download cache ``~/.cache/metagg/NAME`` and system folders.
-        path: the ``.npz`` file, for ``name="npz"`` only. It must hold
-            ``x_train, y_train, x_test, y_test``; uint8 inputs are scaled by 1/255,
-            others cast to float32; ``num_classes`` is the largest label + 1.
+        path: the ``.npz`` file for ``name="npz"``: it must hold ``x_train, y_train,
+            x_test, y_test``; uint8 inputs are scaled by 1/255, others cast to float32;
+            ``num_classes`` is the largest label + 1. For ``name="text"``: a UTF-8 text
+            file instead of the built-in corpus.
         classes: keep only these labels, renumbered ``0..k-1`` in the given order
             (``classes=[0, 1]`` on CIFAR-10 is CIFAR-2).
         image_size: downsample images to ``image_size x image_size`` by area
             averaging (``adaptive_avg_pool2d``), e.g. 8 for 8x8 Fashion-MNIST.
         download: fetch missing files (Fashion-MNIST, MNIST, CIFAR-10) into
             ``data_dir`` (default ``~/.cache/metagg/NAME``), checking sha256.
+        seq_len: characters per sequence, for ``name="text"`` only.
 
     Returns:
         A ``Dataset``; the tensors are fresh copies the caller may modify.
@@ -265,6 +280,12 @@ def load_dataset(
             and how to get them.
     """
     key = normalize_name(name)
+    if key == "text":
+        if classes is not None or image_size is not None:
+            raise ValueError("classes and image_size do not apply to the 'text' dataset")
+        text = text_splits(path, seq_len=seq_len)
+        return Dataset(name=text.name, x_train=text.x_train, y_train=text.y_train,
+                       x_test=text.x_test, y_test=text.y_test, num_classes=len(text.vocab))
     x_train, y_train, x_test, y_test = _raw_arrays(key, data_dir, path, download)
     labels = np.concatenate([y_train, y_test])
     num_classes = int(labels.max()) + 1 if len(labels) else 0

@@ -20,8 +20,17 @@ __all__ = ["PARTITIONS", "partition"]
 PARTITIONS: tuple[str, ...] = ("iid", "dirichlet", "shards")
 
 
-def _as_label_array(labels: torch.Tensor) -> np.ndarray:
+def _as_label_array(labels: torch.Tensor, scheme: str) -> np.ndarray:
     y = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    if y.ndim == 2 and scheme == "iid":
+        # Token sequences [N, T]: an iid split only needs N, and there is no one label
+        # per sample to skew by.
+        return np.zeros(len(y), dtype=np.int64)
+    if y.ndim == 2:
+        raise ValueError(
+            f"partition {scheme!r} skews workers by label, but these samples are sequences "
+            f"(labels of shape {tuple(y.shape)}, e.g. the text dataset); use partition: iid"
+        )
     if y.ndim != 1:
         raise ValueError(f"labels must be 1-D [N], got shape {tuple(y.shape)}")
     if not (np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_):
@@ -100,7 +109,7 @@ def partition(
           The remainder ``N mod (M · shards_per_worker)`` is dropped.
 
     Args:
-        labels: int ``[N]`` labels (≥ 0).
+        labels: int ``[N]`` labels (≥ 0); token targets ``[N, T]`` allow only ``"iid"``.
         num_workers: M, in ``1..N``.
         scheme: one of ``PARTITIONS``.
         seed: seed of ``numpy.random.default_rng``; the split is a pure function of it.
@@ -113,7 +122,7 @@ def partition(
     Raises:
         ValueError: an unknown scheme or an argument out of range.
     """
-    y = _as_label_array(labels)
+    y = _as_label_array(labels, scheme)
     n = len(y)
     try:
         m = operator.index(num_workers)
