@@ -158,7 +158,8 @@ def test_known_hashes_are_well_formed():
 def test_unknown_name_lists_datasets():
     with pytest.raises(ValueError, match=r"unknown dataset 'imagenet'.*digits.*npz"):
         load_dataset("imagenet")
-    assert DATASETS == ("digits", "fashion_mnist", "mnist", "cifar10", "npz", "text")
+    assert DATASETS == ("digits", "fashion_mnist", "mnist", "cifar10", "npz", "text", "wine",
+                        "breast_cancer", "synthetic")
 
 
 def test_path_is_only_for_npz(tmp_path):

@@ -8,9 +8,10 @@
     metagg launch CONFIG.yaml --workers 10 --out runs/ps     # real processes, torch.distributed
     metagg reproduce ji2019|joseph2025 --scale quick --out runs/repro
     metagg list                                   # aggregators, attacks, datasets, models
+    metagg tasks [sample --families image-mlp,lm]  # task families and the held-out suite
 
 One module per group of commands (`run`: run, compare, demo, tune, list, data, zoo;
-`launch`; `meta`: meta-train; `reproduce`); each registers its sub-commands with the
+`launch`; `meta`: meta-train; `reproduce`; `tasks`); each registers its sub-commands with the
 function that runs them.
 """
 
@@ -25,7 +26,7 @@ import yaml
 
 from metagg import __version__
 from metagg.checkpoint import CheckpointError
-from metagg.cli import launch, meta, reproduce, run
+from metagg.cli import launch, meta, reproduce, run, tasks
 from metagg.config import ConfigError
 
 __all__ = ["build_parser", "main"]
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     meta.add_parsers(sub)
     launch.add_parsers(sub)
     reproduce.add_parsers(sub)
+    tasks.add_parsers(sub)
     return parser
 
 

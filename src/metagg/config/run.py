@@ -27,6 +27,7 @@ from metagg.config.engine import (
     to_dict,
 )
 from metagg.data import DATASETS, PARTITIONS
+from metagg.data.datasets import normalize_name
 from metagg.models import parse_model_spec
 
 __all__ = [
@@ -54,9 +55,12 @@ def seed_problem(seed: int) -> str | None:
 
 
 def _dataset_problem(name: str) -> str | None:
-    allowed = [*DATASETS, "fmnist"]
-    if name.lower().replace("-", "_") not in allowed:
-        return f"unknown value {name!r}; allowed: {', '.join(allowed)}"
+    try:
+        normalize_name(name)
+    except ValueError as exc:
+        if name.lower().startswith("synthetic"):
+            return str(exc)
+        return f"unknown value {name!r}; allowed: {', '.join(DATASETS)}, fmnist"
     return None
 
 

@@ -24,13 +24,17 @@ import torch
 import torch.nn.functional as F
 
 from metagg.data import sources
+from metagg.data.synthetic import SYNTHETIC_HELP, parse_synthetic, synthetic_arrays
 from metagg.data.text import text_splits
 
 __all__ = ["DATASETS", "Dataset", "load_dataset", "normalize_name"]
 
-DATASETS: tuple[str, ...] = ("digits", "fashion_mnist", "mnist", "cifar10", "npz", "text")
+DATASETS: tuple[str, ...] = ("digits", "fashion_mnist", "mnist", "cifar10", "npz", "text",
+                             *sources.TABULAR, "synthetic")
 _ALIASES = {"fmnist": "fashion_mnist", "fashionmnist": "fashion_mnist", "cifar_10": "cifar10"}
 _NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+# fixed class counts (a class subset's labels must not shrink them); others: largest label + 1
+_NUM_CLASSES = {"digits": 10, "fashion_mnist": 10, "mnist": 10, "cifar10": 10}
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -97,8 +101,12 @@ def normalize_name(name: str) -> str:
     """Canonical dataset name: lower-case, ``-`` → ``_``, aliases resolved (``fmnist``)."""
     key = name.strip().lower().replace("-", "_")
     key = _ALIASES.get(key, key)
+    if key.startswith("synthetic"):
+        features, classes, seed = parse_synthetic(key)
+        return f"synthetic:{features}:{classes}:{seed}"
     if key not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+        raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS} (synthetic as "
+                         f"{SYNTHETIC_HELP})")
     return key
 
 
@@ -172,6 +180,8 @@ def _raw_arrays(
         raise ValueError(f"path= is only for the 'npz' dataset; for {name!r} use data_dir=")
     if name == "digits":
         return sources.load_digits()
+    if name in sources.TABULAR:
+        return sources.load_tabular(name)
     if name in sources.IDX_SOURCES:
         x_train, y_train, x_test, y_test = sources.load_idx_dataset(
             name, data_dir=data_dir, download=download
@@ -255,7 +265,10 @@ def load_dataset(
     """Load a dataset as float32 inputs and int64 labels (``"text"``: int64 tokens).
 
     Args:
-        name: one of ``DATASETS`` (case-insensitive, ``-`` or ``_``; ``fmnist`` works).
+        name: one of ``DATASETS`` (case-insensitive, ``-`` or ``_``; ``fmnist`` works);
+            ``wine`` and ``breast_cancer`` are scikit-learn's bundled tables (standardised
+            features); synthetic tasks are ``"synthetic:FEATURES:CLASSES:SEED"``
+            (`metagg.data.synthetic`).
         data_dir: a folder holding the dataset's files (also searched as
             ``data_dir/NAME``). Searched before ``$METAGG_DATA_DIR/NAME``, the
             download cache ``~/.cache/metagg/NAME`` and system folders.
@@ -286,17 +299,23 @@ def load_dataset(
         text = text_splits(path, seq_len=seq_len)
         return Dataset(name=text.name, x_train=text.x_train, y_train=text.y_train,
                        x_test=text.x_test, y_test=text.y_test, num_classes=len(text.vocab))
-    x_train, y_train, x_test, y_test = _raw_arrays(key, data_dir, path, download)
-    labels = np.concatenate([y_train, y_test])
-    num_classes = int(labels.max()) + 1 if len(labels) else 0
-    ds = Dataset(
-        name=key,
-        x_train=_to_float(x_train),
-        y_train=torch.from_numpy(np.array(y_train, dtype=np.int64)),
-        x_test=_to_float(x_test),
-        y_test=torch.from_numpy(np.array(y_test, dtype=np.int64)),
-        num_classes=10 if key != "npz" else num_classes,
-    )
+    if key.startswith("synthetic:"):
+        features, num_classes, seed = parse_synthetic(key)
+        x_tr, y_tr, x_te, y_te = synthetic_arrays(features, num_classes, seed)
+        ds = Dataset(name=key, x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te,
+                     num_classes=num_classes)
+    else:
+        x_train, y_train, x_test, y_test = _raw_arrays(key, data_dir, path, download)
+        labels = np.concatenate([y_train, y_test])
+        num_classes = int(labels.max()) + 1 if len(labels) else 0
+        ds = Dataset(
+            name=key,
+            x_train=_to_float(x_train),
+            y_train=torch.from_numpy(np.array(y_train, dtype=np.int64)),
+            x_test=_to_float(x_test),
+            y_test=torch.from_numpy(np.array(y_test, dtype=np.int64)),
+            num_classes=_NUM_CLASSES.get(key, num_classes),
+        )
     if classes is not None:
         ds = _select_classes(ds, classes)
     if image_size is not None:

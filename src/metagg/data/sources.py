@@ -300,3 +300,26 @@ def _digits_arrays() -> tuple[np.ndarray, ...]:
 def load_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """scikit-learn's 8x8 digits: float32 ``[N, 1, 8, 8]`` in [0, 1], a fixed 1437/360 split."""
     return _digits_arrays()
+
+
+TABULAR = ("wine", "breast_cancer")
+
+
+@functools.lru_cache(maxsize=len(TABULAR))
+def load_tabular(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A scikit-learn bundled table (``wine``: 178 × 13, 3 classes; ``breast_cancer``:
+    569 × 30, 2 classes) as float32 ``[N, F]`` features, a fixed 80/20 split, each
+    feature standardised by the training split's mean and standard deviation."""
+    from sklearn import datasets as sk  # slow import; only here
+
+    bunch = {"wine": sk.load_wine, "breast_cancer": sk.load_breast_cancer}[name]()
+    x, y = bunch.data.astype(np.float64), bunch.target.astype(np.int64)
+    order = np.random.default_rng(0).permutation(len(y))
+    n_test = math.ceil(0.2 * len(y))
+    train, test = order[n_test:], order[:n_test]
+    mean, std = x[train].mean(0), x[train].std(0)
+    x = ((x - mean) / np.where(std > 0, std, 1.0)).astype(np.float32)
+    arrays = (x[train], y[train], x[test], y[test])
+    for array in arrays:
+        array.flags.writeable = False
+    return arrays
