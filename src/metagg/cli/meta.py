@@ -9,7 +9,7 @@ from typing import Any
 
 from metagg.config import ConfigError, apply_overrides, parse
 
-__all__ = ["BPTT_TASKS", "PES_TASKS", "add_parsers"]
+__all__ = ["BPTT_TASKS", "MULTI_TASK_DEFAULTS", "PES_TASKS", "add_parsers"]
 
 # --task shorthands: (dataset, worker model)
 BPTT_TASKS = {
@@ -23,6 +23,13 @@ PES_TASKS = {
     "fmnist-mlp": ("fashion_mnist", "mlp:128,128:relu"),
     "digits-mlp": ("digits", "mlp:32:relu"),
 }
+
+
+# `--tasks` runs: the general step (normalised correction, learned schedule) starting
+# at SlowMo (α 0.6, β 0.9) plus a correction of 0.1·rms(ḡ); inner runs of 100-500 rounds
+# (tasks change more often); validation on 6 drawn tasks, 2 seeds, at 100 and 300 rounds
+MULTI_TASK_DEFAULTS = {"step_mode": "general", "correction_scale": 0.1, "min_inner": 100,
+                       "max_inner": 500, "validation_seeds": 2, "validation_rounds": [100, 300]}
 
 
 def add_parsers(sub: Any) -> None:
@@ -57,6 +64,10 @@ def add_parsers(sub: Any) -> None:
         q.add_argument("--task", default="fmnist8x8-mlp", choices=sorted(PES_TASKS),
                        help="dataset + worker model (default fmnist8x8-mlp: 8×8 Fashion-MNIST, "
                             "MLP 64-32-10 ReLU; digits-mlp needs no download)")
+        q.add_argument("--tasks", default=None, metavar="FAMILY[,FAMILY...]",
+                       help="meta-train on task families instead of one task (see `metagg "
+                            "tasks`), e.g. image-mlp,synthetic,lm: general step mode, any K; "
+                            "--task/--workers/--local-steps are then drawn per task")
         q.add_argument("--workers", type=int, default=8, help="number of workers K (default 8)")
         q.add_argument("--local-steps", type=int, default=4,
                        help="local SGD steps H per round (default 4)")
@@ -89,9 +100,13 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     options: dict[str, Any]
     compile = False
     if args.kind in ("lagg", "lopt"):
-        dataset, model = PES_TASKS[args.task]
-        options = {"kind": args.kind, "dataset": dataset, "model": model,
-                   "num_workers": args.workers, "local_steps": args.local_steps}
+        if args.tasks:
+            # one φ for every task: the general parameterisation, a small initial correction
+            options = {"kind": args.kind, "tasks": args.tasks, **MULTI_TASK_DEFAULTS}
+        else:
+            dataset, model = PES_TASKS[args.task]
+            options = {"kind": args.kind, "dataset": dataset, "model": model,
+                       "num_workers": args.workers, "local_steps": args.local_steps}
         if args.steps is not None:
             options["steps"] = args.steps
         cls: type = MetaTrainPESConfig

@@ -39,7 +39,7 @@ CELLS = ("lstm", "gru")
 OUTPUT_RULES = ("normalized", "paper")
 # LOpt-A / LAgg-A (metagg.learned.lagg)
 KINDS = ("lopt", "lagg")
-STEP_MODES = ("reference", "residual")
+STEP_MODES = ("reference", "residual", "general")
 RESIDUAL_BASES = ("mean", "momentum")
 
 
@@ -200,8 +200,24 @@ class MetaTrainPESConfig(Section):
     validation_seeds: int = option(5, ge=1)
     validation_rounds: tuple[int, ...] = option((300, 1000), check=_positive_ints)
     checkpoint_every: int = option(10, ge=1)
+    # Multi-task meta-training (metagg.tasks.families): comma-separated task families,
+    # e.g. "image-mlp,synthetic"; then each group of pairs trains on a task drawn from
+    # them (dataset, model, K, H, B, partition are the task's; the fields above are
+    # ignored) and validation runs on `validation_tasks` other draws. None: one task.
+    tasks: str | None = option(None, check=lambda v: None if v and v.strip() else
+                               "must name task families, e.g. image-mlp,synthetic")
+    task_groups: int = option(4, ge=1)  # tasks trained at once; pairs are split among them
+    validation_tasks: int = option(6, ge=1)
+    alpha: float = option(0.5, gt=0)  # Dirichlet concentration (one-task partition=dirichlet)
 
     def problems(self) -> list[str]:
+        if self.tasks is not None:
+            if self.step_mode != "general":
+                return ["step_mode: multi-task meta-training needs step_mode general (one φ "
+                        "for every model size and K)"]
+            if self.pairs % self.task_groups:
+                return [f"pairs: must be a multiple of task_groups ({self.task_groups}), "
+                        f"got {self.pairs}"]
         if self.max_inner < self.min_inner:
             return [f"max_inner: must be >= min_inner ({self.min_inner}), got {self.max_inner}"]
         if self.kind == "lagg" and self.num_workers < 1:

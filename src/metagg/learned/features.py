@@ -70,6 +70,7 @@ __all__ = [
     "ADA_FEATURE_NAMES",
     "DECAYS",
     "FEATURE_NAMES",
+    "NORM_EPS",
     "NUM_ADA_FEATURES",
     "NUM_TIME_FEATURES",
     "TIMESCALES",
@@ -308,11 +309,11 @@ def tensor_inputs(state: AdaState, g: torch.Tensor, params: torch.Tensor,
                       g[e] * _safe_rsqrt(v + 1e-9), v, v, rv, rv, m * torch.rsqrt(v + 1e-6)])
 
 
-def channel_scale(x: torch.Tensor) -> torch.Tensor:
-    """Per-channel normalisation of one tensor's channels x [C, n]: 1 / sqrt(1e-5 + mean(x²)),
-    [C]."""
+def channel_scale(x: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
+    """Per-channel normalisation of one tensor's channels x [C, n]: 1 / sqrt(eps + mean(x²)),
+    [C] (eps 1e-5 as in the reference)."""
     # vector_norm: ~10x faster than einsum("cn,cn->c") on CPU
-    return torch.rsqrt(torch.linalg.vector_norm(x, dim=1).square() / x.shape[1] + NORM_EPS)
+    return torch.rsqrt(torch.linalg.vector_norm(x, dim=1).square() / x.shape[1] + eps)
 
 
 def build_features(state: AdaState, g: torch.Tensor, params: torch.Tensor,

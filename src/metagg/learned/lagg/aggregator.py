@@ -8,7 +8,8 @@
 
 The step is `metagg.learned.lagg.model.ada_step` (see there for the maths), run under
 `torch.no_grad` on the rows that arrived; LAgg-A puts worker k's row in channel k
-(`ctx.worker_ids`), a missing worker's channel zero.
+(`ctx.worker_ids`), a missing worker's channel zero. General LAgg-A (step_mode
+"general") sees per-element statistics of the rows that arrived, for any K.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class LearnedAdaAggregator(Aggregator):
     def init(self, layout: ParamLayout, num_workers: int) -> AdaState:
         """Zero accumulators for `layout`; fixes K for an untrained LAgg-A built without it."""
         cfg = self.config
-        if cfg.kind == "lagg":
+        if cfg.kind == "lagg" and not cfg.general:
             if cfg.num_workers == 0:
                 self.config = dataclasses.replace(cfg, num_workers=num_workers)
                 self.net = AdaMLP(self.config, seed=self.seed)
@@ -76,7 +77,8 @@ class LearnedAdaAggregator(Aggregator):
             raise ValueError(f"{self.name}: state is for d={state.m.shape[1]}, updates have d={d}")
         with torch.no_grad():
             u = updates.detach().to(torch.float32)
-            slots = self._slots(u, ctx) if self.config.kind == "lagg" else None
+            fixed_k = self.config.kind == "lagg" and not self.config.general
+            slots = self._slots(u, ctx) if fixed_k else None
             phi = dict(self.net.named_parameters())
             step, new = ada_step(phi, state, u, ctx.params.detach().to(torch.float32),
                                  config=self.config, plan=self._plan(ctx.layout), slots=slots)
@@ -92,7 +94,8 @@ class LearnedAdaAggregator(Aggregator):
 
     def __repr__(self) -> str:
         c = self.config
-        return (f"{type(self).__name__}(kind={c.kind}, K={c.num_workers}, hidden={c.hidden}, "
+        k = "any" if c.general or c.kind == "lopt" else c.num_workers
+        return (f"{type(self).__name__}(kind={c.kind}, K={k}, hidden={c.hidden}, "
                 f"step_mode={c.step_mode})")
 
 
@@ -111,7 +114,8 @@ class LOptA(LearnedAdaAggregator):
 
 
 class LAggA(LearnedAdaAggregator):
-    """LAgg-A: sees each of K workers' updates (input width K + 38); fixed K."""
+    """LAgg-A: sees each of K workers' updates (input width K + 38); fixed K, or any K
+    in general mode (`step_mode="general"`)."""
 
     def __init__(self, num_workers: int = 0, config: LAggConfig | None = None,
                  net: AdaMLP | None = None, *, seed: int = 0, **options: Any):

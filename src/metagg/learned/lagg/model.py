@@ -11,6 +11,7 @@ the Ada accumulators are updated with ḡ and the per-element features are built
 
     LOpt-A input  [ḡ, 27 Ada channels, 11 time]              width 39 (worker-count invariant)
     LAgg-A input  [u_1 … u_K, 27 Ada channels, 11 time]      width K + 38 (46 for K = 8)
+    general LAgg-A [ḡ, spread, agreement, 27 Ada, 11 time]   width 41 (any K; see below)
 
 LAgg-A is not permutation invariant: worker k (ctx.worker_ids) always feeds channel k;
 a missing worker's channel is zero (and ḡ is the mean of the updates that arrived).
@@ -27,6 +28,20 @@ cut at ±2σ, zero biases) maps each element's features to (d, g), and
         u = Σ β^i ḡ); α = exp(log_scale), a meta-parameter initialised to
         `residual_scale`; c = `correction_scale`; rms_T(ḡ) the per-tensor RMS of ḡ;
         the output layer starts at zero, so the untrained aggregator *is* the baseline.
+
+    step_mode="general" (meant for meta-training on many tasks, after Celo / Celo2):
+        step = α_t · base + γ_t · rms_T(ḡ) · d̂,   d̂ = mag / rms_T(mag) per tensor
+        mag = d · exp(0.001 · g); α_t = exp(log_scale + a · f_t), γ_t = exp(log_step + c · f_t)
+    The correction is RMS-normalised per tensor at every step (Celo2's per-step output
+    normalisation), so its size is γ_t·rms_T(ḡ) whatever the MLP's output scale, on every
+    task; a small learned global schedule sets α_t and γ_t from three task-agnostic
+    scalars f_t = [cos(ḡ, m_0.9 before this round), agreement ‖ḡ‖² / mean_k ‖u_k‖²
+    (0 for LOpt-A, which sees only ḡ), log(1 + t) / log(1000)]; a, c start at zero,
+    log_step at log(correction_scale), log_scale at log(residual_scale). LAgg-A sees the
+    workers through per-element statistics that mean the same for any K and any order:
+    ḡ, the spread std_k(u_k) and the sign agreement mean_k sign(u_k) — so one φ serves
+    every number of workers. The inputs are normalised per tensor without the 1e-5
+    floor of the reference (the floor made small updates look different from large ones).
 
 Sign: as in learned_optimization (gradient in, p ← p − step) the inputs point like
 gradients and the server subtracts the step, so d = +(normalised ḡ) moves θ like FedAvg
@@ -61,6 +76,7 @@ from metagg.config.meta import KINDS, RESIDUAL_BASES, STEP_MODES
 from metagg.layout import ParamLayout
 from metagg.learned.features import (
     DECAYS,
+    NORM_EPS,
     NUM_ADA_FEATURES,
     NUM_TIME_FEATURES,
     AdaState,
@@ -86,6 +102,9 @@ __all__ = [
 ]
 
 STEP_MULT = 0.001  # step = d · exp(EXP_MULT · g) · STEP_MULT (reference)
+GENERAL_WORKER_CHANNELS = 3  # general LAgg-A: ḡ, spread, agreement
+SCHEDULE_FEATURES = 3  # general mode: cos(ḡ, m), agreement, log(1 + t) / log(1000)
+GENERAL_NORM_EPS = 1e-30  # general mode: inputs normalised without a floor
 MLP_BLOCK = 8192  # elements per block of the per-element MLP (see ada_step)
 EXP_MULT = 0.001
 
@@ -97,14 +116,17 @@ class LAggConfig(Section):
     Attributes:
         kind: "lopt" (input ḡ) or "lagg" (input every worker's update).
         num_workers: LAgg-A's K (input width K + 38); 0 = take it from `init()`
-            (untrained aggregators only). Must be 0 for LOpt-A.
+            (untrained aggregators only). Must be 0 for LOpt-A and in general mode
+            (any K).
         hidden: MLP width (32 in the reference).
-        step_mode: "reference" (the paper's parameterisation) or "residual"
-            (a baseline step plus the MLP's correction; see the module docstring).
+        step_mode: "reference" (the paper's parameterisation), "residual" (a baseline
+            step plus the MLP's correction) or "general" (residual with a normalised
+            correction and a learned global schedule; see the module docstring).
         residual_base: "mean" (FedAvg) or "momentum" (SlowMo-like) base step.
         residual_scale: initial α of the base step (0.6 with "momentum" starts at the
             tuned SlowMo of the spec: α/γ_local = 0.3/0.5).
-        correction_scale: c, the MLP correction's size relative to rms_T(ḡ).
+        correction_scale: c, the MLP correction's size relative to rms_T(ḡ) (general
+            mode: γ's initial value).
     """
 
     kind: str = option("lopt", choices=KINDS)
@@ -118,18 +140,28 @@ class LAggConfig(Section):
     def problems(self) -> list[str]:
         if self.kind == "lopt" and self.num_workers != 0:
             return [f"num_workers: must be 0 for lopt (it only sees ḡ), got {self.num_workers}"]
+        if self.general and self.num_workers != 0:
+            return [f"num_workers: must be 0 in general mode (any K), got {self.num_workers}"]
         return []
 
     @property
+    def general(self) -> bool:
+        return self.step_mode == "general"
+
+    @property
     def first_channels(self) -> int:
-        """Leading input channels: 1 (ḡ) for LOpt-A, K for LAgg-A."""
-        return 1 if self.kind == "lopt" else self.num_workers
+        """Leading input channels: 1 (ḡ) for LOpt-A, K for LAgg-A (3 in general mode)."""
+        if self.kind == "lopt":
+            return 1
+        return GENERAL_WORKER_CHANNELS if self.general else self.num_workers
 
     @property
     def input_size(self) -> int:
         return self.first_channels + NUM_ADA_FEATURES + NUM_TIME_FEATURES
 
     def feature_names(self) -> tuple[str, ...]:
+        if self.general and self.kind == "lagg":
+            return ("g", "spread", "agreement", *feature_names(None)[1:])
         return feature_names(None if self.kind == "lopt" else self.num_workers)
 
     def to_dict(self) -> dict[str, Any]:
@@ -137,15 +169,15 @@ class LAggConfig(Section):
 
 
 class AdaMLP(nn.Module):
-    """φ: the per-element MLP (weights stored [in, out]), the decay offsets o [7], and
-    in residual mode log α.
+    """φ: the per-element MLP (weights stored [in, out]), the decay offsets o [7], in
+    residual mode log α, and in general mode log α, log γ and the schedule [2, 3].
 
         h₁ = relu(x W₁ + b₁), h₂ = relu(h₁ W₂ + b₂), (d, g) = h₂ W₃ + b₃
     """
 
     def __init__(self, config: LAggConfig, *, seed: int = 0):
         super().__init__()
-        if config.kind == "lagg" and config.num_workers < 1:
+        if config.first_channels < 1:
             raise ValueError("LAgg-A's network needs num_workers >= 1 (its input width)")
         self.config = config
         gen = torch.Generator().manual_seed(seed)
@@ -159,8 +191,12 @@ class AdaMLP(nn.Module):
             self.register_parameter(f"w{i}", nn.Parameter(w))
             self.register_parameter(f"b{i}", nn.Parameter(torch.zeros(fan_out)))
         self.decay_offsets = nn.Parameter(torch.zeros(len(DECAYS)))
-        if config.step_mode == "residual":
+        if config.step_mode in ("residual", "general"):
             self.log_scale = nn.Parameter(torch.tensor(math.log(config.residual_scale)))
+        if config.general:
+            step = max(config.correction_scale, 1e-8)  # log(0) would be −inf
+            self.log_step = nn.Parameter(torch.tensor(math.log(step)))
+            self.schedule = nn.Parameter(torch.zeros(2, SCHEDULE_FEATURES))
 
 
 class FlatPhi:
@@ -173,7 +209,7 @@ class FlatPhi:
     """
 
     def __init__(self, config: LAggConfig):
-        if config.kind == "lagg" and config.num_workers < 1:
+        if config.first_channels < 1:
             raise ValueError("LAgg-A's φ needs num_workers >= 1 (its input width)")
         self.config = config
         self.layout = ParamLayout.from_module(AdaMLP(config))
@@ -217,17 +253,21 @@ def ada_step(phi: Mapping[str, torch.Tensor], state: AdaState, updates: torch.Te
             row is zero); None means `updates` are all K workers in order.
     """
     g = updates.mean(0)
-    first = g[None] if config.kind == "lopt" else (updates if slots is None else slots)
+    if config.general:
+        first = g[None] if config.kind == "lopt" else worker_statistics(updates, g)
+    else:
+        first = g[None] if config.kind == "lopt" else (updates if slots is None else slots)
     decays = decays_from_offsets(phi["decay_offsets"])
     new = update_ada_state(state, g, plan, decays)
     c = first.shape[0] + NUM_ADA_FEATURES
     w1, w2, w3 = phi["w1"], phi["w2"], phi["w3"]
+    eps = GENERAL_NORM_EPS if config.general else NORM_EPS
     # the 11 time features are equal for every element: folded into the first bias
     b1 = phi["b1"] + time_features(state.t) @ w1[c:]
     outs = []
     for tp in plan.nonempty:
         x = tensor_inputs(new, g, params, first, tp)  # [C, n] raw channels
-        w1_scaled = channel_scale(x)[:, None] * w1[:c]
+        w1_scaled = channel_scale(x, eps=eps)[:, None] * w1[:c]
         # the MLP in row blocks: its [rows, 32] activations stay small enough for the
         # C allocator to reuse instead of mapping fresh pages every round (measured:
         # whole-tensor activations made the server's step ~1.8× slower on this CPU)
@@ -242,6 +282,37 @@ def ada_step(phi: Mapping[str, torch.Tensor], state: AdaState, updates: torch.Te
         return mag * STEP_MULT, new
     base = g if config.residual_base == "mean" else new.m[0] / (1.0 - decays[0])
     # the correction is scaled by each tensor's RMS of ḡ
-    rms = torch.cat([g[tp.elems].square().mean().sqrt().expand(tp.elems.stop - tp.elems.start)
-                     for tp in plan.nonempty])
-    return base * torch.exp(phi["log_scale"]) + config.correction_scale * rms * mag, new
+    rms = per_tensor_rms(g, plan)
+    if not config.general:
+        return base * torch.exp(phi["log_scale"]) + config.correction_scale * rms * mag, new
+    f = schedule_features(g, state.m[0], updates, state.t, lopt=config.kind == "lopt")
+    log_alpha, log_gamma = phi["schedule"] @ f + torch.stack([phi["log_scale"],
+                                                              phi["log_step"]])
+    unit = mag * torch.rsqrt(per_tensor_rms(mag, plan).square() + 1e-16)  # RMS 1 per tensor
+    return base * torch.exp(log_alpha) + torch.exp(log_gamma) * rms * unit, new
+
+
+def per_tensor_rms(x: torch.Tensor, plan: FeaturePlan) -> torch.Tensor:
+    """Each tensor's RMS of x [d], broadcast back to its elements [d]."""
+    return torch.cat([x[tp.elems].square().mean().sqrt().expand(tp.elems.stop - tp.elems.start)
+                      for tp in plan.nonempty])
+
+
+def worker_statistics(updates: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """General LAgg-A's worker channels [3, d]: ḡ, the spread std_k(u_k) and the sign
+    agreement mean_k sign(u_k) — the same meaning for any number and order of workers."""
+    spread = (updates.square().mean(0) - g.square()).clamp_min(0.0).sqrt()
+    return torch.stack([g, spread, updates.sign().mean(0)])
+
+
+def schedule_features(g: torch.Tensor, momentum: torch.Tensor, updates: torch.Tensor,
+                      t: torch.Tensor, *, lopt: bool) -> torch.Tensor:
+    """The general mode's task-agnostic global scalars [3] (see the module docstring)."""
+    tiny = 1e-30
+    cos = (g * momentum).sum() * torch.rsqrt(g.square().sum() * momentum.square().sum() + tiny)
+    if lopt:
+        agreement = torch.zeros_like(cos)
+    else:
+        agreement = g.square().sum() / (updates.square().sum(1).mean() + tiny)
+    progress = torch.log1p(t.to(g.dtype)) / math.log(1000.0)
+    return torch.stack([cos, agreement, progress])

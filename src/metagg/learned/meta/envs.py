@@ -265,11 +265,14 @@ class LocalSGDEnv:
         self.task = Task(build_model(cfg.model, self.data.input_shape, self.data.num_classes),
                          num_classes=self.data.num_classes)
         self.num_workers = cfg.num_workers
-        shards = partition(self.data.y_train, cfg.num_workers, cfg.partition, seed=cfg.seed)
+        shards = partition(self.data.y_train, cfg.num_workers, cfg.partition, seed=cfg.seed,
+                           alpha=cfg.alpha)
         self.cluster = Cluster(self.task, self.data.x_train, self.data.y_train, shards,
                                batch_size=cfg.batch_size, mode="local_sgd",
                                local_steps=cfg.local_steps, local_lr=cfg.local_lr, seed=cfg.seed)
-        self.loss_max = cfg.loss_clip * math.log(self.data.num_classes)
+        # ln C: an untrained classifier's loss, the unit losses of different tasks share
+        self.loss_scale = math.log(self.data.num_classes)
+        self.loss_max = cfg.loss_clip * self.loss_scale
         self.autograd = vmap(grad_and_value(self.task.loss), in_dims=(0, 0, 0))
         self.grad_fn = mlp_grad_fn(self.task) or self.autograd
         self.seed_streams = (int(MetaStream.TRAIN_INIT), int(MetaStream.VALID_INIT))

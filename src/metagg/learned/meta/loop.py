@@ -226,7 +226,8 @@ def run_outer_loop(
             run.best_score, run.best_step, run.stale = value, run.step, 0
             run.best_phi, run.best_validation = run.phi.clone(), row
             validation = {"best_step": run.best_step, "score": run.best_score,
-                          "score_definition": SCORE_DEFINITION, **row,
+                          "score_definition": getattr(est, "score_definition",
+                                                      SCORE_DEFINITION), **row,
                           "baselines": run.baselines}
             est.save(out, run.best_phi, trained_on, validation)
         else:
@@ -334,7 +335,10 @@ def _load(out: Path, est: Estimator, config: dict[str, Any], defaults: dict[str,
     for k in ("phi", "adam_m", "adam_v", "best_phi"):
         if k not in tensors or tensors[k].shape != (est.dim,):
             raise CheckpointError(f"{path}: tensor {k} missing or of the wrong shape")
-    template = est.checkpoint_state(est.init_state())
+    # an estimator whose state's shapes vary (one task per group) builds the template
+    # from the checkpoint itself
+    maker = getattr(est, "state_template", None)
+    template = est.checkpoint_state(maker(tensors) if maker else est.init_state())
     inner = est.restore_state(unflatten_state(template, tensors, prefix="estimator"))
     best = meta.get("best_score")
     return _Outer(step=int(meta["step"]), phi=tensors["phi"], adam_m=tensors["adam_m"],

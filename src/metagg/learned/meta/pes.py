@@ -152,7 +152,8 @@ class PESState(NamedTuple):
 
 def lagg_config(cfg: MetaTrainPESConfig) -> LAggConfig:
     """The architecture a PES run trains."""
-    return LAggConfig(kind=cfg.kind, num_workers=cfg.num_workers if cfg.kind == "lagg" else 0,
+    fixed_k = cfg.kind == "lagg" and cfg.step_mode != "general"
+    return LAggConfig(kind=cfg.kind, num_workers=cfg.num_workers if fixed_k else 0,
                       hidden=cfg.hidden, step_mode=cfg.step_mode,
                       residual_base=cfg.residual_base, residual_scale=cfg.residual_scale,
                       correction_scale=cfg.correction_scale)
@@ -164,6 +165,8 @@ class PES:
     Args:
         cfg: the run's configuration.
         data: a `Dataset` to use instead of loading `cfg.dataset`.
+        env: the `LocalSGDEnv` to train in (instead of one built from cfg and data; the
+            multi-task estimator builds one per task).
         compile: `torch.compile` the workers' local SGD and the learned step (eager
             fallback with a warning): the compiled parts ran 1.5-2.5× faster, a whole
             outer step 1.25× (1 thread) to 1.3× (2 threads) on a quiet machine
@@ -174,9 +177,9 @@ class PES:
     name = "truncated_pes"
 
     def __init__(self, cfg: MetaTrainPESConfig, data: Dataset | None = None, *,
-                 compile: bool = False):
+                 compile: bool = False, env: LocalSGDEnv | None = None):
         self.cfg, self.kind = cfg, cfg.kind
-        self.env = LocalSGDEnv(cfg, data)
+        self.env = env if env is not None else LocalSGDEnv(cfg, data)
         self.phi = FlatPhi(lagg_config(cfg))
         self.dim = self.phi.dim
         self.plan = FeaturePlan.from_layout(self.env.task.layout)
@@ -307,6 +310,12 @@ class PES:
     # ------------------------------------------------------------------ validation, files
     def validate(self, phi: torch.Tensor) -> tuple[float, dict[str, Any]]:
         """φ from every held-out seed, batched: (score, mean loss / accuracy at the horizons)."""
+        out = self.validation_runs(phi)
+        means = {f"mean_{k}": sum(v) / len(v) for k, v in out.items()}
+        return score(out, self.cfg.validation_rounds), means
+
+    def validation_runs(self, phi: torch.Tensor) -> dict[str, list[float]]:
+        """Per-seed `loss@T` / `acc@T` of φ from every held-out seed (batched)."""
         task, seeds, horizons = self.env.task, self.seeds, self.cfg.validation_rounds
         p = len(seeds)
         out: dict[str, Any] = {f"{k}@{h}": [] for h in horizons for k in ("loss", "acc")}
@@ -319,8 +328,7 @@ class PES:
         theta = torch.stack([task.init_params(s) for s in seeds])
         acc = AdaState(*(x.expand(p, *x.shape).clone() for x in init_ada_state(self.plan)))
         self.run_rounds(phi.expand(p, -1), theta, acc, seeds, [0] * p, max(horizons), after)
-        means = {f"mean_{k}": sum(v) / len(v) for k, v in out.items()}
-        return score(out, horizons), means
+        return out
 
     def baselines(self) -> dict[str, dict[str, Any]]:
         """FedAvg (mean + SGD lr 1) and the spec's tuned SlowMo on the validation seeds."""

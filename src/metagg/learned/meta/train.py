@@ -9,7 +9,8 @@ The config's type picks the estimator (`BPTT` or `PES`); both run in the same ou
 (`metagg.learned.meta.loop`), so checkpoints, resume, validation, the best φ and the
 output files are the same for every learned aggregator. Without `envs`, a BPTT run
 builds a `GradientEnv` per attack of `cfg.attack` (one without a mixture) and a PES run
-a `LocalSGDEnv`.
+a `LocalSGDEnv` — or, with `cfg.tasks` (task families), a `MultiTaskPES` over tasks drawn
+from them.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from metagg.learned.lagg import load_lagg
 from metagg.learned.meta.envs import GradientEnv, MetaEnv, load_task_data
 from metagg.learned.meta.estimators import BPTT
 from metagg.learned.meta.loop import LoopSettings, MetaTrainResult, run_outer_loop
+from metagg.learned.meta.multitask import MultiTaskPES
 from metagg.learned.meta.pes import PES
 
 __all__ = ["meta_train", "meta_train_pes", "meta_train_rnn", "torch_threads"]
@@ -119,7 +121,13 @@ def _bptt(cfg: MetaTrainConfig, envs: Sequence[MetaEnv] | None, out: Path,
 
 def _pes(cfg: MetaTrainPESConfig, out: Path, data: Dataset | None, resume: bool,
          progress: bool | None, stop_at: int | None, compile: bool) -> MetaTrainResult:
-    est = PES(cfg, data, compile=compile)
+    if cfg.tasks is not None:
+        if data is not None:
+            raise ValueError("a multi-task run draws its own tasks: pass no data")
+        est: PES | MultiTaskPES = MultiTaskPES(cfg)
+        compile = False  # a compile per task would cost more than it saves
+    else:
+        est = PES(cfg, data, compile=compile)
     settings = LoopSettings(steps=cfg.steps, lr=cfg.lr, final_lr=cfg.final_lr,
                             warmup=cfg.warmup, weight_decay=cfg.weight_decay, beta1=cfg.beta1,
                             beta2=cfg.beta2, eps=cfg.adam_eps, max_grad_norm=cfg.max_grad_norm,
@@ -129,7 +137,8 @@ def _pes(cfg: MetaTrainPESConfig, out: Path, data: Dataset | None, resume: bool,
     init_phi = None
     if cfg.init_from is not None and not resume:
         init_phi = est.phi_of(load_lagg(cfg.init_from))
-    trained_on = {**cfg.to_dict(), **est.env.describe(), "meta_gradient": est.name}
+    described = est.describe() if isinstance(est, MultiTaskPES) else est.env.describe()
+    trained_on = {**cfg.to_dict(), **described, "meta_gradient": est.name}
     return run_outer_loop(est, settings, out, config=cfg.to_dict(),
                           defaults=MetaTrainPESConfig().to_dict(), trained_on=trained_on,
                           may_change=("steps",), seed=cfg.seed, init_phi=init_phi,

@@ -1,0 +1,168 @@
+"""The general step mode of LAgg-A / LOpt-A: normalised correction, learned schedule,
+any number of workers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.func import vmap
+
+from metagg.aggregators.base import RoundContext
+from metagg.config import config_from_dict
+from metagg.layout import ParamLayout
+from metagg.learned.features import FeaturePlan, init_ada_state
+from metagg.learned.lagg import FlatPhi, LAggA, LAggConfig, LOptA, ada_step, load_lagg, save_lagg
+from metagg.learned.lagg.model import schedule_features, worker_statistics
+from metagg.simulation import Simulation
+
+SHAPES = {"w": (6, 5), "b": (6,), "v": (7, 3)}
+LAYOUT = ParamLayout.from_shapes(SHAPES)
+PLAN = FeaturePlan.from_layout(LAYOUT)
+D = LAYOUT.size
+
+
+def general(kind: str, **options) -> LAggConfig:
+    return LAggConfig(kind=kind, step_mode="general", residual_base="momentum",
+                      residual_scale=0.6, correction_scale=0.1, **options)
+
+
+def agg_of(kind: str, seed: int = 0, **options):
+    config = general(kind, **options)
+    return (LOptA if kind == "lopt" else LAggA)(config=config, seed=seed)
+
+
+def rounds(agg, per_round, k):
+    state, steps = agg.init(LAYOUT, k), []
+    params = torch.linspace(-1, 1, D)
+    for t, u in enumerate(per_round):
+        ctx = RoundContext(round=t, params=params, layout=LAYOUT, num_workers=k,
+                           worker_ids=torch.arange(len(u)), mode="local_sgd")
+        step, state = agg.step(state, u, ctx)
+        steps.append(step)
+        params = params - step
+    return steps
+
+
+def draws(n_rounds, k, seed=0, scale=0.1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(k, D, generator=g) * scale for _ in range(n_rounds)]
+
+
+def per_tensor_rms(x):
+    return torch.stack([x[s.slice].square().mean().sqrt() for s in LAYOUT])
+
+
+@pytest.mark.parametrize("kind", ["lopt", "lagg"])
+def test_step_ignores_the_mlp_output_scale(kind):
+    """The correction is RMS-normalised per tensor: scaling the MLP's direction output d
+    (w3's and b3's first column) changes nothing."""
+    a, b = agg_of(kind), agg_of(kind)
+    with torch.no_grad():
+        b.net.w3[:, 0].mul_(10.0)
+        b.net.b3[0].mul_(10.0)
+    for sa, sb in zip(rounds(a, draws(4, 5), 5), rounds(b, draws(4, 5), 5), strict=True):
+        torch.testing.assert_close(sa, sb, rtol=2e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["lopt", "lagg"])
+def test_correction_has_size_gamma_times_rms_of_the_mean_update(kind):
+    agg = agg_of(kind)
+    with torch.no_grad():
+        agg.net.log_scale.fill_(-60.0)  # no base step: only the correction
+    u = draws(1, 4)[0]
+    step = rounds(agg, [u], 4)[0]
+    torch.testing.assert_close(per_tensor_rms(step), 0.1 * per_tensor_rms(u.mean(0)),
+                               rtol=1e-4, atol=0)
+
+
+def test_untrained_general_step_is_slowmo_plus_the_correction():
+    """With the correction off (log γ → −∞) and a zero schedule, the step is α·m/(1 − β)."""
+    agg = agg_of("lagg")
+    with torch.no_grad():
+        agg.net.log_step.fill_(-60.0)
+    per_round = draws(3, 4)
+    momentum = torch.zeros(D)
+    for u, step in zip(per_round, rounds(agg, per_round, 4), strict=True):
+        momentum = 0.9 * momentum + 0.1 * u.mean(0)
+        torch.testing.assert_close(step, 0.6 * momentum / 0.1, rtol=1e-5, atol=1e-7)
+
+
+def test_general_lagg_takes_any_number_of_workers_in_any_order():
+    agg = agg_of("lagg")
+    assert agg.config.input_size == 41 and agg.config.num_workers == 0
+    assert agg.config.feature_names()[:3] == ("g", "spread", "agreement")
+    for k in (2, 5, 16):
+        assert all(torch.isfinite(s).all() for s in rounds(agg, draws(2, k), k))
+    per_round = draws(3, 6)
+    shuffled = [u[torch.randperm(6, generator=torch.Generator().manual_seed(i))]
+                for i, u in enumerate(per_round)]
+    for a, b in zip(rounds(agg, per_round, 6), rounds(agg, shuffled, 6), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_worker_statistics_and_schedule_features():
+    same = torch.randn(1, D).expand(4, D)
+    stats = worker_statistics(same, same.mean(0))
+    torch.testing.assert_close(stats[1], torch.zeros(D), atol=1e-6, rtol=0)  # no spread
+    torch.testing.assert_close(stats[2], same[0].sign())  # full agreement
+    f = schedule_features(same.mean(0), same.mean(0), same, torch.tensor(999), lopt=False)
+    torch.testing.assert_close(f, torch.tensor([1.0, 1.0, 1.0]))
+    noise = torch.randn(64, D, generator=torch.Generator().manual_seed(0))
+    f = schedule_features(noise.mean(0), -noise.mean(0), noise, torch.tensor(0), lopt=False)
+    assert f[0] == pytest.approx(-1.0) and 0 < f[1] < 0.1 and f[2] == 0
+    f = schedule_features(noise.mean(0), torch.zeros(D), noise, torch.tensor(0), lopt=True)
+    assert f[0] == 0 and f[1] == 0
+
+
+def test_the_schedule_moves_the_step_size():
+    """A positive weight on the progress feature grows γ over rounds: a learned schedule."""
+    agg = agg_of("lopt")
+    with torch.no_grad():
+        agg.net.log_scale.fill_(-60.0)
+        agg.net.schedule[1, 2] = 1.0  # log γ += log(1 + t) / log(1000)
+    u = draws(1, 3)[0]
+    steps = rounds(agg, [u] * 3, 3)
+    ratio = [float(per_tensor_rms(s)[0] / (0.1 * per_tensor_rms(u.mean(0))[0])) for s in steps]
+    assert ratio == pytest.approx([1.0, math.exp(math.log(2) / math.log(1000)),
+                                   math.exp(math.log(3) / math.log(1000))], rel=1e-4)
+
+
+def test_vmapped_step_equals_one_particle_at_a_time():
+    """PES vmaps the step over particles: the general mode's must agree."""
+    config = general("lagg")
+    fp = FlatPhi(config)
+    phis = torch.stack([fp.init(s) for s in range(3)])
+    u = torch.stack([draws(1, 4, seed=s)[0] for s in range(3)])
+    theta = torch.randn(3, D)
+    state = init_ada_state(PLAN)
+    acc = type(state)(*(x.expand(3, *x.shape).clone() for x in state))
+
+    def one(phi, acc, theta, upd):
+        return ada_step(fp.unflatten(phi), acc, upd, theta, config=config, plan=PLAN)[0]
+
+    batched = vmap(one)(phis, acc, theta, u)
+    for i in range(3):
+        torch.testing.assert_close(batched[i], one(phis[i], state, theta[i], u[i]),
+                                   rtol=1e-5, atol=1e-7)
+
+
+def test_general_config_rules():
+    with pytest.raises(ValueError, match="num_workers"):
+        LAggConfig(kind="lagg", step_mode="general", num_workers=8)
+
+
+def test_saved_general_lagg_runs_with_another_k(tmp_path, digits):
+    agg = agg_of("lagg", seed=2)
+    save_lagg(tmp_path / "g", agg, trained_on={"k": "any"})
+    loaded = load_lagg(tmp_path / "g")
+    assert loaded.config == agg.config
+    for a, b in zip(rounds(agg, draws(2, 3), 3), rounds(loaded, draws(2, 3), 3), strict=True):
+        assert torch.equal(a, b)
+    cfg = config_from_dict({"model": "mlp:16:relu", "rounds": 3, "eval_every": 3,
+                            "workers": {"num_workers": 5, "mode": "local_sgd",
+                                        "local_steps": 2, "local_lr": 0.3},
+                            "aggregator": {"name": f"lagg:{tmp_path / 'g'}"}})
+    summary = Simulation(cfg, dataset=digits).run()
+    assert math.isfinite(summary["final_train_loss"])
