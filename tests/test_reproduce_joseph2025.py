@@ -12,15 +12,16 @@ import pytest
 
 from metagg.config import config_from_dict, config_to_dict
 from metagg.data import sources
+from metagg.experiments import runs
 from metagg.experiments.joseph2025 import (
     BASELINES,
     SCALES,
     _generalization,
-    _merge,
     _task_config,
     reproduce_joseph2025,
-    rounds_to_reach,
 )
+from metagg.experiments.runs import merge as _merge
+from metagg.experiments.runs import rounds_to_reach
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -101,7 +102,7 @@ def test_conv_c10_generalization_when_cifar_is_on_disk(tmp_path, monkeypatch):
 
 
 def test_a_diverged_baseline_never_sets_the_target():
-    from metagg.experiments.joseph2025 import _best_baseline
+    from metagg.experiments.runs import best_baseline as _best_baseline
 
     nan = float("nan")
     assert _best_baseline({"fedavg": nan, "sgd": 0.7, "adam": 0.5}, ["fedavg", "sgd", "adam"]) \
@@ -111,7 +112,6 @@ def test_a_diverged_baseline_never_sets_the_target():
 
 
 def test_resume_without_generalization_trains_nothing_again(tmp_path, monkeypatch):
-    from metagg.experiments import joseph2025 as j
 
     first = reproduce_joseph2025(tmp_path, scale="tiny", lagg="lagg:init", lopt="lopt:init",
                                  generalization=False, log=lambda _: None)
@@ -122,7 +122,7 @@ def test_resume_without_generalization_trains_nothing_again(tmp_path, monkeypatc
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(j, "_curve", no_training)
+    monkeypatch.setattr(runs, "run_curve", no_training)
     monkeypatch.setattr("metagg.simulation.Simulation.step", no_training)  # tuning trials too
     again = reproduce_joseph2025(tmp_path, scale="tiny", lagg="lagg:init", lopt="lopt:init",
                                  generalization=False, resume=True, log=lambda _: None)
@@ -141,7 +141,8 @@ def test_resume_without_generalization_trains_nothing_again(tmp_path, monkeypatc
 
 
 def test_weights_id_names_the_saved_weights():
-    from metagg.experiments.joseph2025 import LAGG_PRETRAINED, _weights_id
+    from metagg.experiments.joseph2025 import LAGG_PRETRAINED
+    from metagg.experiments.runs import weights_id as _weights_id
 
     assert _weights_id("mean") is None and _weights_id("lagg:no/such/dir") is None
     digest = _weights_id(LAGG_PRETRAINED)
@@ -160,7 +161,7 @@ def test_learned_optimizers_get_the_baselines_local_lr_grid(tmp_path, monkeypatc
         return [[{"round": 0, "train_loss": 2.0},
                  {"round": cfg.rounds, "train_loss": abs(cfg.workers.local_lr - 0.3)}]]
 
-    monkeypatch.setattr(j, "_curves", fake_curves)
+    monkeypatch.setattr(j, "run_curves", fake_curves)
     sc = SCALES["tiny"]
     base = _task_config(sc, rounds=sc.rounds)
     grids = {"fedavg": {"workers.local_lr": [0.5, 0.3]}, "slowmo": {"workers.local_lr": [0.1]},
@@ -193,16 +194,17 @@ def test_other_weights_under_the_same_name_are_run_again(tmp_path, monkeypatch):
 
     sc = SCALES["tiny"]
     cfg = j._learned_config(_task_config(sc, rounds=2), "lopt:init")
-    ds = j._dataset_for(cfg)
+    ds = runs.dataset_for(cfg)
     cache = tmp_path / "LOpt-A.json"
-    first = j._curves(cfg, ds, 1, [0], cache, resume=False)
-    j._ACCOUNT.update(read_back=0, compute_s=0.0)
-    assert j._curves(cfg, ds, 1, [0], cache, resume=True) == first
-    assert j._ACCOUNT["read_back"] == 1  # and the time it took when it ran is counted
-    assert j._ACCOUNT["compute_s"] == json.loads(cache.read_text())["wall_s"] > 0
-    monkeypatch.setattr(j, "_weights_id", lambda name: "another sha256")
-    monkeypatch.setattr(j, "_curve", lambda *a: [{"round": 0, "train_loss": 9.0}])
-    assert j._curves(cfg, ds, 1, [0], cache, resume=True) == [[{"round": 0, "train_loss": 9.0}]]
+    first = runs.run_curves(cfg, ds, 1, [0], cache, resume=False)
+    runs.ACCOUNT.update(read_back=0, compute_s=0.0)
+    assert runs.run_curves(cfg, ds, 1, [0], cache, resume=True) == first
+    assert runs.ACCOUNT["read_back"] == 1  # and the time it took when it ran is counted
+    assert runs.ACCOUNT["compute_s"] == json.loads(cache.read_text())["wall_s"] > 0
+    monkeypatch.setattr(runs, "weights_id", lambda name: "another sha256")
+    monkeypatch.setattr(runs, "run_curve", lambda *a: [{"round": 0, "train_loss": 9.0}])
+    assert runs.run_curves(cfg, ds, 1, [0], cache, resume=True) == \
+        [[{"round": 0, "train_loss": 9.0}]]
 
 
 def test_local_lr_falls_back_to_the_trained_one_when_every_trial_diverges(tmp_path,
@@ -210,7 +212,7 @@ def test_local_lr_falls_back_to_the_trained_one_when_every_trial_diverges(tmp_pa
     from metagg.experiments import joseph2025 as j
 
     nan = float("nan")
-    monkeypatch.setattr(j, "_curves", lambda cfg, *a: [[{"round": 4, "train_loss": nan}]])
+    monkeypatch.setattr(j, "run_curves", lambda cfg, *a: [[{"round": 4, "train_loss": nan}]])
     base = _task_config(SCALES["tiny"], rounds=4)
     grids = {b: {"workers.local_lr": [1.0, 0.3]} for b in BASELINES}
     lr, trials = j._tune_local_lr(j._learned_config(base, "lopt:init"), {"rounds": 4}, grids,

@@ -20,11 +20,8 @@ Writes, in --out: `curves.csv`, `loss_vs_rounds.png`, `rounds_to_target.csv`,
 
 from __future__ import annotations
 
-import copy
-import csv
 import json
 import math
-import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -33,12 +30,25 @@ from pathlib import Path
 from typing import Any
 
 from metagg.aggregators.registry import build_aggregator
-from metagg.checkpoint import CheckpointError
 from metagg.compare import format_table
-from metagg.config import ConfigError, RunConfig, config_from_dict, config_to_dict
-from metagg.data import Dataset, load_dataset
+from metagg.config import RunConfig, config_from_dict, config_to_dict
+from metagg.data import load_dataset
+from metagg.experiments.runs import (
+    ACCOUNT,
+    best_baseline,
+    changed_config,
+    count_tuning_time,
+    dataset_for,
+    mean_curve,
+    merge,
+    rounds_to_reach,
+    run_curves,
+    search_started,
+    slug,
+    with_seed,
+    write_csv,
+)
 from metagg.plots import plot_overlay
-from metagg.simulation import Simulation
 from metagg.tune import LOCAL_LRS, tune
 
 __all__ = ["SCALES", "Scale", "reproduce_joseph2025"]
@@ -123,18 +133,8 @@ BASELINES = ("fedavg", "slowmo", "fedadam", "sgd", "adam")
 ONE_STEP = ("sgd", "adam")  # one server step per round on K·H·B examples
 
 
-def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def _task_config(scale: Scale, **over: Any) -> RunConfig:
-    return config_from_dict(_merge(_merge(TASK, scale.task), over))
+    return config_from_dict(merge(merge(TASK, scale.task), over))
 
 
 def _learned_config(base: RunConfig, spec: str) -> RunConfig:
@@ -144,102 +144,6 @@ def _learned_config(base: RunConfig, spec: str) -> RunConfig:
     data["aggregator"] = ({"name": kind, "options": {"init": True}} if arg == "init"
                           else {"name": spec})
     return config_from_dict(data)
-
-
-def _curve(cfg: RunConfig, dataset: Dataset, evals: int) -> list[dict[str, Any]]:
-    """Train for cfg.rounds; the training loss and test accuracy at `evals` points."""
-    sim = Simulation(cfg, dataset=dataset)
-    every = max(1, cfg.rounds // evals)
-    rows = [{"round": 0, **sim.evaluate()}]
-    while sim.round < cfg.rounds:
-        sim.step()
-        if sim.round % every == 0 or sim.round == cfg.rounds:
-            rows.append({"round": sim.round, **sim.evaluate()})
-    return rows
-
-
-def _weights_id(name: str) -> str | None:
-    """The sha256 of a saved learned aggregator's weights ("lagg:PATH"), so that a resume
-    does not reuse runs of different weights saved under the same name."""
-    kind, _, arg = name.partition(":")
-    if kind not in ("lagg", "lopt") or not arg:
-        return None
-    from metagg.learned.store import resolve_path
-
-    try:
-        meta = json.loads(resolve_path(arg).with_suffix(".json").read_text())
-    except (OSError, ValueError, CheckpointError):
-        return None
-    return meta.get("sha256")
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-." else "-" for c in text)
-
-
-def _resumable(folder: Path, resume: bool) -> bool:
-    """Resume a search only where one was started (tune refuses an empty folder)."""
-    started = resume and (folder / "search.json").is_file()
-    _ACCOUNT["read_back"] += started
-    return started
-
-
-def _tuned(folder: Path) -> None:
-    """Count a finished search's trial time (trials.csv) into the compute time."""
-    with open(folder / "trials.csv") as fh:
-        _ACCOUNT["compute_s"] += sum(float(r["wall_s"] or 0) for r in csv.DictReader(fh))
-
-
-# for the report: searches and runs read back by a resume, and the seconds every run and
-# trial took when it ran (read back ones included), so a resumed report stays informative
-_ACCOUNT = {"read_back": 0, "compute_s": 0.0}
-
-
-def _curves(cfg: RunConfig, dataset: Dataset, evals: int, seeds: Sequence[int],
-            cache: Path, resume: bool) -> list[list[dict[str, Any]]]:
-    """`_curve` for every seed, written to `cache` when done; with `resume`, a cache of
-    the same config, seeds, evals and learned weights is read instead of training again."""
-    key = json.loads(json.dumps({"config": config_to_dict(cfg), "seeds": list(seeds),
-                                 "evals": evals, "weights": _weights_id(cfg.aggregator.name)}))
-    if resume and cache.is_file():
-        try:
-            saved = json.loads(cache.read_text())
-            # config keys added since the cache was written take their defaults
-            saved["key"]["config"] = config_to_dict(config_from_dict(saved["key"]["config"]))
-        except (OSError, ValueError, TypeError, KeyError, ConfigError):
-            saved = {}
-        if saved.get("key") == key:
-            _ACCOUNT["read_back"] += 1
-            _ACCOUNT["compute_s"] += float(saved.get("wall_s", 0.0))
-            return saved["curves"]
-    start = time.perf_counter()
-    curves = [_curve(_with_seed(cfg, s), dataset, evals) for s in seeds]
-    wall = round(time.perf_counter() - start, 2)
-    _ACCOUNT["compute_s"] += wall
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": key, "curves": curves, "wall_s": wall}))
-    tmp.replace(cache)  # atomic: a killed run leaves the old file or the new one
-    return curves
-
-
-def _mean_curve(runs: Sequence[Sequence[Mapping[str, Any]]]) -> list[tuple[int, float]]:
-    n = min(len(r) for r in runs)
-    return [(runs[0][i]["round"], statistics.fmean(r[i]["train_loss"] for r in runs))
-            for i in range(n)]
-
-
-def _best_baseline(finals: Mapping[str, float], baselines: Sequence[str]) -> str:
-    """The baseline with the lowest final loss; a diverged (NaN/inf) one never wins."""
-    finite = [b for b in baselines if math.isfinite(finals[b])]
-    if not finite:
-        raise RuntimeError(f"every tuned baseline diverged ({finals}); no target loss")
-    return min(finite, key=lambda b: finals[b])
-
-
-def rounds_to_reach(runs: Sequence[Sequence[Mapping[str, Any]]], target: float) -> int | None:
-    """First evaluated round at which the seed-mean training loss is <= target."""
-    return next((r for r, loss in _mean_curve(runs) if loss <= target), None)
 
 
 def reproduce_joseph2025(
@@ -268,13 +172,13 @@ def reproduce_joseph2025(
     out.mkdir(parents=True, exist_ok=True)
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     start = time.perf_counter()
-    _ACCOUNT.update(read_back=0, compute_s=0.0)
+    ACCOUNT.update(read_back=0, compute_s=0.0)
 
     base = _task_config(sc, rounds=sc.rounds)
     for spec in (lagg, lopt):  # a missing pretrained file fails now, not after tuning
         a = _learned_config(base, spec).aggregator
         build_aggregator(a.name, options=a.options)
-    dataset = _dataset_for(base)
+    dataset = dataset_for(base)
 
     # 1. tune the baselines at horizon R on a seed no evaluation uses
     tuned: dict[str, RunConfig] = {}
@@ -284,8 +188,8 @@ def reproduce_joseph2025(
         cfg = _task_config(sc, rounds=sc.rounds, seed=TUNING_SEED)
         folder = out / "tuning" / name
         result = tune(cfg, name, budget=sc.rounds, out_dir=folder, grid=sc.grids.get(name, {}),
-                      progress=False, resume=_resumable(folder, resume))
-        _tuned(folder)
+                      progress=False, resume=search_started(folder, resume))
+        count_tuning_time(folder)
         tuned[name] = config_from_dict({**result["config"], "eval_every": base.eval_every})
         tuning_rows.append([name, str(result["trials"]),
                             ", ".join(f"{k.split('.')[-1]}={v:g}" if isinstance(v, float)
@@ -300,7 +204,7 @@ def reproduce_joseph2025(
     curves: dict[str, list[list[dict[str, Any]]]] = {}
     for label, cfg in methods.items():
         say(f"[joseph2025] {label}: {len(seeds)} seeds x {sc.rounds} rounds")
-        curves[label] = _curves(cfg, dataset, sc.evals, seeds, out / "runs" / f"{label}.json",
+        curves[label] = run_curves(cfg, dataset, sc.evals, seeds, out / "runs" / f"{label}.json",
                                 resume)
     _write_curves(out / "curves.csv", curves)
     # log loss axis: the methods differ by ~10 % late in training
@@ -310,9 +214,9 @@ def reproduce_joseph2025(
                        f"({len(seeds)} seeds)")
 
     # 3. rounds to reach the best tuned baseline's loss at round R
-    finals = {label: _mean_curve(runs)[-1][1] for label, runs in curves.items()}
-    best_baseline = _best_baseline(finals, BASELINES)
-    target = finals[best_baseline]
+    finals = {label: mean_curve(runs)[-1][1] for label, runs in curves.items()}
+    winner = best_baseline(finals, BASELINES)
+    target = finals[winner]
     speed_rows = []
     speedups = {}
     for label, runs in curves.items():
@@ -321,38 +225,29 @@ def reproduce_joseph2025(
         speed_rows.append({"method": label, "final_train_loss": finals[label],
                            "rounds_to_target": hit,
                            "speedup": round(speedups[label], 2) if hit else None})
-    _write_csv(out / "rounds_to_target.csv", speed_rows)
+    write_csv(out / "rounds_to_target.csv", speed_rows)
 
     # 4. generalisation without retraining
     gen_rows, gen_curves = ([], {}) if not generalization else \
         _generalization(sc, base, lagg, lopt, tuned, seeds, say, out, resume)
     if gen_rows:
-        _write_csv(out / "generalization.csv", gen_rows)
+        write_csv(out / "generalization.csv", gen_rows)
         _plot_generalization(gen_curves, out / "generalization.png")
     else:  # not beside a report that says it was not run (an earlier run in the same --out)
         for name in ("generalization.csv", "generalization.png"):
             (out / name).unlink(missing_ok=True)
 
     summary = {"scale": scale, "task": _task_name(base), "rounds": sc.rounds,
-               "seeds": seeds, "target": target, "best_baseline": best_baseline,
+               "seeds": seeds, "target": target, "best_baseline": winner,
                "final_train_loss": finals, "speedup": speedups,
                "generalization": gen_rows, "generalization_run": generalization,
-               "lagg": lagg, "lopt": lopt, "read_back": _ACCOUNT["read_back"],
-               "compute_s": round(_ACCOUNT["compute_s"], 1),
+               "lagg": lagg, "lopt": lopt, "read_back": ACCOUNT["read_back"],
+               "compute_s": round(ACCOUNT["compute_s"], 1),
                "wall_s": round(time.perf_counter() - start, 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _write_report(out / "report.md", summary, tuning_rows, speed_rows, sc, base)
     say(f"[joseph2025] done in {summary['wall_s']:.0f} s: {out / 'report.md'}")
     return summary
-
-
-def _with(cfg: RunConfig, **over: Any) -> RunConfig:
-    """`cfg` with the (nested) settings `over` changed."""
-    return config_from_dict(_merge(config_to_dict(cfg), over))
-
-
-def _with_seed(cfg: RunConfig, seed: int, **over: Any) -> RunConfig:
-    return _with(cfg, seed=seed, **over)
 
 
 def _task_name(cfg: RunConfig) -> str:
@@ -397,14 +292,14 @@ def _generalization(sc: Scale, base: RunConfig, lagg: str, lopt: str,
         methods = {"LAgg-A": _learned_config(base, lagg), "LOpt-A": _learned_config(base, lopt)}
         methods = {k: v for k, v in methods.items() if k in learned}
         if folder is not None:
-            task = _with(base, **change, seed=TUNING_SEED)
+            task = changed_config(base, **change, seed=TUNING_SEED)
             grids = sc.big_grids if sc.big_grids is not None else sc.grids
             for b in BASELINES:
                 say(f"[joseph2025] tuning {b} on {name} ({change['rounds']} rounds per trial)")
                 result = tune(task, b, budget=change["rounds"], grid=grids.get(b, {}),
                               out_dir=out / folder / b, progress=False,
-                              resume=_resumable(out / folder / b, resume))
-                _tuned(out / folder / b)
+                              resume=search_started(out / folder / b, resume))
+                count_tuning_time(out / folder / b)
                 # `change` is applied below again; it leaves a tuned config unchanged
                 methods[b] = config_from_dict({**result["config"],
                                                "eval_every": base.eval_every})
@@ -416,23 +311,23 @@ def _generalization(sc: Scale, base: RunConfig, lagg: str, lopt: str,
                 if lr != methods[label].workers.local_lr:
                     as_trained = f"{label} (local lr {methods[label].workers.local_lr:g})"
                     methods[as_trained] = methods[label]
-                    methods[label] = _with(methods[label], workers={"local_lr": lr})
+                    methods[label] = changed_config(methods[label], workers={"local_lr": lr})
         else:
             methods.update(tuned)
         curves = {}
         for label, cfg in methods.items():
-            changed = _merge(config_to_dict(cfg), change)
+            changed = merge(config_to_dict(cfg), change)
             h = change.get("workers", {}).get("local_steps")
             if label in ONE_STEP and h is not None:
                 # a one-step baseline sees the K·H·B examples of a round in one batch
                 changed["workers"].update(local_steps=1, batch_size=h * base.workers.batch_size)
             cfg2 = config_from_dict(changed)
             say(f"[joseph2025] generalization {name}: {label}")
-            dataset = _dataset_for(cfg2)
-            curves[label] = _curves(cfg2, dataset, sc.evals, seeds,
-                                    out / "runs" / f"{_slug(name)}-{_slug(label)}.json", resume)
-        finals = {label: _mean_curve(runs)[-1][1] for label, runs in curves.items()}
-        best = _best_baseline(finals, [b for b in BASELINES if b in finals])
+            dataset = dataset_for(cfg2)
+            curves[label] = run_curves(cfg2, dataset, sc.evals, seeds,
+                                    out / "runs" / f"{slug(name)}-{slug(label)}.json", resume)
+        finals = {label: mean_curve(runs)[-1][1] for label, runs in curves.items()}
+        best = best_baseline(finals, [b for b in BASELINES if b in finals])
         for label in curves:
             hit = rounds_to_reach(curves[label], finals[best])
             rows.append({"setting": name, "method": label, "final_train_loss": finals[label],
@@ -453,45 +348,27 @@ def _tune_local_lr(cfg: RunConfig, change: Mapping[str, Any],
     for b in BASELINES:
         if b not in ONE_STEP:  # the baselines that have workers with a local lr
             values.update(grids.get(b, {}).get("workers.local_lr", LOCAL_LRS))
-    task = _with(cfg, **change)
-    dataset = _dataset_for(task)
+    task = changed_config(cfg, **change)
+    dataset = dataset_for(task)
     trials = {}
     for lr in sorted(values, reverse=True):
-        trial = _with_seed(task, TUNING_SEED, workers={"local_lr": lr})
-        runs = _curves(trial, dataset, 1, [TUNING_SEED], folder / f"local_lr-{lr!r}.json",
+        trial = with_seed(task, TUNING_SEED, workers={"local_lr": lr})
+        runs = run_curves(trial, dataset, 1, [TUNING_SEED], folder / f"local_lr-{lr!r}.json",
                        resume)
         trials[lr] = runs[0][-1]["train_loss"]
     finite = {lr: v for lr, v in trials.items() if math.isfinite(v)}
     best = min(finite, key=finite.get) if finite else cfg.workers.local_lr
     folder.mkdir(parents=True, exist_ok=True)
-    _write_csv(folder / "trials.csv", [{"workers.local_lr": lr, "train_loss": v,
+    write_csv(folder / "trials.csv", [{"workers.local_lr": lr, "train_loss": v,
                                         "best": lr == best} for lr, v in trials.items()])
     return best, trials
-
-
-_DATASETS: dict[tuple, Dataset] = {}
-
-
-def _dataset_for(cfg: RunConfig) -> Dataset:
-    d = cfg.data
-    key = (d.name, d.data_dir, d.image_size)
-    if key not in _DATASETS:
-        _DATASETS[key] = load_dataset(d.name, data_dir=d.data_dir, image_size=d.image_size)
-    return _DATASETS[key]
-
-
-def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def _write_curves(path: Path, curves: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]]):
     rows = [{"method": label, "seed": seed, "round": row["round"],
              "train_loss": row["train_loss"], "test_accuracy": row["test_accuracy"]}
             for label, runs in curves.items() for seed, run in enumerate(runs) for row in run]
-    _write_csv(path, rows)
+    write_csv(path, rows)
 
 
 def _plot_generalization(curves: Mapping[str, Mapping[str, Any]], path: Path) -> None:
@@ -501,11 +378,11 @@ def _plot_generalization(curves: Mapping[str, Mapping[str, Any]], path: Path) ->
     fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 4), squeeze=False)
     for ax, (name, by_label) in zip(axes[0], curves.items(), strict=True):
         for label, runs in by_label.items():
-            mean = _mean_curve(runs)
+            mean = mean_curve(runs)
             ax.plot([r for r, _ in mean], [v for _, v in mean], label=label)
         # log scale: the methods differ by ~10 % late in training, invisible on a linear
         # axis that has to reach the initial loss of 2.3
-        _loss_axis(ax, [v for runs in by_label.values() for _, v in _mean_curve(runs)],
+        _loss_axis(ax, [v for runs in by_label.values() for _, v in mean_curve(runs)],
                    force_log=True)
         ax.set(title=name, xlabel="round", ylabel="train loss (log scale)")
         ax.grid(alpha=0.3, which="both")
