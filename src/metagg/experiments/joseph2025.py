@@ -41,6 +41,7 @@ from metagg.experiments.runs import (
     dataset_for,
     mean_curve,
     merge,
+    plot_panels,
     rounds_to_reach,
     run_curves,
     search_started,
@@ -232,7 +233,7 @@ def reproduce_joseph2025(
         _generalization(sc, base, lagg, lopt, tuned, seeds, say, out, resume)
     if gen_rows:
         write_csv(out / "generalization.csv", gen_rows)
-        _plot_generalization(gen_curves, out / "generalization.png")
+        plot_panels(gen_curves, out / "generalization.png")
     else:  # not beside a report that says it was not run (an earlier run in the same --out)
         for name in ("generalization.csv", "generalization.png"):
             (out / name).unlink(missing_ok=True)
@@ -369,27 +370,6 @@ def _write_curves(path: Path, curves: Mapping[str, Sequence[Sequence[Mapping[str
              "train_loss": row["train_loss"], "test_accuracy": row["test_accuracy"]}
             for label, runs in curves.items() for seed, run in enumerate(runs) for row in run]
     write_csv(path, rows)
-
-
-def _plot_generalization(curves: Mapping[str, Mapping[str, Any]], path: Path) -> None:
-    from metagg.plots import _loss_axis, _pyplot
-
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 4), squeeze=False)
-    for ax, (name, by_label) in zip(axes[0], curves.items(), strict=True):
-        for label, runs in by_label.items():
-            mean = mean_curve(runs)
-            ax.plot([r for r, _ in mean], [v for _, v in mean], label=label)
-        # log scale: the methods differ by ~10 % late in training, invisible on a linear
-        # axis that has to reach the initial loss of 2.3
-        _loss_axis(ax, [v for runs in by_label.values() for _, v in mean_curve(runs)],
-                   force_log=True)
-        ax.set(title=name, xlabel="round", ylabel="train loss (log scale)")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _fmt(v: float | None, digits: int = 4) -> str:

@@ -35,6 +35,7 @@ __all__ = [
     "dataset_for",
     "mean_curve",
     "merge",
+    "plot_panels",
     "rounds_to_reach",
     "run_curve",
     "run_curves",
@@ -182,3 +183,31 @@ def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
         writer.writerows(rows)
 
 
+def plot_panels(curves: Mapping[str, Mapping[str, Any]], path: Path, *,
+                mark_round: Mapping[str, int] | None = None) -> None:
+    """One panel per setting (`curves[setting][label]` = runs): seed-mean training loss
+    against rounds on a log axis; `mark_round[setting]` draws a dashed line there."""
+    from metagg.plots import _loss_axis, _pyplot
+
+    plt = _pyplot()
+    cols = min(len(curves), 4)
+    rows = math.ceil(len(curves) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4 * rows), squeeze=False)
+    for ax in axes.flat[len(curves):]:
+        ax.set_visible(False)
+    for ax, (name, by_label) in zip(axes.flat, curves.items(), strict=False):
+        if mark_round and name in mark_round:
+            ax.axvline(mark_round[name], color="grey", linestyle="--", linewidth=0.8)
+        for label, runs in by_label.items():
+            mean = mean_curve(runs)
+            ax.plot([r for r, _ in mean], [v for _, v in mean], label=label)
+        # log scale: the methods differ by ~10 % late in training, invisible on a linear
+        # axis that has to reach the initial loss of 2.3
+        _loss_axis(ax, [v for runs in by_label.values() for _, v in mean_curve(runs)],
+                   force_log=True)
+        ax.set(title=name, xlabel="round", ylabel="train loss (log scale)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,324 @@
+"""`metagg reproduce generalization`: learned aggregators on tasks no meta-training saw.
+
+    metagg reproduce generalization --scale quick --out runs/gen
+    reproduce_generalization("runs/gen", scale="quick", learned={"LAgg-A": "lagg:PATH"})
+
+For every task of the held-out suite (`metagg.tasks.families.HELD_OUT`, which no task
+family can draw):
+
+1. every baseline (FedAvg, SlowMo, server Adam, one-step Adam, ...) is tuned there with
+   `metagg.tune` at the horizon R, on a tuning seed no evaluation uses; the task's K, H
+   and batch size are part of the task and are not tuned;
+2. the tuned baselines and the learned aggregators — with **no per-task tuning at all**:
+   their workers use the local lr they were meta-trained with — run on held-out seeds for
+   `long`·R rounds;
+3. per task: the target is the best tuned baseline's seed-mean training loss at R; rounds
+   to reach it (searched up to `long`·R) give the speed-up R / rounds; the final loss
+   ratios to the best baseline at R and at `long`·R; the seed spread (std of log loss at R)
+   relative to the best baseline's;
+4. over tasks: geometric mean and interquartile mean of the speed-ups (a task whose
+   target is never reached counts as R / (`long`·R), an upper bound, and is flagged), and
+   how many tasks each learned aggregator ends worse than the best baseline.
+
+Writes, in --out: `tasks.csv` (per task and method), `summary.json`, `generalization.png`
+(one panel per task) and `report.md`; `tuning/<task>/<baseline>/` and `runs/` (cached
+curves: `resume=True` reuses them).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from metagg.compare import format_table
+from metagg.config import RunConfig, config_from_dict, config_to_dict
+from metagg.experiments.runs import (
+    ACCOUNT,
+    best_baseline,
+    changed_config,
+    count_tuning_time,
+    dataset_for,
+    mean_curve,
+    plot_panels,
+    rounds_to_reach,
+    run_curves,
+    search_started,
+    slug,
+    write_csv,
+)
+from metagg.tasks.families import HELD_OUT, TaskSpec
+from metagg.tune import BASELINES as TUNABLE
+from metagg.tune import tune
+
+__all__ = ["SCALES", "GeneralizationScale", "learned_local_lr", "reproduce_generalization",
+           "summarize_task"]
+
+TUNING_SEED = 10_000  # never an evaluation seed
+DEFAULT_LEARNED = {"LAgg-A": "lagg:pretrained/general", "LOpt-A": "lopt:pretrained/general"}
+
+
+@dataclass(frozen=True)
+class GeneralizationScale:
+    """How much of the suite to run."""
+
+    tasks: tuple[TaskSpec, ...]
+    rounds: int  # R: the baselines' tuning horizon
+    long: int  # the runs go on to long·R
+    seeds: int  # evaluation seeds 0..seeds-1
+    evals: int  # evaluation points per R rounds
+    baselines: tuple[str, ...]
+    grids: Mapping[str, Mapping[str, Sequence[Any]]]  # per baseline; absent axes: the paper's
+    max_trials: int | None = None  # sample at most this many grid points per baseline
+
+
+_QUICK_GRIDS = {
+    "fedavg": {"workers.local_lr": [0.5, 0.3, 0.1]},
+    "slowmo": {"workers.local_lr": [0.5, 0.3, 0.1], "optimizer.lr": [1.0, 0.5, 0.3],
+               "optimizer.beta": [0.9, 0.7]},
+    "fedadam": {"workers.local_lr": [0.5, 0.1], "optimizer.lr": [0.03, 0.01, 3e-3]},
+    "adam": {"optimizer.lr": [0.03, 0.01, 3e-3]},
+}
+SCALES: dict[str, GeneralizationScale] = {
+    # every held-out task, the paper's grids (SlowMo's 144 points sampled to 48)
+    "full": GeneralizationScale(tasks=HELD_OUT, rounds=300, long=4, seeds=5, evals=30,
+                                baselines=("fedavg", "slowmo", "fedadam", "sgd", "adam"),
+                                grids={}, max_trials=48),
+    # the held-out tasks that need no download and train in seconds per run
+    "quick": GeneralizationScale(
+        tasks=tuple(t for t in HELD_OUT if t.dataset.split("@")[0].split(":")[0]
+                    in ("digits", "wine", "breast_cancer", "synthetic")),
+        rounds=100, long=4, seeds=2, evals=10,
+        baselines=("fedavg", "slowmo", "fedadam", "adam"), grids=_QUICK_GRIDS),
+    # for tests
+    "tiny": GeneralizationScale(
+        tasks=tuple(t for t in HELD_OUT if t.dataset in ("wine", "breast_cancer")),
+        rounds=6, long=2, seeds=2, evals=3, baselines=("fedavg", "slowmo"),
+        grids={"fedavg": {"workers.local_lr": [0.3]},
+               "slowmo": {"workers.local_lr": [0.3], "optimizer.lr": [0.5],
+                          "optimizer.beta": [0.9]}}),
+}
+
+
+def learned_local_lr(spec: str, default: float = 0.5) -> float:
+    """The workers' local lr a saved LAgg-A / LOpt-A was meta-trained with."""
+    from metagg.learned.store import read_aggregator_info
+
+    arg = spec.partition(":")[2]
+    if not arg or arg == "init":
+        return default
+    info = read_aggregator_info(arg)
+    return float((info.get("trained_on") or {}).get("local_lr", default))
+
+
+def _learned_config(task: TaskSpec, spec: str, rounds: int) -> RunConfig | None:
+    """The learned aggregator `spec` on `task` at its own local lr; None where it cannot
+    run (a fixed-K LAgg-A on another K)."""
+    from metagg.aggregators.registry import build_aggregator
+
+    kind, _, arg = spec.partition(":")
+    aggregator = {"name": kind, "options": {"init": True}} if arg == "init" else {"name": spec}
+    cfg = task.run_config(rounds=rounds, local_lr=learned_local_lr(spec))
+    data = config_to_dict(cfg)
+    data["aggregator"] = aggregator
+    cfg = config_from_dict(data)
+    agg = build_aggregator(cfg.aggregator.name, options=cfg.aggregator.options)
+    fixed_k = getattr(getattr(agg, "config", None), "num_workers", 0)
+    if fixed_k and fixed_k != task.num_workers:
+        return None
+    return cfg
+
+
+def summarize_task(curves: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]],
+                   baselines: Sequence[str], rounds: int) -> list[dict[str, Any]]:
+    """Per method: loss at R and at the end, ratios to the best baseline, rounds to the
+    target (the best baseline's loss at R), speed-up and seed spread (see the module
+    docstring). `curves[label]` are the seeds' runs, evaluated at R among other rounds."""
+    def loss_at(runs, r):
+        return next((v for t, v in mean_curve(runs) if t == r), math.nan)
+
+    def spread(runs):  # std over seeds of log(loss at R)
+        logs = [math.log(max(next(row["train_loss"] for row in run if row["round"] == rounds),
+                             1e-30)) for run in runs]
+        return statistics.pstdev(logs) if len(logs) > 1 else 0.0
+
+    end = min(mean_curve(runs)[-1][0] for runs in curves.values())
+    at_r = {m: loss_at(runs, rounds) for m, runs in curves.items()}
+    at_end = {m: loss_at(runs, end) for m, runs in curves.items()}
+    best = best_baseline(at_r, baselines)
+    best_end = min((at_end[b] for b in baselines if math.isfinite(at_end[b])), default=math.nan)
+    rows = []
+    for method, runs in curves.items():
+        hit = rounds_to_reach(runs, at_r[best])
+        rows.append({
+            "method": method, "baseline": method in baselines, "best_baseline": best,
+            "loss_at_R": at_r[method], "loss_at_end": at_end[method],
+            "ratio_at_R": at_r[method] / at_r[best],
+            "ratio_at_end": at_end[method] / best_end,
+            "rounds_to_target": hit, "speedup": rounds / hit if hit else None,
+            "spread_ratio": (spread(runs) / spread(curves[best]) if spread(curves[best]) > 0
+                             else math.nan),
+        })
+    return rows
+
+
+def _iqm(values: Sequence[float]) -> float:
+    """Interquartile mean: the mean of the middle half (Agarwal et al. 2021)."""
+    v = sorted(values)
+    n = len(v)
+    cut = n // 4
+    middle = v[cut:n - cut] if n - 2 * cut > 0 else v
+    return statistics.fmean(middle)
+
+
+def reproduce_generalization(
+    out_dir: str | Path,
+    *,
+    scale: str = "quick",
+    learned: Mapping[str, str] | None = None,
+    resume: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run the held-out suite at `scale` ("quick", "full"; "tiny" for tests) into `out_dir`.
+
+    `learned` maps a label to an aggregator spec (default: the shipped general LAgg-A and
+    LOpt-A). Returns the numbers in report.md."""
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; allowed: {', '.join(SCALES)}")
+    sc = SCALES[scale]
+    learned = dict(learned or DEFAULT_LEARNED)
+    unknown = [b for b in sc.baselines if b not in TUNABLE]
+    if unknown:
+        raise ValueError(f"unknown baselines {unknown}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    start = time.perf_counter()
+    ACCOUNT.update(read_back=0, compute_s=0.0)
+    for spec in learned.values():  # a missing file fails now, not after tuning
+        _learned_config(HELD_OUT[0], spec, sc.rounds)
+
+    horizon = sc.long * sc.rounds
+    rows, panels, marks = [], {}, {}
+    for task in sc.tasks:
+        name = task.name
+        base = task.run_config(rounds=sc.rounds, seed=TUNING_SEED, checkpoint_every=0)
+        methods: dict[str, RunConfig] = {}
+        for b in sc.baselines:
+            say(f"[generalization] {name}: tuning {b} ({sc.rounds} rounds per trial)")
+            folder = out / "tuning" / slug(name) / b
+            grid = {**sc.grids.get(b, {})}
+            if not TUNABLE[b].one_step:
+                grid["workers.local_steps"] = [task.local_steps]  # H belongs to the task
+            result = tune(base, b, budget=sc.rounds, out_dir=folder, grid=grid,
+                          max_trials=sc.max_trials, progress=False,
+                          resume=search_started(folder, resume))
+            count_tuning_time(folder)
+            methods[b] = config_from_dict(result["config"])
+        for label, spec in learned.items():
+            cfg = _learned_config(task, spec, sc.rounds)
+            if cfg is None:
+                say(f"[generalization] {name}: {label} skipped (trained for another K)")
+                continue
+            methods[label] = cfg
+        curves = {}
+        for label, cfg in methods.items():
+            cfg = changed_config(cfg, rounds=horizon, checkpoint_every=0)
+            say(f"[generalization] {name}: {label}, {sc.seeds} seeds x {horizon} rounds")
+            curves[label] = run_curves(cfg, dataset_for(cfg), sc.evals * sc.long,
+                                       list(range(sc.seeds)),
+                                       out / "runs" / f"{slug(name)}-{slug(label)}.json", resume)
+        for row in summarize_task(curves, sc.baselines, sc.rounds):
+            rows.append({"task": name, **row})
+        panels[name], marks[name] = curves, sc.rounds
+
+    write_csv(out / "tasks.csv", rows)
+    plot_panels(panels, out / "generalization.png", mark_round=marks)
+    aggregate = {label: _aggregate([r for r in rows if r["method"] == label], sc)
+                 for label in learned}
+    summary = {"scale": scale, "rounds": sc.rounds, "long": sc.long,
+               "seeds": list(range(sc.seeds)), "tasks": [t.name for t in sc.tasks],
+               "learned": learned, "baselines": list(sc.baselines), "aggregate": aggregate,
+               "rows": rows, "read_back": ACCOUNT["read_back"],
+               "compute_s": round(ACCOUNT["compute_s"], 1),
+               "wall_s": round(time.perf_counter() - start, 1)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_safe))
+    _write_report(out / "report.md", summary, sc)
+    say(f"[generalization] done in {summary['wall_s']:.0f} s: {out / 'report.md'}")
+    return summary
+
+
+def _aggregate(rows: Sequence[Mapping[str, Any]], sc: GeneralizationScale) -> dict[str, Any]:
+    """Over the tasks a learned aggregator ran on: geometric mean / IQM of the speed-ups
+    (unreached: the bound 1/long), tasks worse than the best baseline at R and at the end."""
+    if not rows:
+        return {"tasks": 0}
+    speed = [r["speedup"] if r["speedup"] else 1.0 / sc.long for r in rows]
+    return {
+        "tasks": len(rows),
+        "geomean_speedup": math.exp(statistics.fmean(math.log(s) for s in speed)),
+        "iqm_speedup": _iqm(speed),
+        "unreached": sum(1 for r in rows if not r["speedup"]),
+        "worse_at_R": sum(1 for r in rows if not r["ratio_at_R"] <= 1.0),
+        "worse_at_end": sum(1 for r in rows if not r["ratio_at_end"] <= 1.0),
+    }
+
+
+def _json_safe(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else str(value)
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "—"
+    return f"{v:.{digits}f}"
+
+
+def _write_report(path: Path, s: Mapping[str, Any], sc: GeneralizationScale) -> None:
+    end = s["rounds"] * s["long"]
+    lines = [
+        "# Learned aggregators on held-out tasks",
+        "",
+        f"Scale `{s['scale']}`: {len(s['tasks'])} held-out tasks (none can be drawn by a "
+        f"meta-training task family), R = {s['rounds']} rounds, runs to {end}, seeds "
+        f"{s['seeds'][0]}..{s['seeds'][-1]}. Baselines ({', '.join(s['baselines'])}) tuned "
+        f"on each task at R on seed {TUNING_SEED}; the learned aggregators "
+        f"({', '.join(f'{k}: `{v}`' for k, v in s['learned'].items())}) with **no per-task "
+        f"tuning** (their workers' local lr is the one they were meta-trained with). "
+        f"Wall time {s['wall_s']:.0f} s.",
+        "",
+        "## Over tasks",
+        "",
+        format_table(
+            ["learned", "tasks", "geo-mean speed-up", "IQM speed-up", "target not reached",
+             f"worse than best baseline @ {s['rounds']}", f"worse @ {end}"],
+            [[label, str(a.get("tasks", 0)), _fmt(a.get("geomean_speedup"), 2),
+              _fmt(a.get("iqm_speedup"), 2), str(a.get("unreached", "—")),
+              str(a.get("worse_at_R", "—")), str(a.get("worse_at_end", "—"))]
+             for label, a in s["aggregate"].items()]),
+        f"Speed-up = R / rounds to reach the best tuned baseline's loss at R (searched to "
+        f"{end}); a task where it is never reached counts as 1/{s['long']} (an upper bound).",
+        "",
+        "## Per task",
+        "",
+        format_table(
+            ["task", "method", f"loss @ {s['rounds']}", "ratio to best", f"loss @ {end}",
+             "ratio to best", "rounds to target", "speed-up", "spread ratio"],
+            [[r["task"], r["method"] + (" (best)" if r["method"] == r["best_baseline"] else ""),
+              _fmt(r["loss_at_R"], 4), _fmt(r["ratio_at_R"]), _fmt(r["loss_at_end"], 4),
+              _fmt(r["ratio_at_end"]), str(r["rounds_to_target"] or f"> {end}"),
+              _fmt(r["speedup"], 2), _fmt(r["spread_ratio"], 2)] for r in s["rows"]]),
+        "Ratios are to the best tuned baseline (at R: the one with the lowest loss at R; at "
+        f"{end}: the lowest of the baselines there). Spread ratio: the std over seeds of "
+        "log(loss at R) relative to the best baseline's.",
+        "",
+        "![loss vs rounds per held-out task](generalization.png)",
+        "",
+    ]
+    path.write_text("\n".join(lines))

@@ -1,0 +1,102 @@
+"""`metagg reproduce generalization` at its tiny (test) scale, and its metrics."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+
+from metagg.cli import main
+from metagg.experiments import runs
+from metagg.experiments.generalization import (
+    SCALES,
+    _aggregate,
+    _iqm,
+    learned_local_lr,
+    reproduce_generalization,
+    summarize_task,
+)
+from metagg.learned.lagg import LAggA, LAggConfig, save_lagg
+from metagg.tasks.families import HELD_OUT
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def curve(losses, every=5):
+    return [{"round": i * every, "train_loss": v, "test_accuracy": 0.5}
+            for i, v in enumerate(losses)]
+
+
+def test_task_summary_speedup_ratios_and_spread():
+    curves = {
+        "slowmo": [curve([2, 1.0, 0.5, 0.4, 0.3]), curve([2, 1.0, 0.5, 0.4, 0.3])],
+        "fedavg": [curve([2, 1.5, 0.9, 0.8, 0.7]), curve([2, 1.5, 0.9, 0.8, 0.7])],
+        "learned": [curve([2, 0.5, 0.25, 0.2, 0.15]), curve([2, 0.4, 0.25, 0.2, 0.15])],
+    }
+    rows = {r["method"]: r for r in summarize_task(curves, ["slowmo", "fedavg"], rounds=10)}
+    assert rows["learned"]["best_baseline"] == "slowmo"
+    assert rows["learned"]["rounds_to_target"] == 5 and rows["learned"]["speedup"] == 2.0
+    assert rows["learned"]["ratio_at_R"] == pytest.approx(0.5)
+    assert rows["learned"]["ratio_at_end"] == pytest.approx(0.5)  # 0.15 / 0.3
+    assert rows["fedavg"]["speedup"] is None and rows["fedavg"]["ratio_at_R"] == 1.8
+    assert math.isnan(rows["learned"]["spread_ratio"])  # the best baseline has no spread
+    agg = _aggregate([rows["learned"], {**rows["fedavg"]}], SCALES["tiny"])
+    # unreached counts as 1/long = 0.5: geometric mean of 2 and 0.5 is 1
+    assert agg["geomean_speedup"] == pytest.approx(1.0) and agg["unreached"] == 1
+    assert agg["worse_at_R"] == 1 and agg["worse_at_end"] == 1
+    assert _iqm([1, 2, 3, 100]) == 2.5
+
+
+def test_scales_only_use_held_out_tasks():
+    names = {t.name for t in HELD_OUT}
+    for sc in SCALES.values():
+        assert sc.tasks and all(t.name in names for t in sc.tasks)
+    assert len(SCALES["full"].tasks) == len(HELD_OUT)
+    # quick needs no download
+    assert all(not t.dataset.startswith("fashion_mnist") for t in SCALES["quick"].tasks)
+
+
+@pytest.fixture(scope="module")
+def general_lagg(tmp_path_factory):
+    path = tmp_path_factory.mktemp("agg") / "general"
+    cfg = LAggConfig(kind="lagg", step_mode="general", residual_base="momentum",
+                     residual_scale=0.6, correction_scale=0.1)
+    save_lagg(path, LAggA(config=cfg), trained_on={"local_lr": 0.3})
+    return f"lagg:{path}"
+
+
+def test_tiny_run_writes_every_file_and_resumes_without_training(tmp_path, general_lagg,
+                                                                  monkeypatch):
+    assert learned_local_lr(general_lagg) == 0.3
+    learned = {"LAgg-A": general_lagg, "K8": "lagg:pretrained/fmnist8x8-mlp32-lagg-k8h4"}
+    s = reproduce_generalization(tmp_path, scale="tiny", learned=learned, log=lambda m: None)
+    for name in ("tasks.csv", "summary.json", "generalization.png", "report.md"):
+        assert (tmp_path / name).is_file()
+    with open(tmp_path / "tasks.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    tasks = [t.name for t in SCALES["tiny"].tasks]
+    # the fixed-K=8 LAgg-A cannot run with K = 4 or 16: skipped, not faked
+    assert {(r["task"], r["method"]) for r in rows} == \
+        {(t, m) for t in tasks for m in ("fedavg", "slowmo", "LAgg-A")}
+    assert s["aggregate"]["K8"] == {"tasks": 0}
+    assert s["aggregate"]["LAgg-A"]["tasks"] == 2
+    report = (tmp_path / "report.md").read_text()
+    assert "no per-task tuning" in report and all(t in report for t in tasks)
+    assert json.loads((tmp_path / "summary.json").read_text())["scale"] == "tiny"
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(runs, "run_curve", no_training)
+    again = reproduce_generalization(tmp_path, scale="tiny", learned=learned, resume=True,
+                                     log=lambda m: None)
+    assert again["rows"] == s["rows"] and again["read_back"] > 0
+
+
+def test_cli(tmp_path, general_lagg, capsys, monkeypatch):
+    monkeypatch.setitem(SCALES, "quick", SCALES["tiny"])
+    assert main(["reproduce", "generalization", "--lagg", general_lagg, "--lopt", "none",
+                 "--out", str(tmp_path)]) == 0
+    assert "Learned aggregators on held-out tasks" in capsys.readouterr().out
