@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 
@@ -19,7 +20,7 @@ from metagg.experiments.generalization import (
     summarize_task,
 )
 from metagg.learned.lagg import LAggA, LAggConfig, save_lagg
-from metagg.tasks.families import HELD_OUT
+from metagg.tasks.families import HELD_OUT, TaskSpec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -54,8 +55,19 @@ def test_scales_only_use_held_out_tasks():
     for sc in SCALES.values():
         assert sc.tasks and all(t.name in names for t in sc.tasks)
     assert len(SCALES["full"].tasks) == len(HELD_OUT)
-    # quick needs no download
-    assert all(not t.dataset.startswith("fashion_mnist") for t in SCALES["quick"].tasks)
+
+
+def test_a_task_whose_data_is_missing_is_skipped_and_reported(tmp_path, general_lagg,
+                                                              monkeypatch):
+    missing = TaskSpec("mnist@8", "mlp:16:relu", 4, 1, 16)  # MNIST is never on disk here
+    monkeypatch.setenv("METAGG_DATA_DIR", str(tmp_path / "nothing"))
+    monkeypatch.setitem(SCALES, "tiny", dataclasses.replace(
+        SCALES["tiny"], tasks=(missing, SCALES["tiny"].tasks[0])))
+    s = reproduce_generalization(tmp_path / "out", scale="tiny",
+                                 learned={"LAgg-A": general_lagg}, log=lambda m: None)
+    assert list(s["skipped"]) == [missing.name]
+    assert {r["task"] for r in s["rows"]} == {SCALES["tiny"].tasks[1].name}
+    assert f"Skipped `{missing.name}`" in (tmp_path / "out" / "report.md").read_text()
 
 
 @pytest.fixture(scope="module")

@@ -113,7 +113,7 @@ def test_unknown_family():
 def test_synthetic_tasks():
     a = load_dataset("synthetic:16:4:3")
     assert a.name == "synthetic:16:4:3" and a.input_shape == (16,) and a.num_classes == 4
-    assert (len(a.y_train), len(a.y_test)) == (4096, 1024)
+    assert (len(a.y_train), len(a.y_test)) == (16384, 4096)
     assert torch.equal(a.x_train, load_dataset("Synthetic:16:4:3").x_train)  # deterministic
     assert not torch.equal(a.y_train, load_dataset("synthetic:16:4:4").y_train)
     counts = torch.bincount(a.y_train, minlength=4)

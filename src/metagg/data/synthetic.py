@@ -7,7 +7,7 @@ likes. The teacher is a random one-hidden-layer tanh network (width 2·F, weight
 N(0, 1/fan_in), so it is neither linear nor saturated); labels are the argmax of its
 outputs after each class's output is centred over the sample (classes of roughly equal
 size), and 5 % of labels are replaced by a random class (irreducible noise, as real
-data has). 4 096 training and 1 024 test examples, float32 features [N, F].
+data has). 16 384 training and 4 096 test examples, float32 features [N, F].
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 __all__ = ["SYNTHETIC_HELP", "parse_synthetic", "synthetic_arrays"]
 
 SYNTHETIC_HELP = "'synthetic:FEATURES:CLASSES:SEED' (e.g. 'synthetic:32:10:7')"
-TRAIN, TEST, LABEL_NOISE = 4096, 1024, 0.05
+TRAIN, TEST, LABEL_NOISE = 16384, 4096, 0.05
 
 
 def parse_synthetic(name: str) -> tuple[int, int, int]:

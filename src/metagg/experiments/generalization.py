@@ -79,10 +79,10 @@ class GeneralizationScale:
 
 
 _QUICK_GRIDS = {
-    "fedavg": {"workers.local_lr": [0.5, 0.3, 0.1]},
-    "slowmo": {"workers.local_lr": [0.5, 0.3, 0.1], "optimizer.lr": [1.0, 0.5, 0.3],
-               "optimizer.beta": [0.9, 0.7]},
-    "fedadam": {"workers.local_lr": [0.5, 0.1], "optimizer.lr": [0.03, 0.01, 3e-3]},
+    "fedavg": {"workers.local_lr": [1.0, 0.5, 0.3, 0.1]},
+    "slowmo": {"workers.local_lr": [1.0, 0.5, 0.3], "optimizer.lr": [1.0, 0.5, 0.3],
+               "optimizer.beta": [0.95, 0.9, 0.7]},
+    "fedadam": {"workers.local_lr": [1.0, 0.5, 0.1], "optimizer.lr": [0.1, 0.03, 0.01]},
     "adam": {"optimizer.lr": [0.03, 0.01, 3e-3]},
 }
 SCALES: dict[str, GeneralizationScale] = {
@@ -90,10 +90,11 @@ SCALES: dict[str, GeneralizationScale] = {
     "full": GeneralizationScale(tasks=HELD_OUT, rounds=300, long=4, seeds=5, evals=30,
                                 baselines=("fedavg", "slowmo", "fedadam", "sgd", "adam"),
                                 grids={}, max_trials=48),
-    # the held-out tasks that need no download and train in seconds per run
+    # the held-out tasks that train in seconds per run and do not learn to ~0 loss
+    # within 4R (wine does: it is in full only); Fashion-MNIST is skipped when absent
     "quick": GeneralizationScale(
-        tasks=tuple(t for t in HELD_OUT if t.dataset.split("@")[0].split(":")[0]
-                    in ("digits", "wine", "breast_cancer", "synthetic")),
+        tasks=tuple(t for t in HELD_OUT if t.dataset.split(":")[0]
+                    in ("digits", "breast_cancer", "synthetic", "fashion_mnist@28")),
         rounds=100, long=4, seeds=2, evals=10,
         baselines=("fedavg", "slowmo", "fedadam", "adam"), grids=_QUICK_GRIDS),
     # for tests
@@ -205,10 +206,16 @@ def reproduce_generalization(
         _learned_config(HELD_OUT[0], spec, sc.rounds)
 
     horizon = sc.long * sc.rounds
-    rows, panels, marks = [], {}, {}
+    rows, panels, marks, skipped = [], {}, {}, {}
     for task in sc.tasks:
         name = task.name
         base = task.run_config(rounds=sc.rounds, seed=TUNING_SEED, checkpoint_every=0)
+        try:
+            dataset_for(base)
+        except FileNotFoundError as exc:  # e.g. Fashion-MNIST not installed: say so, go on
+            skipped[name] = " ".join(str(exc).split())
+            say(f"[generalization] {name}: skipped ({skipped[name]})")
+            continue
         methods: dict[str, RunConfig] = {}
         for b in sc.baselines:
             say(f"[generalization] {name}: tuning {b} ({sc.rounds} rounds per trial)")
@@ -238,6 +245,8 @@ def reproduce_generalization(
             rows.append({"task": name, **row})
         panels[name], marks[name] = curves, sc.rounds
 
+    if not rows:
+        raise FileNotFoundError(f"no held-out task could be loaded: {skipped}")
     write_csv(out / "tasks.csv", rows)
     plot_panels(panels, out / "generalization.png", mark_round=marks)
     aggregate = {label: _aggregate([r for r in rows if r["method"] == label], sc)
@@ -245,6 +254,7 @@ def reproduce_generalization(
     summary = {"scale": scale, "rounds": sc.rounds, "long": sc.long,
                "seeds": list(range(sc.seeds)), "tasks": [t.name for t in sc.tasks],
                "learned": learned, "baselines": list(sc.baselines), "aggregate": aggregate,
+               "skipped": skipped,
                "rows": rows, "read_back": ACCOUNT["read_back"],
                "compute_s": round(ACCOUNT["compute_s"], 1),
                "wall_s": round(time.perf_counter() - start, 1)}
@@ -285,7 +295,8 @@ def _write_report(path: Path, s: Mapping[str, Any], sc: GeneralizationScale) -> 
     lines = [
         "# Learned aggregators on held-out tasks",
         "",
-        f"Scale `{s['scale']}`: {len(s['tasks'])} held-out tasks (none can be drawn by a "
+        f"Scale `{s['scale']}`: {len(s['tasks']) - len(s['skipped'])} held-out tasks (none "
+        f"can be drawn by a "
         f"meta-training task family), R = {s['rounds']} rounds, runs to {end}, seeds "
         f"{s['seeds'][0]}..{s['seeds'][-1]}. Baselines ({', '.join(s['baselines'])}) tuned "
         f"on each task at R on seed {TUNING_SEED}; the learned aggregators "
@@ -321,4 +332,6 @@ def _write_report(path: Path, s: Mapping[str, Any], sc: GeneralizationScale) -> 
         "![loss vs rounds per held-out task](generalization.png)",
         "",
     ]
+    for name, why in s["skipped"].items():
+        lines += [f"Skipped `{name}`: {why}", ""]
     path.write_text("\n".join(lines))

@@ -203,7 +203,7 @@ HELD_OUT: tuple[TaskSpec, ...] = (
     TaskSpec("fashion_mnist@16", "cnn:c10", 8, 4, 64),  # a CNN
     TaskSpec("wine", "mlp:32:tanh", 4, 4, 16),  # a 142-row table
     TaskSpec("breast_cancer", "mlp:16:relu", 16, 2, 16),  # K = 16
-    TaskSpec("synthetic:128:5:2026", "mlp:64,64:relu", 8, 8, 64),  # 128 features; H = 8
+    TaskSpec("synthetic:128:5:2026", "mlp:32:relu", 8, 8, 64),  # 128 features; H = 8
     TaskSpec("text@32", "transformer:2:32:4", 8, 4, 16),  # a deeper LM on longer windows
 )
 
