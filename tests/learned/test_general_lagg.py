@@ -54,11 +54,19 @@ def per_tensor_rms(x):
     return torch.stack([x[s.slice].square().mean().sqrt() for s in LAYOUT])
 
 
+def large_output(agg, scale=100.0):
+    """An output layer whose direction output has RMS far above 1 (the normalised regime)."""
+    with torch.no_grad():
+        agg.net.w3.copy_(torch.randn(agg.net.w3.shape,
+                                     generator=torch.Generator().manual_seed(7)) * scale)
+    return agg
+
+
 @pytest.mark.parametrize("kind", ["lopt", "lagg"])
 def test_step_ignores_the_mlp_output_scale(kind):
-    """The correction is RMS-normalised per tensor: scaling the MLP's direction output d
-    (w3's and b3's first column) changes nothing."""
-    a, b = agg_of(kind), agg_of(kind)
+    """The correction is RMS-normalised per tensor: once the MLP's output is large,
+    scaling its direction output d (w3's and b3's first column) changes nothing."""
+    a, b = large_output(agg_of(kind)), large_output(agg_of(kind))
     with torch.no_grad():
         b.net.w3[:, 0].mul_(10.0)
         b.net.b3[0].mul_(10.0)
@@ -68,7 +76,7 @@ def test_step_ignores_the_mlp_output_scale(kind):
 
 @pytest.mark.parametrize("kind", ["lopt", "lagg"])
 def test_correction_has_size_gamma_times_rms_of_the_mean_update(kind):
-    agg = agg_of(kind)
+    agg = large_output(agg_of(kind))
     with torch.no_grad():
         agg.net.log_scale.fill_(-60.0)  # no base step: only the correction
     u = draws(1, 4)[0]
@@ -77,11 +85,10 @@ def test_correction_has_size_gamma_times_rms_of_the_mean_update(kind):
                                rtol=1e-4, atol=0)
 
 
-def test_untrained_general_step_is_slowmo_plus_the_correction():
-    """With the correction off (log γ → −∞) and a zero schedule, the step is α·m/(1 − β)."""
+def test_untrained_general_step_is_exactly_slowmo():
+    """The output layer starts at zero and the schedule at zero: the step is α·m/(1 − β)."""
     agg = agg_of("lagg")
-    with torch.no_grad():
-        agg.net.log_step.fill_(-60.0)
+    assert not agg.net.w3.any()
     per_round = draws(3, 4)
     momentum = torch.zeros(D)
     for u, step in zip(per_round, rounds(agg, per_round, 4), strict=True):
@@ -116,9 +123,21 @@ def test_worker_statistics_and_schedule_features():
     assert f[0] == 0 and f[1] == 0
 
 
+def test_small_outputs_give_a_proportional_correction():
+    """Below RMS 1 the correction is linear in the MLP's output (smooth around zero)."""
+    small = [large_output(agg_of("lopt"), scale=1e-4), large_output(agg_of("lopt"), scale=2e-4)]
+    corrections = []
+    for agg in small:
+        with torch.no_grad():
+            agg.net.log_scale.fill_(-60.0)
+        corrections.append(rounds(agg, draws(1, 3), 3)[0])
+    assert 0 < float(corrections[0].abs().max())
+    torch.testing.assert_close(corrections[1], 2 * corrections[0], rtol=1e-3, atol=1e-12)
+
+
 def test_the_schedule_moves_the_step_size():
     """A positive weight on the progress feature grows γ over rounds: a learned schedule."""
-    agg = agg_of("lopt")
+    agg = large_output(agg_of("lopt"))
     with torch.no_grad():
         agg.net.log_scale.fill_(-60.0)
         agg.net.schedule[1, 2] = 1.0  # log γ += log(1 + t) / log(1000)

@@ -26,10 +26,13 @@ PES_TASKS = {
 
 
 # `--tasks` runs: the general step (normalised correction, learned schedule) starting
-# at SlowMo (α 0.6, β 0.9) plus a correction of 0.1·rms(ḡ); inner runs of 100-500 rounds
-# (tasks change more often); validation on 6 drawn tasks, 2 seeds, at 100 and 300 rounds
-MULTI_TASK_DEFAULTS = {"step_mode": "general", "correction_scale": 0.1, "min_inner": 100,
-                       "max_inner": 500, "validation_seeds": 2, "validation_rounds": [100, 300]}
+# exactly at SlowMo (α 0.6, β 0.9); inner runs of 100-500 rounds in truncations of 20
+# (tasks change more often); meta-loss log(loss / ln C), so relative progress counts the
+# same on every task; outer lr 1e-3 → 3e-4 and 16 pairs (4 per task): PES estimates over
+# different tasks are noisy; validation on 6 drawn tasks, 2 seeds, at 100 and 300 rounds
+MULTI_TASK_DEFAULTS = {"step_mode": "general", "min_inner": 100, "max_inner": 500,
+                       "unroll": 20, "meta_loss": "log", "lr": 1e-3, "final_lr": 3e-4,
+                       "pairs": 16, "validation_seeds": 2, "validation_rounds": [100, 300]}
 
 
 def add_parsers(sub: Any) -> None:

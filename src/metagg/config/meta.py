@@ -178,6 +178,9 @@ class MetaTrainPESConfig(Section):
     min_inner: int = option(100, ge=1)  # inner run length, log-uniform in [min, max] rounds
     max_inner: int = option(1000, ge=1)
     loss_clip: float = option(1.5, gt=0)  # per-round loss clipped to [0, loss_clip · ln C]
+    # the per-round meta-loss: "loss" (the clipped loss, the spec's) or "log",
+    # log((loss + 1e-3·ln C) / ln C): relative progress counts the same on every task
+    meta_loss: str = option("loss", choices=("loss", "log"))
     # outer optimizer: AdamW, linear warm-up to lr, cosine decay to final_lr
     steps: int = option(5000, ge=1)
     lr: float = option(3e-3, gt=0)

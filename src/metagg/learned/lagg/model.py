@@ -30,13 +30,17 @@ cut at ±2σ, zero biases) maps each element's features to (d, g), and
         the output layer starts at zero, so the untrained aggregator *is* the baseline.
 
     step_mode="general" (meant for meta-training on many tasks, after Celo / Celo2):
-        step = α_t · base + γ_t · rms_T(ḡ) · d̂,   d̂ = mag / rms_T(mag) per tensor
+        step = α_t · base + γ_t · rms_T(ḡ) · d̂,   d̂ = mag / max(rms_T(mag), 1) per tensor
         mag = d · exp(0.001 · g); α_t = exp(log_scale + a · f_t), γ_t = exp(log_step + c · f_t)
     The correction is RMS-normalised per tensor at every step (Celo2's per-step output
-    normalisation), so its size is γ_t·rms_T(ḡ) whatever the MLP's output scale, on every
-    task; a small learned global schedule sets α_t and γ_t from three task-agnostic
-    scalars f_t = [cos(ḡ, m_0.9 before this round), agreement ‖ḡ‖² / mean_k ‖u_k‖²
-    (0 for LOpt-A, which sees only ḡ), log(1 + t) / log(1000)]; a, c start at zero,
+    normalisation) once the MLP's output has RMS ≥ 1, so its size is then γ_t·rms_T(ḡ)
+    whatever the MLP's output scale, on every task, and never more; below that it is
+    linear in the output, which starts at zero (the output layer is zero-initialised as
+    in residual mode: the untrained aggregator is exactly SlowMo-like, and PES's
+    perturbations of it move the step smoothly). A small learned global schedule sets
+    α_t and γ_t from three task-agnostic scalars f_t = [cos(ḡ, m_0.9 before this
+    round), agreement ‖ḡ‖² / mean_k ‖u_k‖² (0 for LOpt-A, which sees only ḡ),
+    log(1 + t) / log(1000)]; a, c start at zero,
     log_step at log(correction_scale), log_scale at log(residual_scale). LAgg-A sees the
     workers through per-element statistics that mean the same for any K and any order:
     ḡ, the spread std_k(u_k) and the sign agreement mean_k sign(u_k) — so one φ serves
@@ -186,8 +190,8 @@ class AdaMLP(nn.Module):
             w = torch.empty(fan_in, fan_out)
             std = 1.0 / math.sqrt(fan_in)
             nn.init.trunc_normal_(w, 0.0, std, -2 * std, 2 * std, generator=gen)
-            if i == 3 and config.step_mode == "residual":
-                w.zero_()  # residual mode starts exactly at its baseline
+            if i == 3 and config.step_mode in ("residual", "general"):
+                w.zero_()  # residual and general modes start exactly at their baseline
             self.register_parameter(f"w{i}", nn.Parameter(w))
             self.register_parameter(f"b{i}", nn.Parameter(torch.zeros(fan_out)))
         self.decay_offsets = nn.Parameter(torch.zeros(len(DECAYS)))
@@ -288,7 +292,10 @@ def ada_step(phi: Mapping[str, torch.Tensor], state: AdaState, updates: torch.Te
     f = schedule_features(g, state.m[0], updates, state.t, lopt=config.kind == "lopt")
     log_alpha, log_gamma = phi["schedule"] @ f + torch.stack([phi["log_scale"],
                                                               phi["log_step"]])
-    unit = mag * torch.rsqrt(per_tensor_rms(mag, plan).square() + 1e-16)  # RMS 1 per tensor
+    # RMS-normalised per tensor once the MLP's output is large (RMS ≥ 1), linear below:
+    # the untrained (zero) output is exactly the baseline, and PES's small perturbations
+    # of it already move the step (a pure d / rms(d) would jump from 0 to full size)
+    unit = mag / per_tensor_rms(mag, plan).clamp_min(1.0)
     return base * torch.exp(log_alpha) + torch.exp(log_gamma) * rms * unit, new
 
 

@@ -307,6 +307,14 @@ class LocalSGDEnv:
                                    self.cfg.local_lr)
         return updates.view(p, k, -1), first.view(p, k).mean(1)
 
+    def round_meta_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """A round's meta-loss from the workers' mean loss: the clipped loss, or with
+        cfg.meta_loss "log" log((clipped + 1e-3·ln C) / ln C)."""
+        clipped = self.clip_loss(loss)
+        if self.cfg.meta_loss == "log":
+            return torch.log((clipped + 1e-3 * self.loss_scale) / self.loss_scale)
+        return clipped
+
     def clip_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """Per-round meta-loss: clipped to [0, loss_max], NaN/inf → loss_max."""
         m = self.loss_max

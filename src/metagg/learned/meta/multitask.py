@@ -180,7 +180,8 @@ class MultiTaskPES:
             runner = self.runner(self.task(tasks[g]))
             e = eps[g * n:(g + 1) * n]
             losses, inner = runner.unroll(torch.cat([phi + e, phi - e]), inner)
-            losses = losses / runner.env.loss_scale  # in units of ln C
+            if cfg.meta_loss == "loss":
+                losses = losses / runner.env.loss_scale  # in units of ln C (log: already)
             pos.append(losses[:n])
             neg.append(losses[n:])
             groups.append(inner)

@@ -252,7 +252,8 @@ class PES:
                    ) -> tuple[torch.Tensor, AdaState, torch.Tensor]:
         """`rounds` rounds for P particles: φ [P, n], θ [P, d], acc [P, ...]; particle i
         uses the minibatches of run seeds[i % len(seeds)] from round start[...]. Returns
-        (θ, acc, per-round clipped loss [rounds, P]). `after(r, θ)` after each round."""
+        (θ, acc, per-round meta-loss [rounds, P]: `LocalSGDEnv.round_meta_loss`).
+        `after(r, θ)` after each round."""
         rep = theta.shape[0] // len(seeds)
         losses = []
         with torch.no_grad():
@@ -262,7 +263,7 @@ class PES:
                 updates, loss = self.env.local_sgd(theta, xb, yb)
                 step, acc = self._agg_step(phi, acc, theta, updates)
                 theta = theta - step
-                losses.append(self.env.clip_loss(loss))
+                losses.append(self.env.round_meta_loss(loss))
                 if after is not None:
                     after(r + 1, theta)
         return theta, acc, torch.stack(losses)
