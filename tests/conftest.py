@@ -18,3 +18,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def rewrite_meta():
+    """Rewrite a checkpoint's metadata the way another metagg version would have written
+    it (both copies, sidecar and tensor file): `rewrite_meta(stem, edit)`; `edit` changes
+    the metadata dict in place. Editing only the sidecar is refused as tampering."""
+    from metagg.checkpoint import load_checkpoint, save_checkpoint
+
+    def rewrite(stem, edit) -> None:
+        tensors, meta = load_checkpoint(stem)
+        meta.pop("sha256", None)
+        edit(meta)
+        save_checkpoint(stem, tensors, meta)
+
+    return rewrite

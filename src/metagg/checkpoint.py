@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-import tempfile
+import secrets
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,8 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "flatten_state",
+    "json_safe",
+    "json_text",
     "load_checkpoint",
     "save_checkpoint",
     "unflatten_state",
@@ -41,10 +45,15 @@ class CheckpointError(RuntimeError):
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, then rename over `path`."""
+    """Write to a temp file in the same directory, fsync, then rename over `path`.
+
+    The file gets the same mode as any other file the process creates (0666 less the
+    umask), not mkstemp's 0600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -58,6 +67,22 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def json_safe(x: Any) -> Any:
+    """`x` with every non-finite float replaced by None: bare NaN/Infinity is not JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, Mapping):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [json_safe(v) for v in x]
+    return x
+
+
+def json_text(x: Any, indent: int | None = None) -> str:
+    """Strict JSON for files others read (jq, browsers): non-finite floats become null."""
+    return json.dumps(json_safe(x), indent=indent, allow_nan=False)
 
 
 def _is_namedtuple(x: Any) -> bool:
@@ -187,7 +212,31 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         tensors = load(blob)
     except (SafetensorError, ValueError) as exc:
         raise CheckpointError(f"{tfile}: cannot read safetensors ({exc})") from None
+    embedded = _embedded_meta(blob)
+    sidecar = {k: v for k, v in meta.items() if k != "sha256"}
+    if embedded is not None and _canonical(embedded) != _canonical(sidecar):
+        # the sha256 covers the tensor file only; its own copy of the metadata catches
+        # an edited sidecar (e.g. "round": 40 -> 30 would resume round-40 weights as 30)
+        changed = sorted(k for k in embedded.keys() | sidecar.keys()
+                         if _canonical(embedded.get(k)) != _canonical(sidecar.get(k)))
+        raise CheckpointError(
+            f"{jfile} was modified after it was written (keys differ from the copy inside "
+            f"{tfile.name}: {', '.join(changed[:8])}); restore it or start the run again")
     return tensors, meta
+
+
+def _embedded_meta(blob: bytes) -> dict[str, Any] | None:
+    """The metadata copy in an intact tensor file's header (None for older files)."""
+    try:
+        header = json.loads(blob[8 : 8 + int.from_bytes(blob[:8], "little")])
+        meta = json.loads((header.get("__metadata__") or {})["metagg_meta"])
+    except (ValueError, KeyError, AttributeError, TypeError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _canonical(x: Any) -> str:
+    return json.dumps(x, sort_keys=True)
 
 
 # Re-exported for callers that only need plain safetensors files (aggregator weights).

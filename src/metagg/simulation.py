@@ -35,7 +35,13 @@ from metagg.aggregators.base import RoundContext
 from metagg.aggregators.optimizers import build_optimizer
 from metagg.aggregators.registry import build_aggregator
 from metagg.attacks import Attack, make_attack
-from metagg.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
+from metagg.checkpoint import (
+    CheckpointError,
+    atomic_write_text,
+    json_text,
+    load_checkpoint,
+    save_checkpoint,
+)
 from metagg.cluster import Cluster
 from metagg.config import ConfigError, RunConfig, config_from_dict, config_to_dict, save_config
 from metagg.data import Dataset, load_dataset, partition
@@ -49,6 +55,7 @@ __all__ = ["Simulation", "Workers", "build_workers", "byzantine_ids", "load_run_
 log = logging.getLogger("metagg")
 
 ACCURACY_MILESTONES = (0.8, 0.9, 0.95)
+EVAL_KEYS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
 # `Server` attributes readable as the simulation's own (`sim.params`, `sim.round`, ...)
 SERVER_STATE = frozenset({"params", "round", "agg_state", "attack", "byzantine", "honest",
                           "dropped_updates", "skipped_rounds", "missing_updates",
@@ -67,7 +74,7 @@ def load_run_dataset(cfg: RunConfig) -> Dataset:
     """The dataset a config's `data` section names, loaded once for many runs."""
     d = cfg.data
     return load_dataset(d.name, data_dir=d.data_dir, path=d.path, classes=d.classes,
-                        image_size=d.image_size, seq_len=d.seq_len)
+                        image_size=d.image_size, seq_len=d.seq_len, num_classes=d.num_classes)
 
 
 @dataclass
@@ -256,7 +263,7 @@ class Simulation:
                 self.load(ckpt)
                 rows = [r for r in read_metrics(out / "metrics.jsonl") if r["round"] <= self.round]
             save_config(cfg, out / "config.yaml")
-            atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+            atomic_write_text(out / "metrics.jsonl", "".join(json_text(r) + "\n" for r in rows))
         metrics_fh = open(out / "metrics.jsonl", "a") if out is not None else None
         start = time.perf_counter()
 
@@ -271,7 +278,7 @@ class Simulation:
                    "missing_updates": self.missing_updates, "wall_s": round(wall(), 4)}
             rows.append(row)
             if metrics_fh is not None:
-                metrics_fh.write(json.dumps(row) + "\n")
+                metrics_fh.write(json_text(row) + "\n")
                 metrics_fh.flush()
 
         if progress is None:
@@ -302,7 +309,7 @@ class Simulation:
         summary = summarize(rows, cfg, self.aggregator.name)
         if out is not None:
             self.save(out / "checkpoint", wall())
-            atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+            atomic_write_text(out / "summary.json", json_text(summary, indent=2))
             from metagg.plots import plot_curves
 
             plot_curves(rows, out / "curves.png", title=f"{cfg.aggregator.name} on {cfg.data.name}")
@@ -325,9 +332,11 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     rows = []
     for line in path.read_text().splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             break
+        # a NaN metric (diverged) is written as null: read it back as NaN
+        rows.append({k: math.nan if v is None and k in EVAL_KEYS else v for k, v in row.items()})
     return rows
 
 

@@ -39,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from metagg.checkpoint import atomic_write_text
+from metagg.checkpoint import atomic_write_text, json_text
 from metagg.config import (
     ConfigError,
     RunConfig,
@@ -287,15 +287,17 @@ def _start_trials_file(out_dir: str | Path | None, search: dict[str, Any],
         except json.JSONDecodeError:
             break  # a torn last line: that trial runs again
         good.append(line)
-        done[row.pop("trial")] = {k: row[k] for k in (search["metric"], "std", "seeds",
-                                                      "diverged", "wall_s")}
+        # a diverged trial's metric and std are NaN, written as null
+        done[row.pop("trial")] = {k: math.nan if row[k] is None else row[k]
+                                  for k in (search["metric"], "std", "seeds", "diverged",
+                                            "wall_s")}
     atomic_write_text(trials, "".join(line + "\n" for line in good))  # drop a torn tail
     return done
 
 
 def _append_trial(out: Path, row: dict[str, Any]) -> None:
     with open(out / "trials.jsonl", "a") as fh:
-        fh.write(json.dumps(row) + "\n")
+        fh.write(json_text(row) + "\n")
 
 
 def _write(out: Path, rows: list[dict[str, Any]], result: dict[str, Any], baseline: str) -> None:
@@ -312,4 +314,4 @@ def _write(out: Path, rows: list[dict[str, Any]], result: dict[str, Any], baseli
     config = dict(result["config"])
     config["rounds"] = result["budget"]
     atomic_write_text(out / "best.yaml", header + yaml.safe_dump(config, sort_keys=False))
-    atomic_write_text(out / "summary.json", json.dumps(result, indent=2))
+    atomic_write_text(out / "summary.json", json_text(result, indent=2))

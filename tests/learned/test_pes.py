@@ -418,14 +418,16 @@ def test_init_from_starts_at_saved_weights(tmp_path, digits):
                        progress=False, data=digits)
 
 
-def test_resume_of_a_checkpoint_written_before_a_config_key_existed(tmp_path, digits):
+def test_resume_of_a_checkpoint_written_before_a_config_key_existed(tmp_path, digits,
+                                                                    rewrite_meta):
     cfg = tiny_config(steps=2, validate_every=2)
     meta_train_pes(cfg, tmp_path, progress=False, data=digits)
-    path = tmp_path / "meta_state.json"
-    meta = json.loads(path.read_text())
-    for key in ("max_grad_norm", "init_from"):  # as an older metagg wrote it
-        del meta["config"][key]
-    path.write_text(json.dumps(meta))
+
+    def older(meta: dict) -> None:  # as an older metagg wrote it
+        for key in ("max_grad_norm", "init_from"):
+            del meta["config"][key]
+
+    rewrite_meta(tmp_path / "meta_state", older)
     done = meta_train_pes(tiny_config(steps=3, validate_every=2), tmp_path, progress=False,
                           resume=True, data=digits)
     assert done.summary["steps_done"] == 3

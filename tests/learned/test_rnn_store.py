@@ -57,23 +57,27 @@ def test_corrupt_safetensors_is_a_clear_error(tmp_path):
         load_rnn(tmp_path)
 
 
-def test_json_that_does_not_match_the_weights(tmp_path):
+def test_json_that_does_not_match_the_weights(tmp_path, rewrite_meta):
     save_rnn(tmp_path, RNNAggregator(RNNConfig(num_workers=2)))
     jf = tmp_path / "aggregator.json"
     meta = json.loads(jf.read_text())
+    meta.pop("sha256")
+    stem = tmp_path / "aggregator"
     for change, pattern in [({"hidden": 30}, r"tensor w_hh.0 has shape \(20, 80\)"),
                             ({"num_workers": 3}, r"tensor w_ih.0 has shape"),
                             ({"cell": "gru"}, "has shape"),
                             ({"cell": "tanh"}, "bad config.*cell: unknown value"),
                             ({"hiddden": 20}, "unknown config keys")]:
-        bad = json.loads(json.dumps(meta))
-        bad["config"].update(change)
-        jf.write_text(json.dumps(bad))
+        rewrite_meta(stem, lambda m, change=change: m.update(
+            json.loads(json.dumps(meta)), config={**meta["config"], **change}))
         with pytest.raises(CheckpointError, match=pattern):
             load_rnn(tmp_path)
-    bad = dict(meta, format="something.else")
-    jf.write_text(json.dumps(bad))
+    rewrite_meta(stem, lambda m: m.update(format="something.else"))
     with pytest.raises(CheckpointError, match="not a metagg RNN aggregator"):
+        load_rnn(tmp_path)
+    rewrite_meta(stem, lambda m: m.update(json.loads(json.dumps(meta))))
+    jf.write_text(jf.read_text().replace('"cell"', '"kell"'))  # the sidecar alone: tampering
+    with pytest.raises(CheckpointError, match="modified after it was written"):
         load_rnn(tmp_path)
     jf.write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
@@ -115,7 +119,7 @@ def test_rnn_path_runs_in_the_simulator(tmp_path, digits, kind):
     assert torch.equal(resumed.agg_state.h, sim.agg_state.h)
 
 
-def test_zoo_loads_and_saves_every_kind(tmp_path):
+def test_zoo_loads_and_saves_every_kind(tmp_path, rewrite_meta):
     from metagg.learned.lagg import LOptA
 
     for agg in (RNNAggregator(RNNConfig(num_workers=2)), LOptA(seed=0)):
@@ -124,8 +128,7 @@ def test_zoo_loads_and_saves_every_kind(tmp_path):
         assert type(back) is type(agg) and back.config == agg.config
         for k, v in agg.net.state_dict().items():
             assert torch.equal(back.net.state_dict()[k], v), k
-    jf = tmp_path / "rnn" / "aggregator.json"
-    jf.write_text(jf.read_text().replace("metagg.rnn_aggregator", "something.else"))
+    rewrite_meta(tmp_path / "rnn" / "aggregator", lambda m: m.update(format="something.else"))
     with pytest.raises(CheckpointError, match=r"unknown format 'something\.else'"):
         load_aggregator(tmp_path / "rnn")
     with pytest.raises(TypeError, match="not a learned aggregator"):

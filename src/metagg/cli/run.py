@@ -35,6 +35,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from the checkpoint in --out (same metrics as an "
                         "uninterrupted run)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results already in --out (default: refuse)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_run)
 
@@ -55,6 +57,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted table in --out: finished runs are kept, a "
                         "started one continues from its checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results already in --out (default: refuse)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.set_defaults(func=cmd_compare)
 
@@ -115,8 +119,23 @@ def add_parsers(sub: Any) -> None:
                    help="torch threads (default 1: fastest for small models)")
     p.add_argument("--resume", action="store_true",
                    help="keep the trials an interrupted search in --out finished")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results already in --out (default: refuse)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.set_defaults(func=cmd_tune)
+
+
+def refuse_to_overwrite(out: Path | None, results: tuple[str, ...],
+                        args: argparse.Namespace) -> None:
+    """A ConfigError if `out` already holds results and neither --resume nor --overwrite
+    says what to do with them (they could be another config's, hours of work)."""
+    if out is None or args.resume or args.overwrite:
+        return
+    found = [pattern for pattern in results if next(out.glob(pattern), None) is not None]
+    if found:
+        raise ConfigError(
+            f"{out} already holds results ({', '.join(found)}); use --resume to continue "
+            "that run, --overwrite to replace it, or another --out")
 
 
 def _print_results(out: Path) -> None:
@@ -130,6 +149,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.resume and args.out is None:
         raise ConfigError("--resume needs --out DIR (the directory holding the checkpoint)")
+    refuse_to_overwrite(args.out, ("summary.json", "metrics.jsonl", "checkpoint.json"), args)
     sim = Simulation(cfg)
     summary = sim.run(args.out, resume=args.resume,
                       progress=None if not args.no_progress else False)
@@ -150,6 +170,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         load_config(args.config, [*args.overrides, f"aggregator.name={name}"])
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
+    refuse_to_overwrite(args.out, ("results.csv", "*/*/seed*/checkpoint.json"), args)
 
     attacks = None
     if args.attacks:
@@ -205,6 +226,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from metagg.tune import parse_grid, tune
 
     cfg = load_config(args.config, args.overrides)
+    refuse_to_overwrite(args.out, ("trials.jsonl", "summary.json"), args)
     torch.set_num_threads(max(1, args.threads))
 
     def report(row: dict) -> None:

@@ -75,6 +75,9 @@ class DataConfig(Section):
     alpha: float = option(0.5, gt=0)  # Dirichlet concentration (smaller = more label skew)
     shards_per_worker: int = option(2, gt=0)  # for partition=shards
     seq_len: int = option(32, gt=0)  # characters per sequence, name=text only
+    # the class count of the data as loaded (before `classes`); null = the dataset's own
+    # (10 for the image sets) or, for npz / tables, the largest label + 1
+    num_classes: int | None = option(None, ge=1)
 
     def problems(self) -> list[str]:
         name = self.name.lower()

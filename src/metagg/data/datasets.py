@@ -15,6 +15,7 @@ inputs shifted by one token (next-character prediction).
 from __future__ import annotations
 
 import operator
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,17 @@ class Dataset:
     num_classes: int
 
     def __post_init__(self) -> None:
+        for key in ("x_train", "y_train", "x_test", "y_test"):
+            value = getattr(self, key)
+            if isinstance(value, np.ndarray):  # frozen: set through object
+                object.__setattr__(self, key, torch.from_numpy(value))
+            elif not isinstance(value, torch.Tensor):
+                raise ValueError(f"Dataset {self.name!r}: {key} must be a torch.Tensor or numpy "
+                                 f"array, got {type(value).__name__}")
+        classes = self.num_classes
+        if not isinstance(classes, int | np.integer) or isinstance(classes, bool) or classes < 1:
+            raise ValueError(f"Dataset {self.name!r}: num_classes must be an int >= 1, "
+                             f"got {classes!r}")
         for split in ("train", "test"):
             x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
             tokens = x.dtype == torch.int64 and y.shape == x.shape and x.ndim == 2
@@ -74,6 +86,23 @@ class Dataset:
                     f"Dataset {self.name!r}: x_{split} {tuple(x.shape)} and y_{split} "
                     f"{tuple(y.shape)} must share their first dimension (x at least 2-D)"
                 )
+            if len(y) == 0:
+                # an empty test split would report accuracy 0 and loss 0 as if measured
+                raise ValueError(f"Dataset {self.name!r}: no {split} examples; need at least one")
+            if not tokens:
+                # checked after the cast: float64 inputs near 1e200 overflow float32 to inf
+                bad = int((~torch.isfinite(x)).sum())
+                if bad:
+                    raise ValueError(
+                        f"Dataset {self.name!r}: x_{split} has {bad} value(s) that are NaN, "
+                        "infinite or beyond float32's range (about 3.4e38); inputs must be "
+                        "finite float32 numbers")
+            low, high = int(y.min()), int(y.max())
+            if low < 0 or high >= classes:
+                what = "token ids" if tokens else "labels"
+                raise ValueError(
+                    f"Dataset {self.name!r}: y_{split} {what} must be in 0..{classes - 1} "
+                    f"(num_classes={classes}), got {low}..{high}")
         if self.x_train.shape[1:] != self.x_test.shape[1:]:
             raise ValueError(
                 f"Dataset {self.name!r}: train inputs {tuple(self.x_train.shape[1:])} and test "
@@ -114,7 +143,8 @@ def _to_float(x: np.ndarray) -> torch.Tensor:
     """float32 tensor; uint8 pixels scaled to [0, 1] (a fresh copy, never a view)."""
     if x.dtype == np.uint8:
         return torch.from_numpy(x.astype(np.float32)).div_(255.0)
-    return torch.from_numpy(np.array(x, dtype=np.float32))
+    with np.errstate(over="ignore"):  # overflow to inf is reported by Dataset, by name
+        return torch.from_numpy(np.array(x, dtype=np.float32))
 
 
 def _as_labels(y: np.ndarray, where: str) -> np.ndarray:
@@ -131,6 +161,19 @@ def _as_labels(y: np.ndarray, where: str) -> np.ndarray:
     if len(y) and y.min() < 0:
         raise ValueError(f"{where}: labels must be >= 0, got min {y.min()}")
     return y.astype(np.int64)
+
+
+def _inferred_classes(name: str, labels: np.ndarray) -> int:
+    """Largest label + 1, with a warning when labels below it never occur."""
+    count = int(labels.max()) + 1
+    unused = count - len(np.unique(labels))
+    if unused:
+        warnings.warn(
+            f"dataset {name!r}: {count} classes inferred from the largest label "
+            f"{count - 1}, but {unused} of the labels 0..{count - 1} never occur; set "
+            "data.num_classes (load_dataset(num_classes=...)) or relabel if that is not "
+            "what you meant", stacklevel=3)
+    return count
 
 
 def _load_npz(path: str | Path | None) -> tuple[np.ndarray, ...]:
@@ -261,6 +304,7 @@ def load_dataset(
     image_size: int | None = None,
     download: bool = False,
     seq_len: int = 32,
+    num_classes: int | None = None,
 ) -> Dataset:
     """Load a dataset as float32 inputs and int64 labels (``"text"``: int64 tokens).
 
@@ -283,6 +327,10 @@ def load_dataset(
         download: fetch missing files (Fashion-MNIST, MNIST, CIFAR-10) into
             ``data_dir`` (default ``~/.cache/metagg/NAME``), checking sha256.
         seq_len: characters per sequence, for ``name="text"`` only.
+        num_classes: the class count before ``classes`` selects a subset; None = the
+            dataset's own (10 for the image sets) or the largest label + 1, with a
+            warning when some labels below it never occur (labels 0, 5, 99 would
+            otherwise silently build a 100-class model).
 
     Returns:
         A ``Dataset``; the tensors are fresh copies the caller may modify.
@@ -293,28 +341,31 @@ def load_dataset(
             and how to get them.
     """
     key = normalize_name(name)
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(
+            num_classes, int | np.integer) or num_classes < 1):
+        raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
     if key == "text":
-        if classes is not None or image_size is not None:
-            raise ValueError("classes and image_size do not apply to the 'text' dataset")
+        if classes is not None or image_size is not None or num_classes is not None:
+            raise ValueError("classes, image_size and num_classes do not apply to the 'text' "
+                             "dataset (its classes are the corpus's characters)")
         text = text_splits(path, seq_len=seq_len)
         return Dataset(name=text.name, x_train=text.x_train, y_train=text.y_train,
                        x_test=text.x_test, y_test=text.y_test, num_classes=len(text.vocab))
     if key.startswith("synthetic:"):
-        features, num_classes, seed = parse_synthetic(key)
-        x_tr, y_tr, x_te, y_te = synthetic_arrays(features, num_classes, seed)
+        features, teacher_classes, seed = parse_synthetic(key)
+        x_tr, y_tr, x_te, y_te = synthetic_arrays(features, teacher_classes, seed)
         ds = Dataset(name=key, x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te,
-                     num_classes=num_classes)
+                     num_classes=num_classes or teacher_classes)
     else:
         x_train, y_train, x_test, y_test = _raw_arrays(key, data_dir, path, download)
-        labels = np.concatenate([y_train, y_test])
-        num_classes = int(labels.max()) + 1 if len(labels) else 0
         ds = Dataset(
             name=key,
             x_train=_to_float(x_train),
             y_train=torch.from_numpy(np.array(y_train, dtype=np.int64)),
             x_test=_to_float(x_test),
             y_test=torch.from_numpy(np.array(y_test, dtype=np.int64)),
-            num_classes=_NUM_CLASSES.get(key, num_classes),
+            num_classes=num_classes or _NUM_CLASSES.get(key) or _inferred_classes(
+                key, np.concatenate([y_train, y_test])),
         )
     if classes is not None:
         ds = _select_classes(ds, classes)

@@ -27,7 +27,6 @@ curves: `resume=True` reuses them).
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import sys
@@ -37,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from metagg.checkpoint import atomic_write_text, json_text
 from metagg.compare import format_table
 from metagg.config import RunConfig, config_from_dict, config_to_dict
 from metagg.experiments.runs import (
@@ -258,7 +258,7 @@ def reproduce_generalization(
                "rows": rows, "read_back": ACCOUNT["read_back"],
                "compute_s": round(ACCOUNT["compute_s"], 1),
                "wall_s": round(time.perf_counter() - start, 1)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_safe))
+    atomic_write_text(out / "summary.json", json_text(summary, indent=2))
     _write_report(out / "report.md", summary, sc)
     say(f"[generalization] done in {summary['wall_s']:.0f} s: {out / 'report.md'}")
     return summary
@@ -278,10 +278,6 @@ def _aggregate(rows: Sequence[Mapping[str, Any]], sc: GeneralizationScale) -> di
         "worse_at_R": sum(1 for r in rows if not r["ratio_at_R"] <= 1.0),
         "worse_at_end": sum(1 for r in rows if not r["ratio_at_end"] <= 1.0),
     }
-
-
-def _json_safe(value: Any) -> Any:
-    return None if isinstance(value, float) and not math.isfinite(value) else str(value)
 
 
 def _fmt(v: Any, digits: int = 3) -> str:

@@ -20,7 +20,6 @@ Writes, in --out: `curves.csv`, `loss_vs_rounds.png`, `rounds_to_target.csv`,
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from metagg.aggregators.registry import build_aggregator
+from metagg.checkpoint import atomic_write_text, json_text
 from metagg.compare import format_table
 from metagg.config import RunConfig, config_from_dict, config_to_dict
 from metagg.data import load_dataset
@@ -245,7 +245,7 @@ def reproduce_joseph2025(
                "lagg": lagg, "lopt": lopt, "read_back": ACCOUNT["read_back"],
                "compute_s": round(ACCOUNT["compute_s"], 1),
                "wall_s": round(time.perf_counter() - start, 1)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out / "summary.json", json_text(summary, indent=2))
     _write_report(out / "report.md", summary, tuning_rows, speed_rows, sc, base)
     say(f"[joseph2025] done in {summary['wall_s']:.0f} s: {out / 'report.md'}")
     return summary

@@ -3,7 +3,6 @@ and runs the simulator's server round on them (see `metagg.runtime.ps`)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import deque
@@ -13,7 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from metagg.checkpoint import atomic_write_text
+from metagg.checkpoint import atomic_write_text, json_text
 from metagg.config import RunConfig
 from metagg.runtime.protocol import (
     ANSWERS,
@@ -228,7 +227,7 @@ class ServerSimulation(Simulation):
                 break
             time.sleep(0.02)
         if out is not None:
-            atomic_write_text(out / "runtime.json", json.dumps(self.runtime_stats(), indent=2))
+            atomic_write_text(out / "runtime.json", json_text(self.runtime_stats(), indent=2))
 
     def runtime_stats(self) -> dict[str, Any]:
         """Communication counters of this process's rounds (this attempt only)."""

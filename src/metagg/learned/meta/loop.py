@@ -42,6 +42,8 @@ from metagg.checkpoint import (
     CheckpointError,
     atomic_write_text,
     flatten_state,
+    json_safe,
+    json_text,
     load_checkpoint,
     save_checkpoint,
     unflatten_state,
@@ -134,19 +136,8 @@ def _adamw(s: LoopSettings, run: _Outer, grad: torch.Tensor, lr: float) -> None:
     run.phi = phi - (lr / (1 - s.beta1 ** t)) * run.adam_m / denom
 
 
-def _plain(x: Any) -> Any:
-    """`x` with every non-finite float replaced by None (bare NaN / Infinity is not JSON)."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, Mapping):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_plain(v) for v in x]
-    return x
-
-
 def _json_row(row: Mapping[str, Any]) -> str:
-    return json.dumps(_plain(row))
+    return json_text(dict(row))
 
 
 def run_outer_loop(
@@ -289,7 +280,7 @@ def run_outer_loop(
         "wall_s": run.wall_s, "path": str(out / "aggregator"),
         "use": f"aggregator {est.kind}:{out}",
     }
-    atomic_write_text(out / SUMMARY, json.dumps(_plain(summary), indent=2))
+    atomic_write_text(out / SUMMARY, json_text(summary, indent=2))
     return MetaTrainResult(est.aggregator(run.best_phi), run.best_score, run.best_step,
                            history, out, summary)
 
@@ -314,7 +305,7 @@ def _save(out: Path, est: Estimator, run: _Outer, config: dict[str, Any]) -> Non
             "best_step": run.best_step, "best_validation": run.best_validation,
             "stale": run.stale, "baselines": run.baselines, "wall_s": run.wall_s,
             "options": run.options}
-    save_checkpoint(out / CHECKPOINT, tensors, _plain(meta))
+    save_checkpoint(out / CHECKPOINT, tensors, json_safe(meta))
 
 
 def _load(out: Path, est: Estimator, config: dict[str, Any], defaults: dict[str, Any],
