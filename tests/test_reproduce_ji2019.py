@@ -141,3 +141,16 @@ def test_interrupted_meta_training_is_not_taken_for_a_finished_one(tmp_path):
     assert _meta_iterations_done(tmp_path) == 40
     (tmp_path / "meta_state.json").write_text("{torn")
     assert _meta_iterations_done(tmp_path) is None
+
+
+def test_a_rerun_gives_the_same_tables(tmp_path):
+    """A reproduction re-run with the same code must give the same tables bit for bit, so
+    the committed reports stay true (and drift is noticed the day it happens)."""
+    for name in ("a", "b"):
+        reproduce_ji2019(tmp_path / name, "tiny", figures=["4", "6"])
+    tables = sorted(p.name for p in (tmp_path / "a").glob("*.csv"))
+    assert tables == ["figure4.csv", "figure6.csv", "tuning.csv"]
+    for table in tables:
+        assert (tmp_path / "a" / table).read_bytes() == (tmp_path / "b" / table).read_bytes(), \
+            table
+    assert "Produced by metagg" in (tmp_path / "a" / "report.md").read_text()

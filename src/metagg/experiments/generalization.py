@@ -47,6 +47,7 @@ from metagg.experiments.runs import (
     dataset_for,
     mean_curve,
     plot_panels,
+    provenance,
     rounds_to_reach,
     run_curves,
     search_started,
@@ -290,6 +291,8 @@ def _write_report(path: Path, s: Mapping[str, Any], sc: GeneralizationScale) -> 
     end = s["rounds"] * s["long"]
     lines = [
         "# Learned aggregators on held-out tasks",
+        "",
+        f"Produced by {provenance()}.",
         "",
         f"Scale `{s['scale']}`: {len(s['tasks']) - len(s['skipped'])} held-out tasks (none "
         f"can be drawn by a "

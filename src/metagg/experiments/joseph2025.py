@@ -42,6 +42,7 @@ from metagg.experiments.runs import (
     mean_curve,
     merge,
     plot_panels,
+    provenance,
     rounds_to_reach,
     run_curves,
     search_started,
@@ -380,6 +381,8 @@ def _write_report(path: Path, s: Mapping[str, Any], tuning_rows, speed_rows, sc:
                   base: RunConfig) -> None:
     lines = [
         "# Reproduction: Joseph et al. 2025 (LAgg-A / LOpt-A)",
+        "",
+        f"Produced by {provenance()}.",
         "",
         f"Scale `{s['scale']}`: {s['task']}, {s['rounds']} communication rounds, "
         f"{len(s['seeds'])} held-out seeds ({s['seeds'][0]}..{s['seeds'][-1]}); baselines "

@@ -16,11 +16,15 @@ import copy
 import csv
 import json
 import math
+import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from metagg.checkpoint import CheckpointError
 from metagg.config import ConfigError, RunConfig, config_from_dict, config_to_dict
@@ -36,6 +40,7 @@ __all__ = [
     "mean_curve",
     "merge",
     "plot_panels",
+    "provenance",
     "rounds_to_reach",
     "run_curve",
     "run_curves",
@@ -45,6 +50,29 @@ __all__ = [
     "with_seed",
     "write_csv",
 ]
+
+
+def provenance() -> str:
+    """What produced a report, for its header: metagg version and git commit (with
+    "+ local changes" when the checkout differs from it), torch version and threads,
+    Python. A re-run that does not give the same tables starts from this line."""
+    from metagg import __version__
+
+    src = Path(__file__).resolve().parent
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", *args], cwd=src, capture_output=True, text=True,
+                                  timeout=10, check=True).stdout.strip()
+
+        commit = git("rev-parse", "--short=10", "HEAD")
+        commit += " + local changes" if git("status", "--porcelain", "--untracked-files=no") \
+            else ""
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown (not a git checkout)"
+    threads = torch.get_num_threads()
+    return (f"metagg {__version__} (commit {commit}), torch {torch.__version__}, "
+            f"{threads} torch thread{'s' if threads > 1 else ''}, Python "
+            f"{platform.python_version()}")
 
 
 def merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from metagg.experiments.ji2019.settings import (
     STAND_IN_ROWS,
     TUNING_COLUMNS,
 )
+from metagg.experiments.runs import provenance
 from metagg.learned.store import resolve_path
 
 __all__ = ["fmt", "plot", "write_csv", "write_report", "write_tuning"]
@@ -239,6 +240,7 @@ def write_report(run: Any, figures: Sequence[str], command: str) -> Path:
         "# Ji et al. 2019, “Learning to Learn Gradient Aggregation by Gradient Descent” — "
         "metagg reproduction", "",
         f"Command: `{command}`  ",
+        f"Produced by {provenance()}.  ",
         f"Scale `{s.name}`: {s.seeds} evaluation seed(s) {run.eval_seeds}, "
         f"{s.tune_seeds} tuning seed(s) {run.tune_seeds}; rounds {s.rounds} "
         f"(figures 4, 5, 7), {s.byz_rounds} (figure 6); train loss on at most "
