@@ -147,3 +147,121 @@ def test_bad_yaml_and_bad_out_are_one_line_errors(tmp_path):
     (tmp_path / "file").write_text("")
     proc = metagg("run", "--set", "rounds=2", "--out", str(tmp_path / "file"), check=False)
     assert proc.returncode == 2 and "File exists" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------- help and list
+def run_main(capsys, *args):
+    """`metagg ARGS` in this process: (exit code, stdout)."""
+    from metagg.cli import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as exc:  # --help, argparse errors
+        code = exc.code
+    return code, capsys.readouterr().out
+
+
+def subcommand_help(parser) -> dict[str, str]:
+    """Each sub-command of `parser` -> its one-line help."""
+    import argparse
+
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return {c.dest: c.help for c in sub._choices_actions}
+
+
+def test_no_arguments_lists_every_command_with_its_help_on_one_line(capsys, monkeypatch):
+    import re
+
+    from metagg.cli import build_parser
+
+    monkeypatch.setenv("COLUMNS", "100")
+    code, out = run_main(capsys)
+    assert code == 2
+    commands = subcommand_help(build_parser())
+    assert len(commands) >= 10
+    for name, help_text in commands.items():
+        assert re.search(rf"^ +{re.escape(name)} +{re.escape(help_text)}$", out, re.M), name
+
+
+@pytest.mark.parametrize(("group", "commands"), [
+    ("reproduce", ["ji2019", "joseph2025", "generalization"]),
+    ("meta-train", ["rnn", "arnn", "lagg", "lopt"]),
+])
+def test_a_command_group_alone_lists_its_commands(capsys, group, commands):
+    """`metagg reproduce` used to print a usage line and 'the following arguments are
+    required: PAPER'."""
+    code, out = run_main(capsys, group)
+    assert code == 2
+    assert out.startswith(f"usage: metagg {group}")
+    for command in commands:
+        assert f"\n    {command}" in out
+
+
+def listed_options(line: str) -> dict[str, str]:
+    """'needs ...; options: a=1, b=null (why)' -> {'a': '1', 'b': 'null'}."""
+    import re
+
+    _, _, text = line.partition("options: ")
+    return {key: value.split(" (")[0]
+            for key, value in re.findall(r"(\w+)=(\[[^\]]*\]|[^,]*)", text)}
+
+
+def test_list_shows_every_rule_and_attack_with_its_options_and_defaults(capsys):
+    import yaml
+
+    from metagg.aggregators.registry import aggregator_names, aggregator_spec, build_aggregator
+    from metagg.attacks import ATTACKS, make_attack
+
+    code, out = run_main(capsys, "list")
+    assert code == 0
+    lines = out.splitlines()
+    assert "null (the default) means attack.num_byzantine" in out
+    assert "--set aggregator.options.tau=5" in out
+
+    def details(name: str) -> str:  # the line under a name
+        (i,) = [k for k, line in enumerate(lines) if line.split()[:1] == [name]]
+        return lines[i + 1].strip()
+
+    assert details("krum") == ("needs n > 2f + 2 (allow_unsafe: n >= f + 3); options: "
+                               "allow_unsafe=false")
+    assert details("bulyan").startswith("needs n >= 4f + 3 (allow_unsafe: n >= 4f + 1)")
+    assert details("centered_clip") == "options: tau=10.0, iters=1"
+    assert details("geometric_median") == "options: iters=8, nu=0.1"
+    assert "rho=null (gamma / 200)" in details("zeno") and "discard=f" in details("zeno")
+    assert details("median") == "no options"
+    assert details("sign_flip") == "options: scale=1.0"
+    assert details("ipm") == "options: eps=0.1"
+    assert "scales=[0.1, 0.3, 1.0" in details("adaptive")
+    assert "init=true, init_seed=0" in details("lagg")
+    assert "bucket_size=2" in out and "defaults lr=1.0, beta=0.9" in out
+
+    # what is listed is what the code takes: every rule and attack accepts its listed
+    # options at their listed defaults (those metagg fills in left out)
+    for name in aggregator_names():
+        if aggregator_spec(name).rule is None:
+            continue
+        options = {k: yaml.safe_load(v) for k, v in listed_options(details(name)).items()
+                   if k not in ("discard", "seed")} if "options:" in details(name) else {}
+        build_aggregator(name, f=1, options=options)
+    attacks = next(k for k, line in enumerate(lines) if line.startswith("attacks:"))
+    for name in ATTACKS:
+        row = next(k for k in range(attacks, len(lines)) if lines[k].split()[:1] == [name])
+        below = lines[row + 1].strip()
+        options = listed_options(below) if below.startswith("options:") else {}
+        make_attack(name, **{k: yaml.safe_load(v) for k, v in options.items()})
+
+
+def test_tune_help_states_the_grids_the_code_searches(capsys, monkeypatch):
+    from metagg.tune import LOCAL_LRS, LOCAL_STEPS, SLOWMO_BETAS
+
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out = run_main(capsys, "tune", "--help")
+    assert code == 0
+    text = " ".join(out.split())
+
+    def grid(values) -> str:
+        return "{" + ",".join(f"{v:g}".removeprefix("0") for v in values) + "}"
+
+    assert f"SlowMo beta {grid(SLOWMO_BETAS)}" in text  # once printed as {.99..55}
+    assert f"local lr {grid(LOCAL_LRS)}" in text and f"H {grid(LOCAL_STEPS)}" in text
+    assert ".99..55" not in text

@@ -41,6 +41,7 @@ from sklearn.datasets import load_digits
 from metagg.aggregators.base import Aggregator, RoundContext
 from metagg.aggregators.optimizers import momentum
 from metagg.checkpoint import CheckpointError
+from metagg.config import ConfigError
 from metagg.integrations.flower import AggregatorStrategy
 from metagg.layout import ParamLayout
 from metagg.tasks import Task, TrustedData
@@ -219,15 +220,31 @@ def test_saved_and_loaded_strategy_continues_like_an_uninterrupted_one(tmp_path)
 
 
 def test_too_few_updates_keeps_theta_and_logs(caplog):
+    """Five clients sampled (enough for krum, f=1), two failed: a transient shortfall."""
     theta = arrays(0)
     s = strategy("krum", theta=theta, f=1, num_workers=5)  # krum with f=1 needs 5 updates
+    died = [RuntimeError("client died")] * 2
     with caplog.at_level(logging.WARNING, logger="metagg"):
-        params, metrics = s.aggregate_fit(1, fit_results([arrays(k) for k in range(3)]), [])
+        params, metrics = s.aggregate_fit(1, fit_results([arrays(k) for k in range(3)]), died)
     assert params is None and metrics["skipped"] == 1
     assert "skipped" in caplog.text and s.skipped_rounds == 1
     assert_arrays_close(s.current_arrays(), theta)
     params, metrics = s.aggregate_fit(2, fit_results([arrays(k) for k in range(5)]), [])
     assert params is not None and metrics["skipped"] == 0
+
+
+def test_a_round_that_samples_too_few_clients_for_the_rule_is_an_error():
+    """krum with f=3 needs 9 clients: a round of 5 could never aggregate (it used to be
+    skipped, and so was every later one, and the run ended 'successfully')."""
+    s = strategy("krum", f=3)
+    with pytest.raises(ConfigError, match=r"krum with f=3 needs at least 9 clients "
+                                          r"\(n > 2f \+ 2\), but round 1 sampled 5"):
+        s.aggregate_fit(1, fit_results([arrays(k) for k in range(5)]), [])
+    assert s.skipped_rounds == 0 and s.rounds_done == 0
+    # failed clients were sampled too: 7 answers + 2 failures = 9 is enough to try
+    params, metrics = strategy("krum", f=3).aggregate_fit(
+        1, fit_results([arrays(k) for k in range(7)]), [RuntimeError("died")] * 2)
+    assert params is None and metrics["skipped"] == 1 and metrics["num_updates"] == 7
 
 
 def test_failures_are_counted_and_accept_failures_is_honoured():
@@ -335,6 +352,22 @@ def test_constructor_checks_its_arguments():
         AggregatorStrategy("mean").aggregate_fit(1, fit_results([arrays(1)]), [])
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"f": -1}, "f: must be >= 0, got -1"),  # used to crash the server at round 1
+        ({"f": 1.5}, "f: expected an integer, got 1.5"),
+        ({"f": 3, "num_workers": 5}, "krum with f=3 needs at least 9 clients (n > 2f + 2), "
+                                     "got num_workers=5"),
+        ({"options": {"nope": 1}}, "bad options"),
+    ],
+)
+def test_bad_f_is_a_config_error_at_construction(kwargs, message):
+    with pytest.raises(ConfigError) as info:
+        strategy("krum", **kwargs)
+    assert message in str(info.value)
+
+
 def test_import_without_flwr_says_how_to_install(monkeypatch):
     for name in [m for m in sys.modules if m == "flwr" or m.startswith("flwr.")]:
         monkeypatch.setitem(sys.modules, name, None)
@@ -370,13 +403,17 @@ def softmax_loss_grad(params, x, y):
 class DigitsClient(NumPyClient):
     """Softmax regression on a shard of digits; 5 full-batch SGD steps per round."""
 
-    def __init__(self, x, y, *, byzantine: bool = False):
+    def __init__(self, x, y, *, byzantine: bool = False, fits: list[int] | None = None,
+                 index: int = 0):
         self.x, self.y, self.byzantine = x, y, byzantine
+        self.fits, self.index = fits, index
 
     def get_parameters(self, config):
         return initial_model()
 
     def fit(self, parameters, config):
+        if self.fits is not None:
+            self.fits.append(self.index)
         params = [p.copy() for p in parameters]
         for _ in range(5):
             loss, grads, _ = softmax_loss_grad(params, self.x, self.y)
@@ -403,19 +440,21 @@ def central_eval(test, accuracies):
     return evaluate_fn
 
 
-def run_flower_server(aggregator: str, rounds: int = 3):
-    """Flower's own Server.fit (sampling, thread pool, evaluation) with in-process clients."""
-    shards, test = digits_split(4)
+def run_flower_server(aggregator: str, rounds: int = 3, *, clients: int = 4, f: int = 0,
+                      fits: list[int] | None = None):
+    """Flower's own Server.fit (sampling, thread pool, evaluation) with in-process clients;
+    the last client is Byzantine. `fits` collects the index of every client that trained."""
+    shards, test = digits_split(clients)
     accuracies: list[float] = []
     strat = AggregatorStrategy(
-        aggregator, initial_parameters=ndarrays_to_parameters(initial_model()),
-        min_fit_clients=4, min_evaluate_clients=4, min_available_clients=4,
+        aggregator, f=f, initial_parameters=ndarrays_to_parameters(initial_model()),
+        min_fit_clients=clients, min_evaluate_clients=clients, min_available_clients=clients,
         evaluate_fn=central_eval(test, accuracies),
     )
     manager = SimpleClientManager()
     for k, (x, y) in enumerate(shards):
-        client = DigitsClient(x, y, byzantine=(k == 3)).to_client()
-        manager.register(LocalProxy(f"client{k}", client))
+        client = DigitsClient(x, y, byzantine=(k == clients - 1), fits=fits, index=k)
+        manager.register(LocalProxy(f"client{k}", client.to_client()))
     history, _ = Server(client_manager=manager, strategy=strat).fit(rounds, timeout=None)
     return accuracies, history, strat
 
@@ -430,6 +469,16 @@ def test_flower_server_loop_in_process_with_a_byzantine_client(monkeypatch):
     assert len(strat.worker_ids) == 4 and strat.num_workers == 4
     plain, _, _ = run_flower_server("mean")  # the same attack ruins a plain average
     assert plain[-1] < 0.5
+
+
+def test_flower_server_with_too_few_clients_for_f_fails_before_training(monkeypatch):
+    """krum, f=3, five clients: Flower's server stops at round 1 with the reason, and no
+    client trains (it used to skip all rounds and return normally)."""
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
+    fits: list[int] = []
+    with pytest.raises(ConfigError, match=r"needs at least 9 clients .* round 1 sampled 5"):
+        run_flower_server("krum", clients=5, f=3, fits=fits)
+    assert fits == []
 
 
 def ray_client_fn(context):

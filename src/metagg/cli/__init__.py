@@ -50,10 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    group = _command_group(parser, argv)
+    if group is not None:  # `metagg reproduce`: its commands, not just a usage line
+        group.print_help()
+        return 2
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if args.command is None:
+    if args.command is None:  # `metagg`: every command with its one-line help
         parser.print_help()
         return 2
     try:
@@ -66,3 +71,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _command_group(parser: argparse.ArgumentParser,
+                   argv: list[str]) -> argparse.ArgumentParser | None:
+    """The parser of a command that has sub-commands of its own (`metagg reproduce`,
+    `metagg meta-train`) when argv names it and nothing else; else None."""
+    words = [a for a in argv if a not in ("-v", "--verbose")]
+    if len(words) != 1:
+        return None
+    commands = _subcommands(parser)
+    command = commands.get(words[0]) if commands else None
+    return command if command is not None and _subcommands(command) else None
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -77,7 +80,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("action", choices=["list"], help="what to do")
     p.set_defaults(func=cmd_zoo)
 
-    p = sub.add_parser("list", help="list aggregators, attacks, datasets, partitions, models")
+    p = sub.add_parser("list", help="aggregators and attacks with their options; data, models")
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser(
@@ -94,7 +97,7 @@ def add_parsers(sub: Any) -> None:
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser(
-        "tune", help="grid-search a baseline (FedAvg, SlowMo, server Adam, SGD, Adam)",
+        "tune", help="grid-search a baseline (fedavg, slowmo, fedadam, sgd, adam)",
         description="Grid-search a baseline on the config's task as Joseph et al. (2025) "
                     "do: every grid point trains for --budget rounds and is scored by its "
                     "final training loss (mean over --seeds). Writes trials.csv, summary.json "
@@ -260,18 +263,125 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from metagg.aggregators.optimizers import OPTIMIZERS
-    from metagg.aggregators.registry import aggregator_names
-    from metagg.attacks import ATTACKS
+    from metagg.aggregators.preagg import PRE_AGGREGATIONS
+    from metagg.aggregators.registry import aggregator_names, aggregator_spec
+    from metagg.attacks import ATTACKS, make_attack
+    from metagg.config import OptimizerConfig
     from metagg.data import DATASETS, PARTITIONS
     from metagg.models import MODEL_HELP
 
-    print("aggregators:", ", ".join(aggregator_names()))
-    print("server optimizers:", ", ".join(OPTIMIZERS))
-    print("attacks:", ", ".join(ATTACKS))
+    print("aggregators: aggregator.name (learned ones as KIND:PATH); a rule's options go in "
+          "aggregator.options, e.g. --set aggregator.options.tau=5")
+    print("  aggregator.f is the number of Byzantine workers a rule assumes; null (the "
+          "default) means attack.num_byzantine")
+    for name in aggregator_names():
+        spec = aggregator_spec(name)
+        print(f"  {name:<{LIST_WIDTH}}{re.sub(OPTIONS_IN_SUMMARY, '', spec.summary)}")
+        print(f"  {'':<{LIST_WIDTH}}{_aggregator_options(spec)}")
+    print("  pre-aggregation, before any rule (PRE+RULE, e.g. nnm+krum, bucketing+median):")
+    pre_help = {"nnm": "nearest-neighbour mixing; needs n > 2f (allow_unsafe: n >= f + 1)",
+                "bucketing": "the rule sees the means of shuffled buckets; options: "
+                             "bucket_size=2 (the rule's bound on n is multiplied by it)"}
+    for pre in PRE_AGGREGATIONS:
+        print(f"  {pre:<{LIST_WIDTH}}{pre_help.get(pre, '')}")
+    defaults = ", ".join(f"{f.name}={_option_value(f.default)}"
+                         for f in dataclasses.fields(OptimizerConfig) if f.name != "name")
+    print(f"server optimizers: optimizer.name = {', '.join(OPTIMIZERS)}; defaults {defaults}")
+    print("attacks: attack.name; attack.num_byzantine workers attack, chosen by "
+          "attack.selection; options go in attack.options")
+    for name in ATTACKS:
+        cls = type(make_attack(name))
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if name != "none" else "no attack"
+        doc = doc.removesuffix(".")
+        print(f"  {name:<{LIST_WIDTH}}{doc}")
+        options = _signature_options(cls)
+        if options:
+            print(f"  {'':<{LIST_WIDTH}}options: {options}")
     print("datasets:", ", ".join(DATASETS))
     print("partitions:", ", ".join(PARTITIONS))
     print(MODEL_HELP)
     return 0
+
+
+LIST_WIDTH = 18  # name column of `metagg list`
+# the summaries of some rules name their options; `list` prints them with defaults
+OPTIONS_IN_SUMMARY = r"\s*\(options: [^)]*\)"
+# a rule's arguments that the registry fills in (options may override), and from what;
+# f itself is aggregator.f, never an option
+FILLED_BY_METAGG = {"discard": "f", "seed": "the run's seed"}
+# what a null default means, where the rule's summary does not say
+NULL_MEANS = {"rho": "gamma / 200", "batch": "the whole trusted sample", "m": "n − f"}
+
+
+def _aggregator_options(spec: Any) -> str:
+    """A registry entry's requirement, options and defaults, as one line of `metagg list`."""
+    parts = []
+    if spec.requirement:
+        bound = f"needs {spec.requirement}"
+        unsafe = _linear_bound(spec.fewest_unsafe)
+        parts.append(f"{bound} (allow_unsafe: n >= {unsafe})" if unsafe else bound)
+    if spec.uses_trusted_data:
+        parts.append("uses the server's trusted sample (trusted_samples)")
+    if spec.rule is not None:
+        rule = spec.rule(0, 0, {})
+        kernel = getattr(rule, "kernel", None)  # a metagg.robust kernel, or a rule class
+        options = _signature_options(kernel if kernel is not None else type(rule),
+                                     skip_first=kernel is not None)
+        parts.append(f"options: {options}" if options else "no options")
+    elif spec.build.startswith("metagg.learned.rnn"):
+        from metagg.learned.rnn.io import load_rnn
+
+        parts.append(f"options: {_signature_options(load_rnn, skip_first=True)}")
+    else:
+        from metagg.learned.lagg.model import LAggConfig
+
+        config = ", ".join(f"{f.name}={_option_value(f.default)}"
+                           for f in dataclasses.fields(LAggConfig) if f.name != "kind")
+        parts.append(f"{spec.name}:PATH takes no options; an untrained one takes init=true, "
+                     f"init_seed=0, {config}")
+    return "; ".join(parts)
+
+
+def _signature_options(fn: Any, skip_first: bool = False) -> str:
+    """`name=default` for each option `fn` takes (tensors and the update matrix skipped;
+    arguments metagg fills in say from what)."""
+    params = list(inspect.signature(fn).parameters.values())[int(skip_first):]
+    out = []
+    for p in params:
+        if (p.name == "f" or "Tensor" in str(p.annotation)
+                or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)):
+            continue
+        if p.name in FILLED_BY_METAGG:
+            out.append(f"{p.name}={FILLED_BY_METAGG[p.name]}")
+        elif p.default is None and p.name in NULL_MEANS:
+            out.append(f"{p.name}=null ({NULL_MEANS[p.name]})")
+        else:
+            out.append(f"{p.name}={_option_value(p.default)}")
+    return ", ".join(out)
+
+
+def _option_value(value: Any) -> str:
+    """A default as a config writes it (true, null, 1e-08, [0.1, 0.3])."""
+    if value is inspect.Parameter.empty or value is dataclasses.MISSING:
+        return "(required)"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "null"
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_option_value(v) for v in value) + "]"
+    return str(value)
+
+
+def _linear_bound(fewest: Any) -> str | None:
+    """'f + 3' for `lambda f: f + 3` (the registry's bounds are linear in f), else None."""
+    if fewest is None:
+        return None
+    b, a = fewest(0), fewest(1) - fewest(0)
+    if fewest(2) != 2 * a + b:
+        return None
+    slope = {0: "", 1: "f"}.get(a, f"{a}f")
+    return f"{slope} + {b}" if slope and b else slope or str(b)
 
 
 def cmd_data(args: argparse.Namespace) -> int:

@@ -15,14 +15,22 @@ the clients' models to a metagg aggregator instead of averaging them:
         )
         return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=10))
 
-    app = ServerApp(server_fn=server_fn)   # run with `flwr run` or flwr.simulation.run_simulation
+    app = ServerApp(server_fn=server_fn)   # run with `flwr run`; a complete app: examples/flower
 
 A round, as in the simulator: client k returns its locally trained θ_k; the update
 is the pseudo-gradient u_k = θ − θ_k (FedOpt sign, `mode="local_sgd"`); updates
 of the wrong shape or with non-finite entries are dropped and counted (they never
 reach θ); the aggregator's step is applied as θ ← θ − step; the aggregator's state
-(server momentum, RNN hidden states, ...) is kept across rounds. If fewer updates
-than the rule needs arrive (`TooFewUpdates`), θ is kept and the round is skipped.
+(server momentum, RNN hidden states, ...) is kept across rounds.
+
+Too few clients: the constructor checks its arguments as `metagg run` checks a config
+(`metagg.integrations.checks`): a negative f, an unknown name or bad options raise
+`ConfigError`, and so does `num_workers` below what the rule needs for f (krum: 2f + 3).
+A round that *samples* fewer clients than that raises `ConfigError` in `configure_fit`,
+before the clients train: it could never aggregate, and skipping it would skip every
+round. A round that sampled enough but got too few usable updates back (failures,
+malformed or non-finite updates: `TooFewUpdates`) keeps θ and is skipped, with a
+warning and `skipped=1` in its metrics.
 
 Weighting: metagg aggregators treat every client alike; they do *not* weight by
 `FitRes.num_examples` (Flower's FedAvg does). So `"mean"` with the default
@@ -41,7 +49,7 @@ for a fixed M.
 Checkpoints: `strategy.save(path)` writes θ, the aggregator's state, the client → slot
 map and the counters (safetensors + JSON, atomically); `strategy.load(path)` on a
 strategy built with the same aggregator restores them, so a restarted Flower server
-continues where it stopped (e.g. save from `evaluate_fn`, or after `run_simulation`).
+continues where it stopped (e.g. save from `evaluate_fn`, which runs after every round).
 
 Each round's fit metrics (in Flower's history) hold `num_updates`, `dropped_malformed`,
 `dropped_nonfinite`, `failures` and `skipped` (1 when θ was kept), next to whatever
@@ -50,7 +58,6 @@ Each round's fit metrics (in Flower's history) hold `num_updates`, `dropped_malf
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -79,8 +86,7 @@ except ImportError as exc:  # pragma: no cover - exercised by monkeypatching sys
     ) from exc
 
 from metagg.aggregators.base import Aggregator, RoundContext, TooFewUpdates
-from metagg.aggregators.optimizers import ServerOptimizer, build_optimizer
-from metagg.aggregators.registry import build_aggregator
+from metagg.aggregators.optimizers import ServerOptimizer
 from metagg.checkpoint import (
     CheckpointError,
     flatten_state,
@@ -89,6 +95,7 @@ from metagg.checkpoint import (
     unflatten_state,
 )
 from metagg.config import OptimizerConfig
+from metagg.integrations.checks import build_checked_aggregator, check_enough_clients
 from metagg.layout import ParamLayout
 from metagg.tasks import TrustedData
 
@@ -105,7 +112,7 @@ class AggregatorStrategy(FedAvg):
         aggregator: an aggregator name as in configs and the CLI ("mean", "krum",
             "median", "nnm+krum", "rnn:pretrained/digits-mlp20-lstm", ...) or an
             `Aggregator` instance.
-        f: number of Byzantine clients the rule assumes (names only).
+        f: number of Byzantine clients the rule assumes, an integer >= 0 (names only).
         optimizer: the server optimizer after the rule, a `ServerOptimizer`
             (`metagg.aggregators.optimizers.momentum(...)`) or an `OptimizerConfig`;
             default SGD with lr 1 (names only).
@@ -113,7 +120,7 @@ class AggregatorStrategy(FedAvg):
         seed: seeds the rule's own randomness (names only).
         num_workers: M, the number of workers the aggregator is built for; default
             the number of clients sampled in the first round. More distinct clients
-            than M is an error.
+            than M is an error, and so is an M below what the rule needs for f.
         trusted: the server's small trusted sample, for aggregators that need one
             (zeno, fltrust, arnn). Its task's model must have the clients' tensors in
             the same order and shapes.
@@ -123,6 +130,9 @@ class AggregatorStrategy(FedAvg):
             `fraction_fit`, `min_fit_clients`, `evaluate_fn`, `accept_failures`, ...).
             Without `initial_parameters`, θ is taken from what the server sends in the
             first round (Flower then asks one client for its parameters).
+
+    Raises:
+        ConfigError: a bad name, f, options or num_workers (every problem at once).
     """
 
     def __init__(
@@ -140,23 +150,15 @@ class AggregatorStrategy(FedAvg):
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(**fedavg_kwargs)
-        if isinstance(aggregator, Aggregator):
-            if f or optimizer is not None or options:
-                raise ValueError("f, optimizer and options apply to aggregator names; "
-                                 "an Aggregator instance is used as it is")
-            self.aggregator = aggregator
-        elif isinstance(aggregator, str):
-            if isinstance(optimizer, OptimizerConfig):
-                optimizer = build_optimizer(**dataclasses.asdict(optimizer))
-            self.aggregator = build_aggregator(aggregator, f=f, optimizer=optimizer,
-                                               options=dict(options or {}), seed=seed)
-        else:
-            raise TypeError(f"aggregator must be a name or an Aggregator, got {aggregator!r}")
+        # the checks `metagg run` applies to a config (metagg.integrations.checks)
+        self.aggregator = build_checked_aggregator(aggregator, f=f, optimizer=optimizer,
+                                                   options=options, seed=seed,
+                                                   num_workers=num_workers)
+        self.f = f if isinstance(aggregator, str) else None
+        self.options = dict(options or {})
         if self.aggregator.uses_trusted_data and trusted is None:
             raise ValueError(f"{self.aggregator.name} needs the server's trusted data: pass "
                              "trusted=metagg.tasks.TrustedData(task, x, y)")
-        if num_workers is not None and num_workers < 1:
-            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         self.num_workers = num_workers
         self.trusted = trusted
         self.local_lr = local_lr
@@ -234,10 +236,13 @@ class AggregatorStrategy(FedAvg):
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
-        """Remember θ as sent to the clients, then sample them as FedAvg does."""
+        """Remember θ as sent to the clients, then sample them as FedAvg does; fail
+        before the clients train when the sample is too small for the rule."""
         self._set_params(parameters_to_ndarrays(parameters))
         instructions = super().configure_fit(server_round, parameters, client_manager)
         self._sampled = len(instructions)
+        if instructions:  # none: Flower cancels the round itself
+            self._check_enough_clients(server_round, len(instructions))
         return instructions
 
     def aggregate_fit(
@@ -251,6 +256,8 @@ class AggregatorStrategy(FedAvg):
             "num_updates": 0, "dropped_malformed": 0, "dropped_nonfinite": 0,
             "failures": len(failures), "skipped": 1,
         }
+        if results or failures:  # the clients sampled this round
+            self._check_enough_clients(server_round, len(results) + len(failures))
         self.rounds_done = self.round_offset + server_round
         if failures:
             log.warning("round %d: %d client(s) failed", server_round, len(failures))
@@ -399,6 +406,16 @@ class AggregatorStrategy(FedAvg):
         if any(a.dtype.kind not in "fiub" for a in arrays):
             return f"got non-numeric arrays {[str(a.dtype) for a in arrays]}"
         return self._flatten(arrays)
+
+    def _check_enough_clients(self, server_round: int, sampled: int) -> None:
+        """A round that samples fewer clients than the rule needs can never aggregate:
+        raise (a config error, as `metagg run` raises for too few workers) instead of
+        skipping it, and every later round like it, in silence."""
+        check_enough_clients(
+            self.aggregator, sampled, f=self.f, options=self.options, where="AggregatorStrategy",
+            got=f"but round {server_round} sampled {sampled} (min_fit_clients="
+                f"{self.min_fit_clients}, min_available_clients={self.min_available_clients}, "
+                f"fraction_fit={self.fraction_fit})")
 
     def _worker_id(self, cid: str) -> int:
         wid = self.worker_ids.get(cid)

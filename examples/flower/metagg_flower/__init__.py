@@ -1,0 +1,1 @@
+"""A Flower app whose server aggregates with a metagg rule (see ../pyproject.toml)."""
