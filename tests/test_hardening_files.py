@@ -108,7 +108,7 @@ def test_compare_and_tune_refuse_to_overwrite(tmp_path):
     seed_dir = tmp_path / "c" / "no_attack" / "mean" / "seed0"
     seed_dir.mkdir(parents=True)
     (seed_dir / "checkpoint.json").write_text("{}")
-    with pytest.raises(ConfigError, match="checkpoint.json"):
+    with pytest.raises(ConfigError, match=r"checkpoint\.json"):
         refuse_to_overwrite(tmp_path / "c", ("results.csv", "*/*/seed*/checkpoint.json"), args)
     refuse_to_overwrite(tmp_path / "c", ("results.csv",), Namespace(resume=True, overwrite=False))
     refuse_to_overwrite(tmp_path / "new", ("results.csv",), args)  # nothing there: fine
@@ -153,7 +153,7 @@ def test_inferred_class_count_is_said_and_can_be_set(tmp_path):
         load_dataset("npz", path=path, num_classes=50)
     cfg = load_config(None, ["data.name=npz", f"data.path={path}", "data.num_classes=100"])
     assert cfg.data.num_classes == 100
-    with pytest.raises(ConfigError, match="data.num_classes"):
+    with pytest.raises(ConfigError, match=r"data\.num_classes"):
         load_config(None, ["data.num_classes=0"])
 
 
@@ -166,5 +166,5 @@ def test_dataset_checks_labels_and_takes_numpy():
     assert isinstance(ds.x_train, torch.Tensor) and ds.num_classes == 6
     with pytest.raises(ValueError, match=r"must be float32.*got torch.float64"):
         Dataset("mine", x.astype(np.float64), y, x, y, 6)
-    with pytest.raises(ValueError, match="must be a torch.Tensor or numpy array, got list"):
+    with pytest.raises(ValueError, match=r"must be a torch\.Tensor or numpy array, got list"):
         Dataset("mine", x.tolist(), y, x, y, 6)
