@@ -12,6 +12,9 @@ clipping materialising ``x − z``) side by side, with speedups and the largest
 difference to ours; and the published reference timings (spec: byzantine.md, n=100,
 d=1e6, 2-core CPU) with reference/ours. ``--choices`` adds the candidate
 implementations compared when the kernels were written (order statistics, Gram).
+``bulyan_large_n`` times Bulyan where its selection dominates: d = 10, (n, f) in
+{(200, 49), (1100, 262)} (28-48 s at n = 1100 when every round re-sorted the [n, n]
+distances; issue 16); ``--only`` without bulyan skips it.
 Progress goes to stderr. The full run takes a few minutes on 2 cores.
 """
 
@@ -144,6 +147,22 @@ def _single_thread(fn: Callable[[], object]) -> object:
         torch.set_num_threads(threads)
 
 
+# --------------------------------------------------------------------------- Bulyan at large n
+
+
+def bench_bulyan_large_n(dtype: torch.dtype, repeats: int) -> dict:
+    """Bulyan with many workers and few coordinates: the θ = n − 2f Krum rounds are
+    the cost, not the pass over x. f Byzantine rows are drawn 5x wider."""
+    out = {}
+    for n, f in ((200, 49), (1100, 262)):
+        print(f"[robust bench] bulyan n={n} f={f} d=10", file=sys.stderr, flush=True)
+        gen = torch.Generator().manual_seed(n)
+        x = torch.randn(n, 10, generator=gen, dtype=dtype)
+        x[:f] *= 5
+        out[f"n{n}_f{f}_d10"] = {"ms": round(timed(lambda x=x, f=f: R.bulyan(x, f), repeats), 2)}
+    return out
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -269,6 +288,8 @@ def main(argv: list[str] | None = None) -> None:
         },
         "results": results,
     }
+    if only is None or "bulyan" in only:
+        out["bulyan_large_n"] = bench_bulyan_large_n(dtype, max(1, repeats // 2))
     big = next((r for r in results if (r["n"], r["d"]) == (100, 10**6)), None)
     if big is not None:
         ref = {}

@@ -10,7 +10,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from metagg.robust._core import Reducer, check_int, check_probe, check_x, sort_reduce
+from metagg.robust._core import (
+    Reducer,
+    all_finite,
+    check_int,
+    check_x,
+    raise_if_nonfinite,
+    rescaled,
+    sort_reduce,
+)
 
 __all__ = ["coordinate_median", "mean", "trimmed_mean"]
 
@@ -22,7 +30,9 @@ def mean(x: Tensor) -> Tensor:
         x: ``[n, d]`` float32/float64 tensor, one row per worker.
 
     Returns:
-        ``[d]`` tensor, same dtype and device as ``x``.
+        ``[d]`` tensor, same dtype and device as ``x``. A sum that overflows on finite
+        values is redone on ``x / 2**e`` (``mean(full((2, 3), 3e38))`` is 3e38);
+        ``ValueError`` if the mean itself does not fit the dtype.
 
     Example:
         >>> mean(torch.tensor([[1.0, 2.0], [3.0, 6.0]]))
@@ -34,7 +44,9 @@ def mean(x: Tensor) -> Tensor:
 
 def _checked_mean(x: Tensor, rule: str) -> Tensor:
     out = x.mean(dim=0)
-    check_probe(out, x, rule)  # NaN/Inf in any row reaches the mean
+    if not all_finite(out):
+        raise_if_nonfinite(x, rule)  # NaN/Inf in any row reaches the mean
+        out = rescaled(lambda y: y.mean(dim=0), x, rule, len(x))  # the sum overflowed
     return out
 
 
@@ -95,7 +107,8 @@ def trimmed_mean(x: Tensor, f: int, *, allow_unsafe: bool = False) -> Tensor:
         allow_unsafe: accepted for a uniform signature; see above.
 
     Returns:
-        ``[d]`` tensor, same dtype and device.
+        ``[d]`` tensor, same dtype and device. A block whose sums overflow on finite
+        values is redone on the values divided by a power of two (3e38 stays 3e38).
 
     Example:
         >>> trimmed_mean(torch.tensor([[0.0], [1.0], [2.0], [3.0], [1e6]]), f=1)
