@@ -49,6 +49,7 @@ from metagg.models import build_model, parse_model_spec
 from metagg.seeding import byzantine_generator, server_sample_generator
 from metagg.server import Server
 from metagg.tasks import Task, TrustedData
+from metagg.threads import tick as threads_tick
 
 __all__ = ["Simulation", "Workers", "build_workers", "byzantine_ids", "load_run_dataset"]
 
@@ -188,6 +189,7 @@ class Simulation:
     # ------------------------------------------------------------------ one round
     def step(self) -> None:
         """Run one communication round and advance θ."""
+        threads_tick()  # `--threads auto`: follow the cores other processes leave free
         out = self.cluster.compute(self.params, self.round)
         present = self.cluster.present(self.round, self.cfg.workers.failure_prob)
         self.server.step(out.updates, present, out.losses)

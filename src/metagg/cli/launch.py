@@ -8,6 +8,7 @@ from typing import Any
 
 from metagg.config import load_config
 from metagg.runtime.ps import add_runtime_arguments, runtime_options
+from metagg.threads import AUTO, add_threads_arg, free_cores
 
 __all__ = ["add_parsers"]
 
@@ -19,7 +20,8 @@ def add_parsers(sub: Any) -> None:
                     "127.0.0.1) running the config: same metrics as `metagg run`; a worker "
                     "that dies or misses --round-timeout is left out of that round; if the "
                     "server dies the group restarts from the last checkpoint. For many "
-                    "machines use torchrun -m metagg.runtime.ps (see README).")
+                    "machines use torchrun -m metagg.runtime.ps (see README).",
+        conflict_handler="resolve")  # our --threads (N|auto) replaces the runtime's (N)
     add_launch_arguments(p)
     p.set_defaults(func=cmd_launch)
 
@@ -43,6 +45,8 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-limit", type=float, default=None, metavar="S",
                         help="stop everything after S seconds (exit code 124)")
     add_runtime_arguments(parser)
+    add_threads_arg(parser, note="per process; auto = the free cores shared out over the "
+                                 "M + 1 processes, at least 1 each")
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
@@ -50,6 +54,9 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from metagg.runtime.launch import launch
 
     cfg = load_config(args.config, args.overrides)
+    if args.threads == AUTO:  # the processes compute at once: share the free cores out
+        processes = (args.workers or cfg.workers.num_workers) + 1
+        args.threads = max(1, free_cores() // processes)
     code = launch(cfg, args.out, workers=args.workers, resume=args.resume,
                   options=runtime_options(args), max_restarts=args.max_restarts,
                   time_limit=args.time_limit, verbose=getattr(args, "verbose", False))

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from metagg.config import ConfigError, apply_overrides, parse
+from metagg.threads import add_threads_arg
 
 __all__ = ["BPTT_TASKS", "MULTI_TASK_DEFAULTS", "PES_TASKS", "add_parsers"]
 
@@ -88,8 +89,7 @@ def add_parsers(sub: Any) -> None:
 def _common(q: argparse.ArgumentParser, fields: str, resume: str) -> None:
     q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help=f"any other {fields} (repeatable; values are YAML)")
-    q.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default 1: as fast for small models, robust to load)")
+    add_threads_arg(q)
     q.add_argument("--resume", action="store_true", help=resume)
     q.add_argument("--out", type=Path, required=True, help="output directory")
 
@@ -98,8 +98,6 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     from metagg.config.meta import MetaTrainConfig, MetaTrainPESConfig
     from metagg.learned.meta import meta_train
 
-    if args.threads < 1:
-        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
     options: dict[str, Any]
     compile = False
     if args.kind in ("lagg", "lopt"):

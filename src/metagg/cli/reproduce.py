@@ -7,6 +7,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from metagg.threads import add_threads_arg, threads_during
+
 __all__ = ["add_parsers"]
 
 # kept here so that `metagg --help` does not import the experiments
@@ -18,6 +20,8 @@ JOSEPH2025 = ("Tune the baselines on the 8x8 Fashion-MNIST task, run the learned
               "baseline's loss, plus generalisation to 784-128-128 (and conv-c10 when CIFAR-10 "
               "is on disk: then hours on a CPU), other K and H. quick: ~300 rounds, 3 seeds; "
               "full: 1000 rounds, 10 seeds.")
+# not auto: the committed reports say "torch threads: 1"
+THREADS_WHY = "the committed reports' count; a rerun then matches them bit for bit"
 
 
 def add_parsers(sub: Any) -> None:
@@ -45,7 +49,7 @@ def add_parsers(sub: Any) -> None:
                    help="a 12-input RNN aggregator for figure 7 (default: the zoo's "
                         f"{HETERO_RNN}, then OUT/aggregators/{HETERO_RNN})")
     q.add_argument("--data-dir", default=None, help="where Fashion-MNIST's files are")
-    q.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    add_threads_arg(q, default=1, note=THREADS_WHY)
     q.set_defaults(func=cmd_reproduce_ji2019)
     q = papers.add_parser("joseph2025", description=JOSEPH2025,
                           help="LAgg-A / LOpt-A vs tuned FedAvg, SlowMo, Adam "
@@ -61,7 +65,7 @@ def add_parsers(sub: Any) -> None:
     q.add_argument("--resume", action="store_true",
                    help="keep the tuning trials and evaluation runs an interrupted run in "
                         "--out finished")
-    q.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    add_threads_arg(q, default=1, note=THREADS_WHY)
     q.add_argument("--out", type=Path, required=True, help="output directory")
     q.set_defaults(func=cmd_reproduce_joseph2025)
     _add_generalization(papers)
@@ -85,7 +89,7 @@ def _add_generalization(papers: Any) -> None:
                    help="LOpt-A to evaluate (default lopt:pretrained/general); 'none' skips it")
     q.add_argument("--resume", action="store_true",
                    help="keep the tuning trials and runs an interrupted run in --out finished")
-    q.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    add_threads_arg(q, default=1, note=THREADS_WHY)
     q.add_argument("--out", type=Path, required=True, help="output directory")
     q.set_defaults(func=cmd_reproduce_generalization)
 
@@ -93,11 +97,10 @@ def _add_generalization(papers: Any) -> None:
 def cmd_reproduce_generalization(args: argparse.Namespace) -> int:
     """`metagg reproduce generalization ...`: run, print report.md, return 0."""
     from metagg.experiments.generalization import reproduce_generalization
-    from metagg.learned.meta.train import torch_threads
 
     learned = {label: spec for label, spec in (("LAgg-A", args.lagg), ("LOpt-A", args.lopt))
                if spec.lower() != "none"}
-    with torch_threads(max(1, args.threads)):
+    with threads_during(args.threads):
         reproduce_generalization(args.out, scale=args.scale, learned=learned,
                                  resume=args.resume)
     print((args.out / "report.md").read_text())
@@ -114,9 +117,10 @@ def cmd_reproduce_ji2019(args: argparse.Namespace) -> int:
                        + ([f"--figures {args.figures}"] if subset else [])
                        + (["--meta-train"] if args.meta_train else [])
                        + ([f"--hetero-rnn {args.hetero_rnn}"] if args.hetero_rnn else []))
-    report = reproduce_ji2019(args.out, args.scale, figures=figures, meta_train=args.meta_train,
-                              hetero_rnn=args.hetero_rnn, data_dir=args.data_dir,
-                              threads=args.threads, command=command)
+    with threads_during(args.threads):
+        report = reproduce_ji2019(args.out, args.scale, figures=figures,
+                                  meta_train=args.meta_train, hetero_rnn=args.hetero_rnn,
+                                  data_dir=args.data_dir, threads=None, command=command)
     print(report.read_text())
     print(f"wrote {report.parent}/report.md, figure*.png, figure*.csv, tuning.csv")
     return 0
@@ -125,9 +129,8 @@ def cmd_reproduce_ji2019(args: argparse.Namespace) -> int:
 def cmd_reproduce_joseph2025(args: argparse.Namespace) -> int:
     """`metagg reproduce joseph2025 ...`: run, print report.md, return 0."""
     from metagg.experiments import joseph2025 as j
-    from metagg.learned.meta.train import torch_threads
 
-    with torch_threads(max(1, args.threads)):
+    with threads_during(args.threads):
         j.reproduce_joseph2025(args.out, scale=args.scale, lagg=args.lagg or j.LAGG_PRETRAINED,
                                lopt=args.lopt or j.LOPT_PRETRAINED,
                                generalization=args.generalization, resume=args.resume)

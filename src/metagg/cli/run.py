@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from metagg.config import ConfigError, load_config
+from metagg.threads import add_threads_arg, apply_threads
 
 __all__ = ["add_config_args", "add_parsers"]
 
@@ -41,6 +42,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results already in --out (default: refuse)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_threads_arg(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("compare", help="several aggregators x seeds on one setting",
@@ -63,6 +65,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results already in --out (default: refuse)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
+    add_threads_arg(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("demo", help="quick demo: mean vs coordinate median on digits",
@@ -72,6 +75,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/demo"),
                    help="output directory (default runs/demo)")
     p.add_argument("--rounds", type=int, default=300, help="rounds per run (default 300)")
+    add_threads_arg(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("zoo", help="pretrained aggregators shipped in the package",
@@ -118,8 +122,7 @@ def add_parsers(sub: Any) -> None:
                    help="what to optimise (default train_loss, as the paper)")
     p.add_argument("--max-trials", type=int, default=None,
                    help="sample this many grid points (seeded) if the grid is larger")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default 1: fastest for small models)")
+    add_threads_arg(p)
     p.add_argument("--resume", action="store_true",
                    help="keep the trials an interrupted search in --out finished")
     p.add_argument("--overwrite", action="store_true",
@@ -153,6 +156,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume and args.out is None:
         raise ConfigError("--resume needs --out DIR (the directory holding the checkpoint)")
     refuse_to_overwrite(args.out, ("summary.json", "metrics.jsonl", "checkpoint.json"), args)
+    apply_threads(args.threads)
     sim = Simulation(cfg)
     summary = sim.run(args.out, resume=args.resume,
                       progress=None if not args.no_progress else False)
@@ -204,6 +208,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         unknown = sorted(set(agg_options) - set(names))
         if unknown:
             raise ConfigError(f"--aggregator-options: {unknown} not in --aggregators")
+    apply_threads(args.threads)
     compare(cfg, names, seeds=args.seeds, out_dir=args.out, attacks=attacks,
             aggregator_options=agg_options, on_run=report, resume=args.resume)
     _print_results(args.out)
@@ -217,6 +222,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"metagg demo: {cfg.workers.num_workers} workers, {cfg.model} on digits, "
           f"{cfg.rounds} rounds, server SGD lr {cfg.optimizer.lr:g}", flush=True)
     start = time.perf_counter()
+    apply_threads(args.threads)
     compare(cfg, DEMO_AGGREGATORS, seeds=1, out_dir=args.out)
     _print_results(args.out)
     print(f"demo finished in {time.perf_counter() - start:.1f} s")
@@ -224,13 +230,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    import torch
-
     from metagg.tune import parse_grid, tune
 
     cfg = load_config(args.config, args.overrides)
     refuse_to_overwrite(args.out, ("trials.jsonl", "summary.json"), args)
-    torch.set_num_threads(max(1, args.threads))
+    apply_threads(args.threads)
 
     def report(row: dict) -> None:
         point = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"

@@ -21,8 +21,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from metagg.config.engine import parse
 from metagg.config.meta import MetaTrainConfig, MetaTrainPESConfig
 from metagg.data import Dataset
@@ -32,27 +30,18 @@ from metagg.learned.meta.estimators import BPTT
 from metagg.learned.meta.loop import LoopSettings, MetaTrainResult, run_outer_loop
 from metagg.learned.meta.multitask import MultiTaskPES
 from metagg.learned.meta.pes import PES
+from metagg.threads import threads_during
 
 __all__ = ["meta_train", "meta_train_pes", "meta_train_rnn", "torch_threads"]
 
 
 @contextlib.contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """torch's intra-op threads set to `threads` inside the block (None: unchanged).
-
-    For small models 1 is as fast as more, and on a busy machine two OpenMP threads can
-    be 10-50× slower (every op waits for a descheduled thread)."""
-    if threads is None:
+def torch_threads(threads: int | str | None) -> Iterator[None]:
+    """torch's threads set to `threads` inside the block: an int >= 1, "auto" (the cores
+    other processes leave free, chosen once at the start here: the outer loop does not
+    re-check) or None (unchanged); restored after. See `metagg.threads`."""
+    with threads_during(threads):
         yield
-        return
-    if threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def meta_train(
@@ -65,7 +54,7 @@ def meta_train(
     progress: bool | None = None,
     stop_at: int | None = None,
     compile: bool = False,
-    threads: int | None = None,
+    threads: int | str | None = None,
 ) -> MetaTrainResult:
     """Meta-train the learned aggregator `cfg` describes (see the module docstring).
 
@@ -81,7 +70,8 @@ def meta_train(
         progress: a progress bar (default: when stderr is a terminal).
         stop_at: return after this many outer steps (checkpointed); for tests.
         compile: PES only: `torch.compile` the inner training and the learned step.
-        threads: torch threads during the run (None: unchanged).
+        threads: torch threads during the run: an int, "auto" (see `torch_threads`) or
+            None (unchanged). A bit-exact resume needs the same fixed count.
     """
     if out_dir is None and isinstance(cfg, MetaTrainConfig):
         out_dir = cfg.out_dir
@@ -147,7 +137,7 @@ def _pes(cfg: MetaTrainPESConfig, out: Path, data: Dataset | None, resume: bool,
 
 
 def meta_train_rnn(*, data: Dataset | None = None, progress: bool | None = None,
-                   threads: int | None = None, resume: bool = False,
+                   threads: int | str | None = None, resume: bool = False,
                    **options: Any) -> MetaTrainResult:
     """Meta-train an RNN / ARNN aggregator; keyword options are `MetaTrainConfig` fields.
 
