@@ -32,16 +32,16 @@ from typing import Any, NamedTuple
 import torch
 
 from metagg.aggregators import optimizers as opt
-from metagg.aggregators.base import Aggregator
 from metagg.aggregators.registry import build_aggregator
 from metagg.config.meta import MetaTrainPESConfig
 from metagg.data import Dataset
-from metagg.learned.lagg import FlatPhi, LearnedAdaAggregator, learned_ada, save_lagg
+from metagg.learned.lagg import FlatPhi, save_lagg
 from metagg.learned.meta.envs import LocalSGDEnv
 from metagg.learned.meta.estimators import Estimate
 from metagg.learned.meta.evaluate import evaluate_aggregator
 from metagg.learned.meta.pes import (
     PES,
+    FlatPhiEstimator,
     InnerState,
     antithetic_noise,
     lagg_config,
@@ -70,7 +70,7 @@ def task_families(cfg: MetaTrainPESConfig) -> list[str]:
     return [f.strip() for f in (cfg.tasks or "").split(",") if f.strip()]
 
 
-class MultiTaskPES:
+class MultiTaskPES(FlatPhiEstimator):
     """Truncated PES over a task distribution (see the module docstring)."""
 
     name = "multitask_pes"
@@ -127,19 +127,6 @@ class MultiTaskPES:
         runner = self.runner(self.task(task))
         inner = runner.fresh_inner(range(first_run, first_run + self.per_group))
         return inner._replace(length=inner.length[:1].expand(self.per_group).clone())
-
-    # ------------------------------------------------------------------ φ
-    def init_phi(self, seed: int) -> torch.Tensor:
-        return self.phi.init(seed)
-
-    def phi_of(self, agg: Aggregator) -> torch.Tensor:
-        if not isinstance(agg, LearnedAdaAggregator) or agg.config != self.phi.config:
-            raise ValueError(f"{agg!r} holds {getattr(agg, 'config', None)}, but this run "
-                             f"trains {self.phi.config}")
-        return self.phi.of(agg.net)
-
-    def aggregator(self, phi: torch.Tensor) -> LearnedAdaAggregator:
-        return learned_ada(self.phi.config, self.phi.net(phi))
 
     # ------------------------------------------------------------------ state
     def init_state(self) -> MultiTaskState:

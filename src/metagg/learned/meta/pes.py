@@ -60,6 +60,7 @@ from metagg.seeding import MetaStream, derive_generator, derive_seed
 
 __all__ = [
     "PES",
+    "FlatPhiEstimator",
     "InnerState",
     "PESState",
     "PESStep",
@@ -159,7 +160,26 @@ def lagg_config(cfg: MetaTrainPESConfig) -> LAggConfig:
                       correction_scale=cfg.correction_scale)
 
 
-class PES:
+class FlatPhiEstimator:
+    """What the estimators of LAgg-A / LOpt-A share: φ as the flat vector of `self.phi`."""
+
+    phi: FlatPhi
+
+    def init_phi(self, seed: int) -> torch.Tensor:
+        return self.phi.init(seed)
+
+    def phi_of(self, agg: Aggregator) -> torch.Tensor:
+        if not isinstance(agg, LearnedAdaAggregator) or agg.config != self.phi.config:
+            raise ValueError(f"{agg!r} holds {getattr(agg, 'config', None)}, but this run "
+                             f"trains {self.phi.config}")
+        return self.phi.of(agg.net)
+
+    def aggregator(self, phi: torch.Tensor) -> LearnedAdaAggregator:
+        """The ordinary (server-side) aggregator holding the flat φ."""
+        return learned_ada(self.phi.config, self.phi.net(phi))
+
+
+class PES(FlatPhiEstimator):
     """The truncated-PES estimator of LAgg-A / LOpt-A (see the module docstring).
 
     Args:
@@ -194,20 +214,6 @@ class PES:
         """One particle's server step (vmapped over particles): φ [n_meta], θ [d], [K, d]."""
         return ada_step(self.phi.unflatten(phi), acc, updates, theta, config=self.phi.config,
                         plan=self.plan)
-
-    # ------------------------------------------------------------------ φ
-    def init_phi(self, seed: int) -> torch.Tensor:
-        return self.phi.init(seed)
-
-    def phi_of(self, agg: Aggregator) -> torch.Tensor:
-        if not isinstance(agg, LearnedAdaAggregator) or agg.config != self.phi.config:
-            raise ValueError(f"{agg!r} holds {getattr(agg, 'config', None)}, but this run "
-                             f"trains {self.phi.config}")
-        return self.phi.of(agg.net)
-
-    def aggregator(self, phi: torch.Tensor) -> LearnedAdaAggregator:
-        """The ordinary (server-side) aggregator holding the flat φ."""
-        return learned_ada(self.phi.config, self.phi.net(phi))
 
     # ------------------------------------------------------------------ inner runs
     def run_length(self, run: int) -> int:
