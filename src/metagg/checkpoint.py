@@ -167,13 +167,12 @@ def _self_checked(blob: bytes, tensors: dict[str, torch.Tensor]) -> dict[str, An
     """The metadata a tensor file carries, if its own content hash proves it intact."""
     from safetensors.torch import save
 
+    embedded = _header_metadata(blob)
     try:
-        header = json.loads(blob[8 : 8 + int.from_bytes(blob[:8], "little")])
-        embedded = header.get("__metadata__") or {}
         meta_json, content = embedded["metagg_meta"], embedded["content_sha256"]
         again = hashlib.sha256(save(tensors, metadata={"metagg_meta": meta_json})).hexdigest()
         meta = json.loads(meta_json) if again == content else None
-    except (ValueError, KeyError, AttributeError, TypeError):
+    except (ValueError, KeyError, TypeError):
         return None
     return meta if isinstance(meta, dict) else None
 
@@ -225,12 +224,21 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return tensors, meta
 
 
+def _header_metadata(blob: bytes) -> dict[str, Any]:
+    """The string metadata in a safetensors header ({} when absent or unreadable)."""
+    try:
+        header = json.loads(blob[8 : 8 + int.from_bytes(blob[:8], "little")])
+        embedded = header.get("__metadata__") or {}
+    except (ValueError, AttributeError):
+        return {}
+    return embedded if isinstance(embedded, dict) else {}
+
+
 def _embedded_meta(blob: bytes) -> dict[str, Any] | None:
     """The metadata copy in an intact tensor file's header (None for older files)."""
     try:
-        header = json.loads(blob[8 : 8 + int.from_bytes(blob[:8], "little")])
-        meta = json.loads((header.get("__metadata__") or {})["metagg_meta"])
-    except (ValueError, KeyError, AttributeError, TypeError):
+        meta = json.loads(_header_metadata(blob)["metagg_meta"])
+    except (ValueError, KeyError, TypeError):
         return None
     return meta if isinstance(meta, dict) else None
 
