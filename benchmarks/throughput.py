@@ -4,6 +4,7 @@ CPU-burning neighbour process this script starts and stops itself.
     python benchmarks/throughput.py                 # every task, ~5 min on 2 cores; JSON
     python benchmarks/throughput.py --quick         # fedavg, lagg, median; ~1 min
     python benchmarks/throughput.py --tasks fedavg,lagg --threads 1,auto --repeats 3
+    python benchmarks/throughput.py --compile on,off --no-busy    # compiled vs eager workers
 
 Tasks. Local-SGD mode on Fashion-MNIST 28×28, `mlp:128,128:relu`, K = 8 workers, H = 4
 local SGD steps (lr 0.5, B = 128) — the LAgg-A spec's task — for fedavg (mean + SGD
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -43,6 +45,7 @@ from collections import Counter
 
 import torch
 
+from metagg.compiling import set_compile
 from metagg.config import config_from_dict
 from metagg.data import load_dataset
 from metagg.simulation import Simulation
@@ -51,6 +54,11 @@ from metagg.threads import apply_threads, parse_threads
 LOCAL_SGD = ("fedavg", "slowmo", "fedadam", "lopt", "lagg")
 ROBUST = ("median", "krum", "trimmed_mean")
 QUICK = ("fedavg", "lagg", "median")
+#: The reference implementation of Joseph et al. 2025 (JAX 0.4.13, jitted), its training
+#: round only, on this 2-core AMD EPYC VM, 2026-12-06 (medians of 3, quiet machine, the
+#: local-SGD task above): ../shared/specs/learned-aggregation-lagg-a.md. Not re-run here.
+REFERENCE_JAX = {"fedavg": {"1": 34.3, "2": 40.9}, "lopt": {"1": 19.8, "2": 26.2},
+                 "lagg": {"1": 8.0, "2": 10.7}}
 
 
 def task_config(task: str, dataset: str) -> dict:
@@ -71,8 +79,9 @@ def task_config(task: str, dataset: str) -> dict:
 
 
 def measure(task: str, data, dataset: str, threads, *, warmup: int, seconds: float,
-            max_rounds: int) -> dict:
+            max_rounds: int, compiled: bool = True) -> dict:
     """Rounds/s of one task at one thread setting (applied here, restored by the caller)."""
+    set_compile(compiled)
     sim = Simulation(config_from_dict(task_config(task, dataset)), dataset=data)
     apply_threads(threads)  # auto: a 0.1 s sample now, then re-checked by Simulation.step
     for _ in range(warmup):
@@ -86,7 +95,8 @@ def measure(task: str, data, dataset: str, threads, *, warmup: int, seconds: flo
         sim.step()
         rounds += 1
     wall = time.perf_counter() - start
-    return {"task": task, "threads": threads, "threads_used": torch.get_num_threads(),
+    return {"task": task, "workers": "compiled" if compiled else "eager",
+            "threads": threads, "threads_used": torch.get_num_threads(),
             "rounds_at_threads": {str(k): v for k, v in sorted(at.items())},
             "rounds": rounds, "rounds_per_s": round(rounds / wall, 2),
             "cpu_per_wall": round((time.process_time() - cpu0) / wall, 2)}
@@ -126,14 +136,25 @@ def run_task(task: str, settings: list, args: argparse.Namespace) -> None:
     data, dataset, _ = load_data()
     before = torch.get_num_threads()
     for repeat in range(args.repeats):
-        for threads in settings:
-            for busy in (False, True) if args.busy else (False,):
-                with Neighbour(same_session=args.same_session) if busy \
-                        else contextlib.nullcontext():
-                    row = measure(task, data, dataset, threads, warmup=args.warmup,
-                                  seconds=args.seconds, max_rounds=args.rounds)
-                apply_threads(before)  # ends auto's re-evaluation
-                print(json.dumps({**row, "neighbour": busy, "repeat": repeat}), flush=True)
+        for compiled in compile_modes(args.compile):
+            for threads in settings:
+                for busy in (False, True) if args.busy else (False,):
+                    with Neighbour(same_session=args.same_session) if busy \
+                            else contextlib.nullcontext():
+                        row = measure(task, data, dataset, threads, warmup=args.warmup,
+                                      seconds=args.seconds, max_rounds=args.rounds,
+                                      compiled=compiled)
+                    apply_threads(before)  # ends auto's re-evaluation
+                    print(json.dumps({**row, "neighbour": busy, "repeat": repeat}), flush=True)
+
+
+def compile_modes(text: str) -> list[bool]:
+    """`--compile on,off` -> [True, False]."""
+    modes = {"on": True, "off": False}
+    try:
+        return [modes[m.strip()] for m in text.split(",") if m.strip()]
+    except KeyError:
+        raise SystemExit(f"--compile: expected on, off or on,off; got {text!r}") from None
 
 
 def main() -> None:
@@ -148,6 +169,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="measure every pair this many times; medians reported (default 1)")
+    parser.add_argument("--compile", default="on",
+                        help="compiled (on) or eager (off) workers, or both: on,off (default on)")
     parser.add_argument("--quick", action="store_true", help=f"only {','.join(QUICK)}, 2 s each")
     parser.add_argument("--no-busy", dest="busy", action="store_false",
                         help="quiet measurements only")
@@ -162,6 +185,7 @@ def main() -> None:
     if unknown:
         parser.error(f"--tasks: unknown {unknown}; allowed: {', '.join(LOCAL_SGD + ROBUST)}")
     settings = [parse_threads(t) for t in args.threads.split(",")]
+    modes = compile_modes(args.compile)
     if args.task_process:
         run_task(args.task_process, settings, args)
         return
@@ -173,7 +197,8 @@ def main() -> None:
         # which slows every later parallel op of the process (see metagg.threads)
         argv = [sys.executable, __file__, "--task-process", task, "--threads", args.threads,
                 "--seconds", str(args.seconds), "--rounds", str(args.rounds),
-                "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+                "--warmup", str(args.warmup), "--repeats", str(args.repeats),
+                "--compile", args.compile]
         argv += ([] if args.busy else ["--no-busy"]) + (["--same-session"] if args.same_session
                                                          else [])
         out = subprocess.run(argv, check=True, stdout=subprocess.PIPE, text=True).stdout
@@ -181,16 +206,21 @@ def main() -> None:
             results.append(json.loads(line))
             print(line, file=sys.stderr, flush=True)
     summary: dict = {}
-    for task in tasks:
-        for threads in settings:
-            rates = {busy: statistics.median(
-                r["rounds_per_s"] for r in results
-                if r["task"] == task and r["threads"] == threads and r["neighbour"] == busy)
-                for busy in ((False, True) if args.busy else (False,))}
-            row = {"quiet": rates[False]}
-            if args.busy:
-                row.update(busy=rates[True], busy_over_quiet=round(rates[True] / rates[False], 3))
-            summary.setdefault(task, {})[str(threads)] = row
+    for task, compiled, threads in itertools.product(tasks, modes, settings):
+        rates = {busy: statistics.median(
+            r["rounds_per_s"] for r in results
+            if r["task"] == task and r["threads"] == threads and r["neighbour"] == busy
+            and r["workers"] == ("compiled" if compiled else "eager"))
+            for busy in ((False, True) if args.busy else (False,))}
+        row = {"quiet": rates[False]}
+        if args.busy:
+            row.update(busy=rates[True], busy_over_quiet=round(rates[True] / rates[False], 3))
+        reference = REFERENCE_JAX.get(task, {}).get(str(threads))
+        if reference is not None:
+            row.update(reference_jax=reference,
+                       quiet_over_reference=round(rates[False] / reference, 2))
+        workers = "compiled" if compiled else "eager"
+        summary.setdefault(task, {}).setdefault(workers, {})[str(threads)] = row
     print(json.dumps({
         "benchmark": "throughput_rounds_per_s",
         "local_sgd_task": f"{dataset}, mlp:128,128:relu, K=8, H=4, B=128, local lr 0.5",
@@ -202,6 +232,8 @@ def main() -> None:
         "loadavg_at_start": [round(x, 2) for x in load], "torch": torch.__version__,
         "machine": platform.machine(), "cpus": os.cpu_count(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "reference_jax": "rounds/s of the reference JAX code on this machine, 2026-12-06, "
+                         "not re-run (REFERENCE_JAX in this file)",
         "median_rounds_per_s": summary, "results": results,
     }, indent=2))
 

@@ -1,7 +1,13 @@
+import os
+
 import pytest
 import torch
 
 from metagg.data import load_dataset
+
+# Tests run the eager workers unless they ask for compiling: a compile costs seconds per
+# model shape, and the eager path is the reference (tests/test_compiled_round.py compares).
+os.environ.setdefault("METAGG_COMPILE", "0")
 
 
 @pytest.fixture(scope="session")

@@ -7,10 +7,16 @@ Each of the M workers holds a shard of the training set. Per round:
   sends the pseudo-gradient θ − θ_k (FedOpt sign convention).
 
 The honest work is one vmapped `grad` call per local step, never a Python loop
-over workers. Every random choice of round t (minibatches, who is missing) comes
-from a generator seeded by (seed, t), so a round is a pure function of the
-seed, the round index and θ: runs are reproducible, resumable from a checkpoint,
-and a distributed worker can draw exactly the batch the simulator would.
+over workers. By default (`metagg.compiling.compile_enabled`) the whole worker round —
+H local steps of every worker, or the gradient — runs as one `torch.compile`d program
+per shape, with the hand-written MLP backward (`mlp_grad_fn`) where the model is a
+metagg MLP; `--no-compile` runs the vmapped autograd eagerly, the reference the
+compiled round agrees with to float rounding (~1e-7 per round).
+
+Every random choice of round t (minibatches, who is missing) comes from a generator
+seeded by (seed, t), so a round is a pure function of the seed, the round index and θ:
+runs are reproducible, resumable from a checkpoint, and a distributed worker can draw
+exactly the batch the simulator would.
 """
 
 from __future__ import annotations
@@ -18,13 +24,15 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.func import grad_and_value, vmap
 
+from metagg.compiling import compile_enabled, compile_or_eager
 from metagg.layout import ParamLayout
 from metagg.seeding import MetaStream, RoundStream, derive_seed, round_generator
-from metagg.tasks import Task
+from metagg.tasks import Task, mlp_grad_fn
 
 __all__ = [
     "PAPER_GROUPS",
@@ -62,6 +70,28 @@ def local_sgd(grad_fn: GradFn, theta: torch.Tensor, xb: torch.Tensor, yb: torch.
     return theta - local, first
 
 
+def compiled_round(grad_fn: GradFn, mode: str) -> Callable[..., tuple[torch.Tensor,
+                                                                        torch.Tensor]]:
+    """The workers' round as one compiled program (eager with a warning if compiling
+    fails): local-SGD mode `fn(θ [N, d], xb, yb, lr 0-dim tensor)` -> `local_sgd`'s
+    output; gradient mode `fn(params [d], x [N, B, ...], y [N, B])` -> (grads, losses).
+
+    The learning rate is a tensor so that runs with another lr reuse the compiled code
+    (a Python float would be a constant of the program: one compile per value, and
+    torch falls back to eager after 8).
+    """
+    if mode == "local_sgd":
+        def local_round(theta: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor,
+                        lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return local_sgd(grad_fn, theta, xb, yb, lr)  # type: ignore[arg-type]
+        return compile_or_eager(local_round)
+
+    def gradient_round(params: torch.Tensor, x: torch.Tensor,
+                       y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return grad_fn(params.expand(x.shape[0], -1), x, y)
+    return compile_or_eager(gradient_round)
+
+
 @dataclass
 class WorkerOutput:
     updates: torch.Tensor  # [M, d] every worker's honest update
@@ -81,6 +111,8 @@ class Cluster:
         local_lr: local SGD learning rate.
         seed: run seed; round t's randomness is a function of (seed, t).
         flip_labels: bool [M]; workers whose labels are flipped y → C − 1 − y.
+        compile: run the round compiled (see the module docstring); None:
+            `metagg.compiling.compile_enabled()`.
     """
 
     def __init__(
@@ -96,6 +128,7 @@ class Cluster:
         local_lr: float = 0.1,
         seed: int = 0,
         flip_labels: torch.Tensor | None = None,
+        compile: bool | None = None,
     ):
         if mode not in ("gradient", "local_sgd"):
             raise ValueError(f"mode must be 'gradient' or 'local_sgd', got {mode!r}")
@@ -124,6 +157,9 @@ class Cluster:
         self._any_flipped = bool(flip_labels.any())
         self._grad = vmap(grad_and_value(task.loss), in_dims=(0, 0, 0))
         self._grad_shared = vmap(grad_and_value(task.loss), in_dims=(None, 0, 0))
+        self.compiled = compile_enabled() if compile is None else bool(compile)
+        self._compiled_round: Callable[..., Any] | None = None  # built at the first round
+        self._lr = torch.tensor(float(local_lr), dtype=torch.float32)
         # one contiguous [N, features] table: index_select is ~6× faster than x[idx]
         self._x_flat = x.reshape(len(x), -1).contiguous()
 
@@ -164,12 +200,28 @@ class Cluster:
         rows `workers`, int64: a worker process computes its own row, bit for bit the
         row the simulator computes)."""
         xb, yb = self.batches(round, workers)
+        if self.compiled:
+            return self._compute_compiled(params, xb, yb)
         if self.mode == "gradient":
             grads, losses = self._grad_shared(params, xb[:, 0], yb[:, 0])
             return WorkerOutput(grads, losses)
         theta = params.expand(xb.shape[0], -1)
         updates, first_losses = local_sgd(self._grad, theta, xb, yb, self.local_lr)
         return WorkerOutput(updates, first_losses)
+
+    def _compute_compiled(self, params: torch.Tensor, xb: torch.Tensor,
+                          yb: torch.Tensor) -> WorkerOutput:
+        if self._compiled_round is None:
+            # The hand-written MLP backward is ~1.4x faster than vmapped autograd eagerly
+            # and compiles in a third of the time; other models compile autograd.
+            grad_fn = mlp_grad_fn(self.task) or self._grad
+            self._compiled_round = compiled_round(grad_fn, self.mode)
+        if self.mode == "gradient":
+            return WorkerOutput(*self._compiled_round(params, xb[:, 0], yb[:, 0]))
+        if self._lr.device != params.device:
+            self._lr = self._lr.to(params.device)
+        theta = params.expand(xb.shape[0], -1)
+        return WorkerOutput(*self._compiled_round(theta, xb, yb, self._lr))
 
     def present(self, round: int, failure_prob: float) -> torch.Tensor:
         """bool [M]: which workers deliver this round when each fails with `failure_prob`."""

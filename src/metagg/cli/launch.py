@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
+from metagg.compiling import ENV as COMPILE_ENV
+from metagg.compiling import add_compile_arg
 from metagg.config import load_config
 from metagg.runtime.ps import add_runtime_arguments, runtime_options
 from metagg.threads import AUTO, add_threads_arg, free_cores
@@ -47,6 +50,7 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     add_runtime_arguments(parser)
     add_threads_arg(parser, note="per process; auto = the free cores shared out over the "
                                  "M + 1 processes, at least 1 each")
+    add_compile_arg(parser)
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
@@ -54,6 +58,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from metagg.runtime.launch import launch
 
     cfg = load_config(args.config, args.overrides)
+    if args.compile is not None:  # the worker processes read it from their environment
+        os.environ[COMPILE_ENV] = "1" if args.compile else "0"
     if args.threads == AUTO:  # the processes compute at once: share the free cores out
         processes = (args.workers or cfg.workers.num_workers) + 1
         args.threads = max(1, free_cores() // processes)

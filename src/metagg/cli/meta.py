@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from metagg.compiling import compile_enabled
 from metagg.config import ConfigError, apply_overrides, parse
 from metagg.threads import add_threads_arg
 
@@ -77,9 +78,10 @@ def add_parsers(sub: Any) -> None:
                        help="local SGD steps H per round (default 4)")
         q.add_argument("--steps", type=int, default=None,
                        help="PES outer steps (default: the config's, 5000)")
-        q.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+        q.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                        help="torch.compile the inner training and the learned step (default "
-                            "on: ~1.3× faster outer steps after ~30 s; --no-compile for eager)")
+                            "on, or $METAGG_COMPILE: ~1.3× faster outer steps after ~30 s; "
+                            "--no-compile for eager)")
         _common(q, "MetaTrainPESConfig field, e.g. --set step_mode=reference --set pairs=4",
                 "continue from the checkpoint in --out (same result as an uninterrupted run "
                 "with the same --compile and --threads)")
@@ -111,7 +113,7 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
         if args.steps is not None:
             options["steps"] = args.steps
         cls: type = MetaTrainPESConfig
-        compile = args.compile
+        compile = compile_enabled() if args.compile is None else args.compile
     else:
         dataset, model = BPTT_TASKS[args.task]
         options = {"dataset": dataset, "model": model, "num_workers": args.workers,

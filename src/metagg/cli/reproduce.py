@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from metagg.compiling import add_compile_arg, compiling_during
 from metagg.threads import add_threads_arg, threads_during
 
 __all__ = ["add_parsers"]
@@ -50,6 +51,7 @@ def add_parsers(sub: Any) -> None:
                         f"{HETERO_RNN}, then OUT/aggregators/{HETERO_RNN})")
     q.add_argument("--data-dir", default=None, help="where Fashion-MNIST's files are")
     add_threads_arg(q, default=1, note=THREADS_WHY)
+    add_compile_arg(q)
     q.set_defaults(func=cmd_reproduce_ji2019)
     q = papers.add_parser("joseph2025", description=JOSEPH2025,
                           help="LAgg-A / LOpt-A vs tuned FedAvg, SlowMo, Adam "
@@ -66,6 +68,7 @@ def add_parsers(sub: Any) -> None:
                    help="keep the tuning trials and evaluation runs an interrupted run in "
                         "--out finished")
     add_threads_arg(q, default=1, note=THREADS_WHY)
+    add_compile_arg(q)
     q.add_argument("--out", type=Path, required=True, help="output directory")
     q.set_defaults(func=cmd_reproduce_joseph2025)
     _add_generalization(papers)
@@ -90,6 +93,7 @@ def _add_generalization(papers: Any) -> None:
     q.add_argument("--resume", action="store_true",
                    help="keep the tuning trials and runs an interrupted run in --out finished")
     add_threads_arg(q, default=1, note=THREADS_WHY)
+    add_compile_arg(q)
     q.add_argument("--out", type=Path, required=True, help="output directory")
     q.set_defaults(func=cmd_reproduce_generalization)
 
@@ -100,7 +104,7 @@ def cmd_reproduce_generalization(args: argparse.Namespace) -> int:
 
     learned = {label: spec for label, spec in (("LAgg-A", args.lagg), ("LOpt-A", args.lopt))
                if spec.lower() != "none"}
-    with threads_during(args.threads):
+    with threads_during(args.threads), compiling_during(args.compile):
         reproduce_generalization(args.out, scale=args.scale, learned=learned,
                                  resume=args.resume)
     print((args.out / "report.md").read_text())
@@ -117,7 +121,7 @@ def cmd_reproduce_ji2019(args: argparse.Namespace) -> int:
                        + ([f"--figures {args.figures}"] if subset else [])
                        + (["--meta-train"] if args.meta_train else [])
                        + ([f"--hetero-rnn {args.hetero_rnn}"] if args.hetero_rnn else []))
-    with threads_during(args.threads):
+    with threads_during(args.threads), compiling_during(args.compile):
         report = reproduce_ji2019(args.out, args.scale, figures=figures,
                                   meta_train=args.meta_train, hetero_rnn=args.hetero_rnn,
                                   data_dir=args.data_dir, threads=None, command=command)
@@ -130,7 +134,7 @@ def cmd_reproduce_joseph2025(args: argparse.Namespace) -> int:
     """`metagg reproduce joseph2025 ...`: run, print report.md, return 0."""
     from metagg.experiments import joseph2025 as j
 
-    with threads_during(args.threads):
+    with threads_during(args.threads), compiling_during(args.compile):
         j.reproduce_joseph2025(args.out, scale=args.scale, lagg=args.lagg or j.LAGG_PRETRAINED,
                                lopt=args.lopt or j.LOPT_PRETRAINED,
                                generalization=args.generalization, resume=args.resume)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from metagg.compiling import add_compile_arg, set_compile
 from metagg.config import ConfigError, load_config
 from metagg.threads import add_threads_arg, apply_threads
 
@@ -43,6 +44,7 @@ def add_parsers(sub: Any) -> None:
                    help="replace the results already in --out (default: refuse)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_threads_arg(p)
+    add_compile_arg(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("compare", help="several aggregators x seeds on one setting",
@@ -66,6 +68,7 @@ def add_parsers(sub: Any) -> None:
                    help="replace the results already in --out (default: refuse)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     add_threads_arg(p)
+    add_compile_arg(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("demo", help="quick demo: mean vs coordinate median on digits",
@@ -76,6 +79,7 @@ def add_parsers(sub: Any) -> None:
                    help="output directory (default runs/demo)")
     p.add_argument("--rounds", type=int, default=300, help="rounds per run (default 300)")
     add_threads_arg(p)
+    add_compile_arg(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("zoo", help="pretrained aggregators shipped in the package",
@@ -123,6 +127,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--max-trials", type=int, default=None,
                    help="sample this many grid points (seeded) if the grid is larger")
     add_threads_arg(p)
+    add_compile_arg(p)
     p.add_argument("--resume", action="store_true",
                    help="keep the trials an interrupted search in --out finished")
     p.add_argument("--overwrite", action="store_true",
@@ -157,6 +162,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError("--resume needs --out DIR (the directory holding the checkpoint)")
     refuse_to_overwrite(args.out, ("summary.json", "metrics.jsonl", "checkpoint.json"), args)
     apply_threads(args.threads)
+    set_compile(args.compile)
     sim = Simulation(cfg)
     summary = sim.run(args.out, resume=args.resume,
                       progress=None if not args.no_progress else False)
@@ -209,6 +215,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if unknown:
             raise ConfigError(f"--aggregator-options: {unknown} not in --aggregators")
     apply_threads(args.threads)
+    set_compile(args.compile)
     compare(cfg, names, seeds=args.seeds, out_dir=args.out, attacks=attacks,
             aggregator_options=agg_options, on_run=report, resume=args.resume)
     _print_results(args.out)
@@ -223,6 +230,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"{cfg.rounds} rounds, server SGD lr {cfg.optimizer.lr:g}", flush=True)
     start = time.perf_counter()
     apply_threads(args.threads)
+    set_compile(args.compile)
     compare(cfg, DEMO_AGGREGATORS, seeds=1, out_dir=args.out)
     _print_results(args.out)
     print(f"demo finished in {time.perf_counter() - start:.1f} s")
@@ -235,6 +243,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     refuse_to_overwrite(args.out, ("trials.jsonl", "summary.json"), args)
     apply_threads(args.threads)
+    set_compile(args.compile)
 
     def report(row: dict) -> None:
         point = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"

@@ -55,8 +55,10 @@ __all__ = [
 def provenance() -> str:
     """What produced a report, for its header: metagg version and git commit (with
     "+ local changes" when the checkout differs from it), torch version and threads,
-    Python. A re-run that does not give the same tables starts from this line."""
+    whether the workers were compiled, Python. A re-run that does not give the same
+    tables starts from this line."""
     from metagg import __version__
+    from metagg.compiling import compile_enabled
 
     src = Path(__file__).resolve().parent
     try:
@@ -71,7 +73,8 @@ def provenance() -> str:
         commit = "unknown (not a git checkout)"
     threads = torch.get_num_threads()
     return (f"metagg {__version__} (commit {commit}), torch {torch.__version__}, "
-            f"{threads} torch thread{'s' if threads > 1 else ''}, Python "
+            f"{threads} torch thread{'s' if threads > 1 else ''}, "
+            f"{'compiled' if compile_enabled() else 'eager'} workers, Python "
             f"{platform.python_version()}")
 
 

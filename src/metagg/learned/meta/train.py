@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from metagg.compiling import compiling_during
 from metagg.config.engine import parse
 from metagg.config.meta import MetaTrainConfig, MetaTrainPESConfig
 from metagg.data import Dataset
@@ -81,7 +82,10 @@ def meta_train(
         with tempfile.TemporaryDirectory(prefix="metagg-meta-") as tmp:
             return meta_train(cfg, envs, out_dir=tmp, data=data, progress=progress,
                               stop_at=stop_at, compile=compile, threads=threads)
-    with torch_threads(threads):
+    # `compile` covers PES's own inner loops; any simulator workers inside (BPTT's
+    # envs, validation) stay eager whatever the process default, so that a meta-training
+    # run and its resume give the same result everywhere
+    with torch_threads(threads), compiling_during(False):
         if isinstance(cfg, MetaTrainPESConfig):
             if envs is not None:
                 raise ValueError("a PES run builds its own LocalSGDEnv: pass data, not envs")
