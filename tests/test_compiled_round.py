@@ -12,8 +12,15 @@ import torch
 from torch._dynamo.utils import counters
 
 from metagg.cli import main
-from metagg.cluster import Cluster, local_sgd
-from metagg.compiling import ENV, compile_enabled, compiling_during, set_compile
+from metagg.cluster import Cluster
+from metagg.compiling import (
+    AUTO_MIN_STEPS,
+    ENV,
+    compile_enabled,
+    compile_setting,
+    compiling_during,
+    set_compile,
+)
 from metagg.config import load_config
 from metagg.data import partition
 from metagg.models import build_model
@@ -132,21 +139,30 @@ def test_compile_failure_falls_back_to_eager_once(digits, monkeypatch, caplog):
 def test_compile_setting_from_environment_and_cli(monkeypatch):
     with compiling_during(None):
         monkeypatch.setenv(ENV, "off")
-        assert not compile_enabled()
+        assert not compile_enabled() and compile_setting() is False
         monkeypatch.setenv(ENV, "1")
-        assert compile_enabled()
-        monkeypatch.delenv(ENV)
-        assert compile_enabled()  # the default
+        assert compile_enabled(1) and compile_setting() is True
+        for auto in ("auto", None):  # the default: long runs only
+            if auto is None:
+                monkeypatch.delenv(ENV)
+            else:
+                monkeypatch.setenv(ENV, auto)
+            assert compile_setting() is None
+            assert compile_enabled(AUTO_MIN_STEPS) and not compile_enabled(AUTO_MIN_STEPS - 1)
+            assert compile_enabled()  # unknown length
         monkeypatch.setenv(ENV, "maybe")
         with pytest.raises(ValueError, match="METAGG_COMPILE must be"):
             compile_enabled()
         monkeypatch.setenv(ENV, "0")
-        assert set_compile(True) and compile_enabled()
-        assert not set_compile(None)
+        assert set_compile(True) and compile_enabled(1)
+        assert set_compile(None) is False
     seen = []
     monkeypatch.setattr("metagg.simulation.Simulation.run",
                         lambda self, *a, **k: seen.append(self.cluster.compiled) or {})
+    monkeypatch.setenv(ENV, "auto")
     with compiling_during(None):
-        for flag, want in (("--compile", True), ("--no-compile", False)):
-            assert main(["run", "--set", "rounds=1", flag, "--threads", "1"]) == 0
-            assert seen[-1] is want
+        cases = (([], "rounds=1", False), ([], f"rounds={AUTO_MIN_STEPS}", True),
+                 (["--compile"], "rounds=1", True), (["--no-compile"], "rounds=5000", False))
+        for flag, rounds, want in cases:
+            assert main(["run", "--set", rounds, *flag, "--threads", "1"]) == 0
+            assert seen[-1] is want, (flag, rounds)

@@ -7,8 +7,8 @@ Each of the M workers holds a shard of the training set. Per round:
   sends the pseudo-gradient θ − θ_k (FedOpt sign convention).
 
 The honest work is one vmapped `grad` call per local step, never a Python loop
-over workers. By default (`metagg.compiling.compile_enabled`) the whole worker round —
-H local steps of every worker, or the gradient — runs as one `torch.compile`d program
+over workers. Compiled (the default for runs of >= 1000 worker steps: `metagg.compiling`),
+the whole worker round — H local steps of every worker, or the gradient — is one program
 per shape, with the hand-written MLP backward (`mlp_grad_fn`) where the model is a
 metagg MLP; `--no-compile` runs the vmapped autograd eagerly, the reference the
 compiled round agrees with to float rounding (~1e-7 per round).

@@ -43,6 +43,7 @@ from metagg.checkpoint import (
     save_checkpoint,
 )
 from metagg.cluster import Cluster
+from metagg.compiling import compile_enabled
 from metagg.config import ConfigError, RunConfig, config_from_dict, config_to_dict, save_config
 from metagg.data import Dataset, load_dataset, partition
 from metagg.models import build_model, parse_model_spec
@@ -112,7 +113,8 @@ def build_workers(cfg: RunConfig, *, dataset: Dataset | None = None,
         flip[byzantine] = True
     cluster = Cluster(task, ds.x_train, ds.y_train, shards, batch_size=w.batch_size,
                       mode=w.mode, local_steps=w.local_steps, local_lr=w.local_lr,
-                      seed=cfg.seed, flip_labels=flip)
+                      seed=cfg.seed, flip_labels=flip,
+                      compile=compile_enabled(cfg.rounds * w.local_steps))
     return Workers(ds, task, attack, byzantine, cluster)
 
 

@@ -80,7 +80,7 @@ def add_parsers(sub: Any) -> None:
                        help="PES outer steps (default: the config's, 5000)")
         q.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                        help="torch.compile the inner training and the learned step (default "
-                            "on, or $METAGG_COMPILE: ~1.3× faster outer steps after ~30 s; "
+                            "on unless $METAGG_COMPILE=0: ~1.3× faster outer steps after ~30 s; "
                             "--no-compile for eager)")
         _common(q, "MetaTrainPESConfig field, e.g. --set step_mode=reference --set pairs=4",
                 "continue from the checkpoint in --out (same result as an uninterrupted run "
@@ -113,7 +113,7 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
         if args.steps is not None:
             options["steps"] = args.steps
         cls: type = MetaTrainPESConfig
-        compile = compile_enabled() if args.compile is None else args.compile
+        compile = compile_enabled() if args.compile is None else args.compile  # auto: on
     else:
         dataset, model = BPTT_TASKS[args.task]
         options = {"dataset": dataset, "model": model, "num_workers": args.workers,

@@ -58,7 +58,7 @@ def provenance() -> str:
     whether the workers were compiled, Python. A re-run that does not give the same
     tables starts from this line."""
     from metagg import __version__
-    from metagg.compiling import compile_enabled
+    from metagg.compiling import describe_setting
 
     src = Path(__file__).resolve().parent
     try:
@@ -74,7 +74,7 @@ def provenance() -> str:
     threads = torch.get_num_threads()
     return (f"metagg {__version__} (commit {commit}), torch {torch.__version__}, "
             f"{threads} torch thread{'s' if threads > 1 else ''}, "
-            f"{'compiled' if compile_enabled() else 'eager'} workers, Python "
+            f"{describe_setting()}, Python "
             f"{platform.python_version()}")
 
 
