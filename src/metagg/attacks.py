@@ -16,10 +16,13 @@ Definitions and defaults follow ../shared/specs/byzantine.md.
 
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Any, NamedTuple
 
 import torch
+
+from metagg.robust import pairwise_sq_distances
 
 __all__ = ["ATTACKS", "Attack", "Defence", "make_attack"]
 
@@ -208,9 +211,84 @@ class Adaptive(Attack):
         return best.clone()
 
 
+class MinMax(Attack):
+    """Min-max (Shejwalkar & Houmansadr, NDSS 2021), aggregator-agnostic: every Byzantine
+    worker sends m = μ + γ·p, μ the honest mean and p a direction against it, with the
+    largest γ for which m is no farther from any honest row than the two farthest
+    honest rows are from each other: max_i ‖m − g_i‖ ≤ max_ij ‖g_i − g_j‖.
+
+    `direction`: "unit" (−μ/‖μ‖, the paper's code's default), "std" (−σ, the honest
+    rows' per-coordinate std) or "sign" (−sign μ). The paper finds γ by a halving
+    search; each constraint is a quadratic in γ, so here γ is their exact limit: the
+    smallest of the per-row positive roots.
+    """
+
+    name = "min_max"
+
+    def __init__(self, direction: str = "unit"):
+        if direction not in DIRECTIONS:
+            raise ValueError(f"{self.name}: direction must be one of {', '.join(DIRECTIONS)}, "
+                             f"got {direction!r}")
+        self.direction = direction
+
+    def forge(self, honest, byzantine, ctx, generator, *, defence=None):
+        good = self.honest_rows(honest, byzantine)
+        mu, p = good.mean(0), perturbation(good, self.direction)
+        gamma = self.gamma(good, mu, p)
+        return (mu + gamma * p).expand(len(byzantine), -1).clone()
+
+    @staticmethod
+    def gamma(good: torch.Tensor, mu: torch.Tensor, p: torch.Tensor) -> float:
+        """max γ ≥ 0 with ‖μ + γp − g_i‖² ≤ R² for every row i, R² = max_ij ‖g_i − g_j‖²:
+        a γ² + b_i γ + c_i ≤ 0 with a = ‖p‖², b_i = 2⟨μ − g_i, p⟩, c_i = ‖μ − g_i‖² − R²
+        ≤ 0 (the mean is within R of every row), so γ = min_i of the larger root."""
+        a = float(p.double().square().sum())
+        if len(good) < 2 or a == 0.0:
+            return 0.0
+        r2 = float(pairwise_sq_distances(good).max())
+        diff = (mu - good).double()
+        b = 2.0 * (diff @ p.double())
+        c = diff.square().sum(1) - r2
+        roots = (-b + (b.square() - 4.0 * a * c).clamp_min(0.0).sqrt()) / (2.0 * a)
+        return max(float(roots.min()), 0.0)
+
+
+class MinSum(MinMax):
+    """Min-sum (Shejwalkar & Houmansadr, NDSS 2021): as `MinMax`, with the largest γ for
+    which m's summed squared distance to the honest rows is no larger than any honest
+    row's: Σ_i ‖m − g_i‖² ≤ max_i Σ_j ‖g_i − g_j‖². As Σ_i (μ − g_i) = 0 the left side is
+    S₀ + n·γ²‖p‖²: γ = √((max_i Σ_j D_ij − S₀) / (n‖p‖²))."""
+
+    name = "min_sum"
+
+    @staticmethod
+    def gamma(good: torch.Tensor, mu: torch.Tensor, p: torch.Tensor) -> float:
+        a = float(p.double().square().sum())
+        if len(good) < 2 or a == 0.0:
+            return 0.0
+        bound = float(pairwise_sq_distances(good).double().sum(1).max())
+        s0 = float((mu - good).double().square().sum())
+        return math.sqrt(max(bound - s0, 0.0) / (len(good) * a))
+
+
+DIRECTIONS = ("unit", "std", "sign")
+
+
+def perturbation(good: torch.Tensor, direction: str) -> torch.Tensor:
+    """The optimisation attacks' direction p [d] against the honest rows `good` [n, d]."""
+    mu = good.mean(0)
+    if direction == "unit":
+        norm = mu.norm()
+        return -mu / norm if norm > 0 else torch.zeros_like(mu)
+    if direction == "std":
+        return -(good.std(0, unbiased=False) if len(good) > 1 else torch.zeros_like(mu))
+    return -mu.sign()
+
+
 _ATTACKS: dict[str, type[Attack]] = {
     cls.name: cls
-    for cls in (Attack, SignFlip, Gaussian, Zero, Crash, LabelFlip, ALIE, IPM, Mimic, Adaptive)
+    for cls in (Attack, SignFlip, Gaussian, Zero, Crash, LabelFlip, ALIE, IPM, Mimic, Adaptive,
+                MinMax, MinSum)
 }
 ATTACKS = tuple(_ATTACKS)
 
