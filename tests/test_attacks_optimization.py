@@ -1,0 +1,108 @@
+"""Min-max and min-sum (Shejwalkar & Houmansadr, NDSS 2021): a case worked by hand, the
+defining constraints (met, and tight), and the paper's halving search for γ."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from metagg.attacks import make_attack, perturbation
+from metagg.config import load_config
+from metagg.simulation import Simulation
+
+BYZ = torch.tensor([0, 1, 2])
+
+
+def forge(name: str, honest: torch.Tensor, **kw) -> torch.Tensor:
+    return make_attack(name, **kw).forge(honest, BYZ, None, torch.Generator().manual_seed(0))
+
+
+def test_worked_by_hand():
+    # honest rows (1, 1) and (1, -1): μ = (1, 0), max pairwise distance 2, p = (-1, 0).
+    # min-max: ‖(1 - γ, 0) - (1, ±1)‖² = γ² + 1 ≤ 4 → γ = √3;
+    # min-sum: 2(γ² + 1) ≤ max_i Σ_j D_ij = 4 → γ = 1.
+    honest = torch.tensor([[9.0, 9.0], [9.0, 9.0], [9.0, 9.0], [1.0, 1.0], [1.0, -1.0]],
+                          dtype=torch.float64)
+    want = torch.tensor([1 - math.sqrt(3), 0.0], dtype=torch.float64).expand(3, -1)
+    torch.testing.assert_close(forge("min_max", honest), want)
+    torch.testing.assert_close(forge("min_sum", honest), torch.zeros(3, 2, dtype=torch.float64))
+
+
+def sq_dist(a: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    return (a - rows).square().sum(-1)
+
+
+@pytest.mark.parametrize("direction", ["unit", "std", "sign"])
+def test_constraints_met_and_tight(direction):
+    g = torch.Generator().manual_seed(3)
+    honest = torch.randn(12, 40, generator=g, dtype=torch.float64) + 0.5
+    good = honest[3:]
+    pair = torch.cdist(good, good).square()
+    m = forge("min_max", honest, direction=direction)
+    assert torch.equal(m[0], m[1]) and torch.equal(m[0], m[2])
+    assert float(sq_dist(m[0], good).max()) == pytest.approx(float(pair.max()), rel=1e-9)
+    s = forge("min_sum", honest, direction=direction)
+    assert float(sq_dist(s[0], good).sum()) == pytest.approx(float(pair.sum(1).max()),
+                                                                rel=1e-9)
+    # along p away from the honest mean: γ > 0 and the row is m = μ + γ p
+    p = perturbation(good, direction)
+    gamma = float((m[0] - good.mean(0)) @ p / (p @ p))
+    assert gamma > 0
+    torch.testing.assert_close(m[0], good.mean(0) + gamma * p)
+
+
+def halving_search(good: torch.Tensor, p: torch.Tensor, ok, start: float = 10.0) -> float:
+    """The paper's search for γ, as its code writes it (λ from 10, a step of half the
+    last failure size, until the last success is within 1e-5)."""
+    gamma, fail, best = start, start, 0.0
+    while abs(best - gamma) > 1e-5:
+        if ok(good.mean(0) + gamma * p):
+            best = gamma
+            gamma += fail / 2
+        else:
+            gamma -= fail / 2
+        fail /= 2
+    return best
+
+
+@pytest.mark.parametrize("name", ["min_max", "min_sum"])
+def test_matches_the_papers_search(name):
+    g = torch.Generator().manual_seed(5)
+    honest = torch.randn(10, 30, generator=g, dtype=torch.float64) * 0.2 + 0.1
+    good = honest[3:]
+    pair = torch.cdist(good, good).square()
+    if name == "min_max":
+        def ok(m):
+            return float(sq_dist(m, good).max()) <= float(pair.max())
+    else:
+        def ok(m):
+            return float(sq_dist(m, good).sum()) <= float(pair.sum(1).max())
+    p = perturbation(good, "unit")
+    want = halving_search(good, p, ok)
+    got = float((forge(name, honest)[0] - good.mean(0)) @ p)  # ‖p‖ = 1
+    assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_degenerate_inputs_send_the_mean():
+    same = torch.ones(6, 4)
+    torch.testing.assert_close(forge("min_max", same), torch.ones(3, 4))
+    one_honest = torch.randn(4, 5, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(forge("min_sum", one_honest), one_honest[3:].expand(3, -1))
+
+
+def test_bad_direction():
+    with pytest.raises(ValueError, match="min_max: direction must be one of unit, std, sign"):
+        make_attack("min_max", direction="up")
+
+
+@pytest.mark.parametrize("attack", ["min_max", "min_sum"])
+def test_runs_in_a_simulation_against_a_robust_rule(attack, one_thread):
+    cfg = load_config(None, ["rounds=3", "eval_every=3", f"attack.name={attack}",
+                             "attack.num_byzantine=3", "aggregator.name=median"])
+    sim = Simulation(cfg)
+    for _ in range(3):
+        sim.step()
+    assert math.isfinite(sim.evaluate()["train_loss"])
+    assert sim.dropped_updates == 0
