@@ -1,0 +1,62 @@
+"""`metagg reproduce robustness`: the grid, its files, and each rule's worst case."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from metagg.cli import main
+from metagg.experiments.robustness import (
+    ATTACKS,
+    SCALES,
+    attack_settings,
+    reproduce_robustness,
+    worst_cases,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_quick_grid_has_every_attack_at_every_fraction():
+    settings = attack_settings(SCALES["quick"])
+    assert settings[0] == "none"
+    assert len(settings) == 1 + len(ATTACKS) * 2
+    assert "ipm:7:eps=100" in settings and "min_sum:3" in settings
+    assert {"adaptive:3", "label_flip:7", "mimic:3"} <= set(settings)
+
+
+def test_worst_case_is_over_the_cells_a_rule_ran_in():
+    def row(rule, attack, acc, **kw):
+        return {"aggregator": rule, "attack_label": attack, "final_test_accuracy": acc,
+                "dataset": "digits", "partition": "iid", "momentum": 0.0, **kw}
+
+    rows = [row("mean", "no attack", 0.95), row("mean", "ipm 3/10", 0.2),
+            row("mean", "ipm 3/10", 0.4),  # two seeds: mean 0.3
+            row("bulyan", "no attack", 0.9), row("bulyan", "ipm 3/10", None, unavailable="n")]
+    worst = worst_cases(rows, ["mean", "bulyan"])
+    assert [w["rule"] for w in worst] == ["bulyan", "mean"]  # best worst case first
+    assert worst[1]["worst_accuracy"] == pytest.approx(0.3)
+    assert worst[1]["attack"] == "ipm 3/10" and worst[1]["cells"] == 2
+    assert worst[0]["unavailable_cells"] == 1 and worst[0]["cells"] == 1
+
+
+def test_tiny_benchmark_writes_its_files(tmp_path):
+    summary = reproduce_robustness(tmp_path, scale="tiny", log=lambda msg: None)
+    rules = ["mean", "median", "arnn:pretrained/digits-mlp20-arnn-lstm"]
+    assert [w["rule"] for w in summary["worst"]] != [] and summary["rules"] == rules
+    with open(tmp_path / "results.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(rules) * 3  # no attack, sign_flip 3/10, min_max 3/10
+    assert {r["attack_label"] for r in rows} == {"no attack", "sign_flip 3/10",
+                                                 "min_max 3/10"}
+    report = (tmp_path / "report.md").read_text()
+    assert "## Worst case of each rule over the whole grid" in report
+    assert all(rule in report for rule in rules)
+    assert (tmp_path / "heatmap-digits--IID--no-worker-momentum.png").stat().st_size > 1000
+
+
+def test_cli_lists_the_benchmark(capsys):
+    with pytest.raises(SystemExit):
+        main(["reproduce", "robustness", "--help"])
+    assert "worst case" in capsys.readouterr().out
