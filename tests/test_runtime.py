@@ -141,6 +141,20 @@ def test_distributed_run_equals_simulator(digits, tmp_path, group, setting):
     assert stats["bytes_received"] == 20 * m * d * 4  # every update, once
 
 
+def test_compiled_distributed_run_equals_compiled_simulator(digits, tmp_path, group,
+                                                           monkeypatch):
+    # every process compiles its workers' round (the worker processes inherit the setting)
+    monkeypatch.setenv("METAGG_COMPILE", "1")
+    cfg = config(workers={"mode": "local_sgd", "local_steps": 2, "local_lr": 0.2})
+    want = simulate(cfg, digits, tmp_path / "sim")
+    thread, result = group(cfg, tmp_path / "ps")
+    thread.join(LIMIT + 10)
+    assert result["code"] == 0
+    got = read_metrics(tmp_path / "ps/metrics.jsonl")
+    assert_same_metrics(got, want)
+    assert got[-1]["missing_updates"] == 0
+
+
 # --------------------------------------------------------------------------- faults
 
 

@@ -189,6 +189,11 @@ def main(argv: Sequence[str] | None = None, *,
             raise ConfigError(f"WORLD_SIZE={env.world_size} but workers.num_workers={m}: start "
                               f"{m + 1} processes (one server + one per worker)")
         torch.set_num_threads(options.threads)
+        # The processes end with os._exit: inductor's pool of compile workers would leave
+        # its semaphores behind (a resource_tracker warning at shutdown); compile in-process.
+        import torch._inductor.config as inductor_config
+
+        inductor_config.compile_threads = 1
         backend, device = choose_backend(options, env)
         out = args.out
         resume = args.resume
