@@ -106,3 +106,63 @@ def test_runs_in_a_simulation_against_a_robust_rule(attack, one_thread):
         sim.step()
     assert math.isfinite(sim.evaluate()["train_loss"])
     assert sim.dropped_updates == 0
+
+
+# --------------------------------------------------------------------------- white box
+
+
+def whitebox_round(agg_name: str, extra: list[str] | None = None):
+    """A simulation one round in, and what the whitebox attack needs to forge its rows."""
+    from metagg.attacks import Defence
+
+    cfg = load_config(None, ["rounds=2", "attack.name=whitebox", "attack.num_byzantine=3",
+                             f"aggregator.name={agg_name}", *(extra or [])])
+    sim = Simulation(cfg)
+    sim.step()
+    out = sim.cluster.compute(sim.params, sim.round)
+    ids = torch.arange(cfg.workers.num_workers)
+    ctx = sim.context(ids)
+    return sim, out.updates, ctx, Defence(sim.aggregator, sim.agg_state)
+
+
+def first_order_score(defence, honest, byz, rows, ctx) -> float:
+    mu = honest[3:].mean(0)
+    step, _ = defence.aggregator.step(defence.state, honest.index_put((byz,), rows), ctx)
+    return float(step @ mu)
+
+
+LAGG = ["aggregator.options.init=true", "aggregator.options.step_mode=general",
+        "workers.mode=local_sgd", "workers.local_steps=2", "workers.local_lr=0.3"]
+
+
+@pytest.mark.parametrize("agg, extra", [("mean", []), ("lagg", LAGG)], ids=["mean", "lagg"])
+def test_whitebox_descends_through_a_differentiable_aggregator(agg, extra, one_thread):
+    sim, honest, ctx, defence = whitebox_round(agg, extra)
+    attack = make_attack("whitebox", steps=10)
+    before = {k: v.clone() for k, v in vars(sim.agg_state).items()} \
+        if hasattr(sim.agg_state, "__dict__") else None
+    forged = attack.forge(honest, BYZ, ctx, torch.Generator(), defence=defence)
+    assert attack.last_method == "gradient"
+    assert forged.shape == (3, honest.shape[1]) and torch.isfinite(forged).all()
+    start = (-honest[3:].mean(0)).expand(3, -1)
+    assert first_order_score(defence, honest, BYZ, forged, ctx) < \
+        first_order_score(defence, honest, BYZ, start, ctx)
+    if before is not None:  # the server's state is untouched
+        assert all(torch.equal(v, getattr(sim.agg_state, k)) for k, v in before.items())
+
+
+def test_whitebox_searches_where_the_aggregator_is_not_differentiable(one_thread):
+    _, honest, ctx, defence = whitebox_round(
+        "rnn:pretrained/digits-mlp20-lstm", ["model=mlp:20:sigmoid"])
+    attack = make_attack("whitebox")
+    forged = attack.forge(honest, BYZ, ctx, torch.Generator(), defence=defence)
+    assert attack.last_method == "search"
+    want = make_attack("adaptive").forge(honest, BYZ, ctx, torch.Generator(), defence=defence)
+    torch.testing.assert_close(forged, want)
+
+
+def test_whitebox_options_are_checked():
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+        make_attack("whitebox", steps=0)
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        make_attack("whitebox", lr=-1.0)

@@ -23,7 +23,7 @@ def test_quick_grid_has_every_attack_at_every_fraction():
     assert settings[0] == "none"
     assert len(settings) == 1 + len(ATTACKS) * 2
     assert "ipm:7:eps=100" in settings and "min_sum:3" in settings
-    assert {"adaptive:3", "label_flip:7", "mimic:3"} <= set(settings)
+    assert {"whitebox:3", "label_flip:7", "mimic:3"} <= set(settings)
 
 
 def test_worst_case_is_over_the_cells_a_rule_ran_in():

@@ -211,6 +211,67 @@ class Adaptive(Attack):
         return best.clone()
 
 
+class WhiteBox(Adaptive):
+    """White-box attack by gradient: the forged rows Z [b, d] start at −μ (IPM with ε = 1,
+    μ the honest mean) and take `steps` Adam steps of size `lr` × the honest rows' RMS to
+    minimise ⟨step(Z), μ/‖μ‖⟩, where step(Z) is what the server's aggregator, in its
+    current state, would output on the round's rows with Z in the Byzantine slots: the
+    server does θ ← θ − step, so this maximises the loss's first-order increase. Each
+    Byzantine row is its own variable (LAgg-A sees every worker's channel).
+
+    Needs an aggregator whose step autograd can differentiate in its inputs
+    (`Aggregator.differentiable_step`: mean-based rules, LAgg-A, LOpt-A); against the
+    others (the numpy robust kernels; the RNN / ARNN, whose features are computed
+    without a graph) it runs `adaptive`'s search over scales instead. `last_method`
+    says which ("gradient" or "search"). The best Z seen is sent.
+    """
+
+    name = "whitebox"
+
+    def __init__(self, steps: int = 20, lr: float = 0.5,
+                 scales: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)):
+        super().__init__(scales)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"whitebox: steps must be an integer >= 1, got {steps!r}")
+        if not lr > 0:
+            raise ValueError(f"whitebox: lr must be > 0, got {lr!r}")
+        self.steps, self.lr = steps, float(lr)
+        self.last_method = ""
+
+    def forge(self, honest, byzantine, ctx, generator, *, defence=None):
+        if defence is None:
+            raise ValueError("whitebox attack needs the server's aggregator (white-box access)")
+        agg, state = defence
+        good = self.honest_rows(honest, byzantine)
+        mu = good.mean(0)
+        direction = mu / mu.norm().clamp_min(1e-30)
+        z = (-mu).expand(len(byzantine), -1).clone().requires_grad_(True)
+
+        def score(rows: torch.Tensor) -> torch.Tensor | None:
+            step = agg.differentiable_step(state, honest.index_put((byzantine,), rows), ctx)
+            return None if step is None else step @ direction
+
+        first = score(z)
+        if first is None:
+            self.last_method = "search"
+            return super().forge(honest, byzantine, ctx, generator, defence=defence)
+        self.last_method = "gradient"
+        scale = float(good.square().mean().sqrt()) or 1.0
+        opt = torch.optim.Adam([z], lr=self.lr * scale)
+        best, best_score, current = z.detach().clone(), float(first.detach()), first
+        for _ in range(self.steps):
+            opt.zero_grad()
+            current.backward()
+            # a kink of the aggregator (sqrt at 0 in a spread feature) can give inf·0
+            z.grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+            opt.step()
+            current = score(z)
+            value = float(current.detach())
+            if value < best_score:  # a NaN never is
+                best, best_score = z.detach().clone(), value
+        return best
+
+
 class MinMax(Attack):
     """Min-max (Shejwalkar & Houmansadr, NDSS 2021), aggregator-agnostic: every Byzantine
     worker sends m = μ + γ·p, μ the honest mean and p a direction against it, with the
@@ -288,7 +349,7 @@ def perturbation(good: torch.Tensor, direction: str) -> torch.Tensor:
 _ATTACKS: dict[str, type[Attack]] = {
     cls.name: cls
     for cls in (Attack, SignFlip, Gaussian, Zero, Crash, LabelFlip, ALIE, IPM, Mimic, Adaptive,
-                MinMax, MinSum)
+                WhiteBox, MinMax, MinSum)
 }
 ATTACKS = tuple(_ATTACKS)
 

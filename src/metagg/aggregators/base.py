@@ -100,6 +100,19 @@ class Aggregator(ABC):
     ) -> tuple[torch.Tensor, State]:
         """Return (step [d], new state); the server applies θ ← θ − step."""
 
+    def differentiable_step(self, state: State, updates: torch.Tensor,
+                            ctx: RoundContext) -> torch.Tensor | None:
+        """The step as a function of `updates` that autograd can differentiate (the
+        `whitebox` attack optimises forged rows through it), or None where this
+        aggregator's step is not differentiable in its inputs (a numpy kernel, a rule
+        that detaches them). `state` is not changed."""
+        try:
+            with torch.enable_grad():
+                step, _ = self.step(state, updates, ctx)
+        except RuntimeError:  # e.g. numpy() of a tensor that requires grad
+            return None
+        return step if step.requires_grad else None
+
     def check_updates(self, updates: torch.Tensor, ctx: RoundContext) -> None:
         """Shape checks shared by every aggregator."""
         if updates.dim() != 2 or updates.shape[1] != ctx.layout.size:

@@ -48,7 +48,7 @@ RULES = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_medi
 LEARNED = "arnn:pretrained/digits-mlp20-arnn-lstm"
 #: attack settings without the count: name[:key=value...] (`metagg compare --attacks`)
 ATTACKS = ("sign_flip:scale=4", "gaussian", "alie", "ipm", "ipm:eps=100", "min_max",
-           "min_sum", "label_flip", "mimic", "adaptive")
+           "min_sum", "label_flip", "mimic", "whitebox")
 NUM_WORKERS = 10
 
 

@@ -301,14 +301,22 @@ def ada_step(phi: Mapping[str, torch.Tensor], state: AdaState, updates: torch.Te
 
 def per_tensor_rms(x: torch.Tensor, plan: FeaturePlan) -> torch.Tensor:
     """Each tensor's RMS of x [d], broadcast back to its elements [d]."""
-    return torch.cat([x[tp.elems].square().mean().sqrt().expand(tp.elems.stop - tp.elems.start)
+    return torch.cat([safe_sqrt(x[tp.elems].square().mean()).expand(tp.elems.stop
+                                                                    - tp.elems.start)
                       for tp in plan.nonempty])
+
+
+def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """sqrt(max(x, 0)), with a finite gradient (0) where x <= 0: sqrt's is infinite at 0,
+    and inf·0 would make the white-box attack's gradient NaN everywhere."""
+    positive = x > 0
+    return torch.where(positive, torch.where(positive, x, 1.0).sqrt(), 0.0)
 
 
 def worker_statistics(updates: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """General LAgg-A's worker channels [3, d]: ḡ, the spread std_k(u_k) and the sign
     agreement mean_k sign(u_k) — the same meaning for any number and order of workers."""
-    spread = (updates.square().mean(0) - g.square()).clamp_min(0.0).sqrt()
+    spread = safe_sqrt(updates.square().mean(0) - g.square())
     return torch.stack([g, spread, updates.sign().mean(0)])
 
 
