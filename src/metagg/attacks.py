@@ -212,18 +212,20 @@ class Adaptive(Attack):
 
 
 class WhiteBox(Adaptive):
-    """White-box attack by gradient: the forged rows Z [b, d] start at −μ (IPM with ε = 1,
-    μ the honest mean) and take `steps` Adam steps of size `lr` × the honest rows' RMS to
-    minimise ⟨step(Z), μ/‖μ‖⟩, where step(Z) is what the server's aggregator, in its
-    current state, would output on the round's rows with Z in the Byzantine slots: the
-    server does θ ← θ − step, so this maximises the loss's first-order increase. Each
-    Byzantine row is its own variable (LAgg-A sees every worker's channel).
+    """Forged rows optimised by gradient through the server's aggregator (white box).
+
+    The forged rows Z [b, d] start at −μ (IPM with ε = 1, μ the honest mean) and take
+    `steps` Adam steps of size `lr` × the honest rows' RMS to minimise ⟨step(Z), μ/‖μ‖⟩,
+    where step(Z) is what the server's aggregator, in its current state, would output on
+    the round's rows with Z in the Byzantine slots: the server does θ ← θ − step, so
+    this maximises the loss's first-order increase. Each Byzantine row is its own
+    variable (LAgg-A sees every worker's channel).
 
     Needs an aggregator whose step autograd can differentiate in its inputs
     (`Aggregator.differentiable_step`: mean-based rules, LAgg-A, LOpt-A); against the
     others (the numpy robust kernels; the RNN / ARNN, whose features are computed
-    without a graph) it runs `adaptive`'s search over scales instead. `last_method`
-    says which ("gradient" or "search"). The best Z seen is sent.
+    without a graph) it runs `adaptive`'s search over scales instead. `last_method` says
+    which ("gradient" or "search"). The best Z seen is sent.
     """
 
     name = "whitebox"
@@ -273,10 +275,12 @@ class WhiteBox(Adaptive):
 
 
 class MinMax(Attack):
-    """Min-max (Shejwalkar & Houmansadr, NDSS 2021), aggregator-agnostic: every Byzantine
-    worker sends m = μ + γ·p, μ the honest mean and p a direction against it, with the
-    largest γ for which m is no farther from any honest row than the two farthest
-    honest rows are from each other: max_i ‖m − g_i‖ ≤ max_ij ‖g_i − g_j‖.
+    """Min-max (Shejwalkar & Houmansadr 2021): μ + γp, as far as the honest spread allows.
+
+    Aggregator-agnostic: every Byzantine worker sends m = μ + γ·p, μ the honest mean and
+    p a direction against it, with the largest γ for which m is no farther from any
+    honest row than the two farthest honest rows are from each other: max_i ‖m − g_i‖ ≤
+    max_ij ‖g_i − g_j‖.
 
     `direction`: "unit" (−μ/‖μ‖, the paper's code's default), "std" (−σ, the honest
     rows' per-coordinate std) or "sign" (−sign μ). The paper finds γ by a halving
@@ -315,10 +319,13 @@ class MinMax(Attack):
 
 
 class MinSum(MinMax):
-    """Min-sum (Shejwalkar & Houmansadr, NDSS 2021): as `MinMax`, with the largest γ for
-    which m's summed squared distance to the honest rows is no larger than any honest
-    row's: Σ_i ‖m − g_i‖² ≤ max_i Σ_j ‖g_i − g_j‖². As Σ_i (μ − g_i) = 0 the left side is
-    S₀ + n·γ²‖p‖²: γ = √((max_i Σ_j D_ij − S₀) / (n‖p‖²))."""
+    """Min-sum (Shejwalkar & Houmansadr 2021): μ + γp within the honest rows' summed spread.
+
+    As `MinMax`, with the largest γ for which m's summed squared distance to the honest
+    rows is no larger than any honest row's: Σ_i ‖m − g_i‖² ≤ max_i Σ_j ‖g_i − g_j‖². As
+    Σ_i (μ − g_i) = 0 the left side is S₀ + n·γ²‖p‖²: γ = √((max_i Σ_j D_ij − S₀) /
+    (n‖p‖²)).
+    """
 
     name = "min_sum"
 
