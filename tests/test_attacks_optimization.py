@@ -151,9 +151,10 @@ def test_whitebox_descends_through_a_differentiable_aggregator(agg, extra, one_t
         assert all(torch.equal(v, getattr(sim.agg_state, k)) for k, v in before.items())
 
 
-def test_whitebox_searches_where_the_aggregator_is_not_differentiable(one_thread):
-    _, honest, ctx, defence = whitebox_round(
-        "rnn:pretrained/digits-mlp20-lstm", ["model=mlp:20:sigmoid"])
+def test_whitebox_searches_where_the_aggregator_is_not_differentiable(one_thread,
+                                                                       monkeypatch):
+    _, honest, ctx, defence = whitebox_round("krum", [])
+    monkeypatch.setattr(defence.aggregator, "differentiable_step", lambda *a: None)
     attack = make_attack("whitebox")
     forged = attack.forge(honest, BYZ, ctx, torch.Generator(), defence=defence)
     assert attack.last_method == "search"
@@ -166,3 +167,40 @@ def test_whitebox_options_are_checked():
         make_attack("whitebox", steps=0)
     with pytest.raises(ValueError, match="lr must be > 0"):
         make_attack("whitebox", lr=-1.0)
+
+
+@pytest.mark.parametrize("spec", ["rnn:pretrained/digits-mlp20-lstm",
+                                  "arnn:pretrained/digits-mlp20-arnn-lstm"])
+def test_rnn_step_is_differentiable_in_the_updates(spec, one_thread):
+    _, honest, ctx, defence = whitebox_round(spec, ["model=mlp:20:sigmoid",
+                                                      "trusted_samples=64"])
+    agg, state = defence
+    want, _ = agg.step(state, honest, ctx)
+    rows = honest.clone().requires_grad_(True)
+    got = agg.differentiable_step(state, rows, ctx)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)  # the same step
+    got.sum().backward()
+    assert torch.isfinite(rows.grad).all() and rows.grad.abs().sum() > 0
+    assert all(p.grad is None for p in agg.net.parameters())  # φ is left alone
+    attack = make_attack("whitebox", steps=5)
+    forged = attack.forge(honest, BYZ, ctx, torch.Generator(), defence=defence)
+    assert attack.last_method == "gradient"
+    start = (-honest[3:].mean(0)).expand(3, -1)
+    assert first_order_score(defence, honest, BYZ, forged, ctx) < \
+        first_order_score(defence, honest, BYZ, start, ctx)
+
+
+def test_whitebox_keeps_its_best_rows_when_the_rule_leaves_autograd(monkeypatch, one_thread):
+    _, honest, ctx, defence = whitebox_round("mean", [])
+    real = defence.aggregator.differentiable_step
+    calls = []
+
+    def flaky(*args):  # differentiable on the first two calls only
+        calls.append(1)
+        return real(*args) if len(calls) <= 2 else None
+
+    monkeypatch.setattr(defence.aggregator, "differentiable_step", flaky)
+    attack = make_attack("whitebox", steps=10)
+    forged = attack.forge(honest, BYZ, ctx, torch.Generator(), defence=defence)
+    assert attack.last_method == "gradient" and len(calls) == 3
+    assert torch.isfinite(forged).all()

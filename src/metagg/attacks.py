@@ -222,10 +222,10 @@ class WhiteBox(Adaptive):
     variable (LAgg-A sees every worker's channel).
 
     Needs an aggregator whose step autograd can differentiate in its inputs
-    (`Aggregator.differentiable_step`: mean-based rules, LAgg-A, LOpt-A); against the
-    others (the numpy robust kernels; the RNN / ARNN, whose features are computed
-    without a graph) it runs `adaptive`'s search over scales instead. `last_method` says
-    which ("gradient" or "search"). The best Z seen is sent.
+    (`Aggregator.differentiable_step`: the rules' torch kernels, LAgg-A, LOpt-A, the
+    RNN / ARNN); where it returns None (a kernel computed outside autograd) the attack
+    runs `adaptive`'s search over scales instead. `last_method` says which ("gradient"
+    or "search"). The best Z seen is sent.
     """
 
     name = "whitebox"
@@ -268,6 +268,8 @@ class WhiteBox(Adaptive):
             z.grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
             opt.step()
             current = score(z)
+            if current is None:  # the rule left autograd here (e.g. a degenerate input)
+                break
             value = float(current.detach())
             if value < best_score:  # a NaN never is
                 best, best_score = z.detach().clone(), value

@@ -84,10 +84,12 @@ __all__ = [
     "decays_from_offsets",
     "feature_names",
     "gradient_features",
+    "graph_of",
     "init_ada_state",
     "log_norm_feature",
     "loss_features",
     "nominal_decays",
+    "safe_sqrt",
     "tensor_inputs",
     "time_features",
     "update_ada_state",
@@ -361,6 +363,19 @@ def gradient_features(
     `out` [B, ≥M] receives the inputs in its first M columns.
     """
     g = slots.to(torch.float32)
+    if graph_of(g):  # the same values, out of place, differentiable in the slots
+        a = safe_sqrt(torch.einsum("mb,mb->b", g, g))
+        inv = torch.where(a > 0, 1.0 / torch.where(a > 0, a, 1.0), 0.0)
+        x = g.T * inv[:, None]
+        tiny = math.exp(-p)
+        small = x.abs() < tiny
+        if clamp_sign:
+            x = torch.where(small, torch.sign(x) * tiny, x)
+        else:
+            x = x.masked_fill(small, tiny).masked_fill((a == 0)[:, None], 0.0)
+        if present is not None:
+            x = x.masked_fill(~present[None, :], 0.0)
+        return x, a
     a = torch.einsum("mb,mb->b", g, g).sqrt_()  # einsum: ~15× faster than vector_norm(dim=0)
     inv = torch.where(a > 0, a.reciprocal(), torch.zeros_like(a))
     x = torch.mul(g.T, inv[:, None], out=None if out is None else out[:, : g.shape[0]])
@@ -376,14 +391,28 @@ def gradient_features(
     return x, a
 
 
+def graph_of(x: torch.Tensor) -> bool:
+    """Whether autograd records ops on x: then features are built out of place (the
+    white-box attack differentiates the RNN's step in the workers' updates)."""
+    return x.requires_grad and torch.is_grad_enabled()
+
+
+def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """sqrt(max(x, 0)) with a finite gradient (0) where x <= 0: sqrt's is infinite at 0,
+    and inf·0 would turn a whole gradient into NaN."""
+    positive = x > 0
+    return torch.where(positive, torch.where(positive, x, 1.0).sqrt(), 0.0)
+
+
 def log_norm_feature(a: torch.Tensor, p: float = 10.0) -> torch.Tensor:
     """max(log A_i, −p) / p: L2L's log-magnitude input (Andrychowicz et al. 2016, App. A)
     applied to the worker spread A_i; 0 where A_i = 0 (no signal)."""
+    if graph_of(a):
+        return (a.clamp_min(math.exp(-p)).log() / p).masked_fill(a == 0, 0.0)
     f = a.clamp_min(math.exp(-p)).log_().div_(p)
     return f.masked_fill_(a == 0, 0.0)
 
 
-@torch.no_grad()
 def loss_features(
     trusted: TrustedData,
     params: torch.Tensor,
@@ -401,9 +430,19 @@ def loss_features(
     i.e. the relative change of the trusted loss that worker m's update alone
     would cause; asinh keeps it linear near 0 (honest workers: a few % of f_0)
     and logarithmic for forged updates whose loss explodes. Non-finite losses
-    count as a huge increase. Missing slots get 0. Computed without gradient:
-    like the workers' own gradients, this is an input, not part of the meta-graph.
+    count as a huge increase. Missing slots get 0. Computed without gradient (like the
+    workers' own gradients, an input, not part of the meta-graph) unless the slots are
+    in an autograd graph (the white-box attack).
     """
+    if not graph_of(slots):
+        with torch.no_grad():
+            return _loss_features(trusted, params, slots, present, probe_lr, loss_scale)
+    return _loss_features(trusted, params, slots, present, probe_lr, loss_scale)
+
+
+def _loss_features(trusted: TrustedData, params: torch.Tensor, slots: torch.Tensor,
+                   present: torch.Tensor | None, probe_lr: float,
+                   loss_scale: float) -> torch.Tensor:
     theta = params.detach().to(torch.float32)
     rows = slots if present is None else slots[present]
     cands = torch.cat([theta[None], theta[None] - probe_lr * rows.to(torch.float32)])
@@ -414,6 +453,4 @@ def loss_features(
     feat = torch.asinh(rel / loss_scale)
     if present is None:
         return feat
-    out = feat.new_zeros(slots.shape[0])
-    out[present] = feat
-    return out
+    return feat.new_zeros(slots.shape[0]).index_put((present.nonzero().squeeze(1),), feat)

@@ -88,6 +88,7 @@ from metagg.learned.features import (
     channel_scale,
     decays_from_offsets,
     feature_names,
+    safe_sqrt,
     tensor_inputs,
     time_features,
     update_ada_state,
@@ -305,12 +306,6 @@ def per_tensor_rms(x: torch.Tensor, plan: FeaturePlan) -> torch.Tensor:
                                                                     - tp.elems.start)
                       for tp in plan.nonempty])
 
-
-def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
-    """sqrt(max(x, 0)), with a finite gradient (0) where x <= 0: sqrt's is infinite at 0,
-    and inf·0 would make the white-box attack's gradient NaN everywhere."""
-    positive = x > 0
-    return torch.where(positive, torch.where(positive, x, 1.0).sqrt(), 0.0)
 
 
 def worker_statistics(updates: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

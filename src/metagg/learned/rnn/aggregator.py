@@ -47,7 +47,12 @@ import torch
 
 from metagg.aggregators.base import Aggregator, RoundContext, worker_slots
 from metagg.layout import ParamLayout
-from metagg.learned.features import gradient_features, log_norm_feature, loss_features
+from metagg.learned.features import (
+    gradient_features,
+    graph_of,
+    log_norm_feature,
+    loss_features,
+)
 from metagg.learned.rnn.cells import CoordinateRNN, RNNConfig, gru_cell, lstm_cell
 
 __all__ = ["DEFAULT_CHUNK", "RNNAggregator", "RNNState"]
@@ -131,11 +136,31 @@ class RNNAggregator(Aggregator):
                 step, new_state = self._run_inplace(state, slots, present, loss_feat)
         return step.to(updates.dtype), new_state
 
+    def differentiable_step(self, state: RNNState, updates: torch.Tensor,
+                            ctx: RoundContext) -> torch.Tensor:
+        """The step in the autograd graph of `updates` (φ fixed), for the white-box
+        attack: the features are built out of place, with finite gradients."""
+        cfg = self.config
+        self.check_updates(updates, ctx)
+        if ctx.num_workers != cfg.num_workers or state.h.shape[1] != updates.shape[1]:
+            return self.step(state, updates, ctx)[0]  # raises the step's error
+        with torch.enable_grad():
+            slots, present = worker_slots(updates, ctx.worker_ids, cfg.num_workers)
+            loss_feat = None
+            if cfg.arnn:
+                loss_feat = loss_features(ctx.trusted, ctx.params, slots, present,
+                                          probe_lr=cfg.probe_lr, loss_scale=cfg.loss_scale)
+            step, _ = self._run_differentiable(state, slots, present, loss_feat,
+                                               detach_phi=True)
+        return step.to(updates.dtype)
+
     def _inputs(self, chunk: torch.Tensor, present: torch.Tensor | None,
                 loss_feat: torch.Tensor | None, buf: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """RNN inputs [B, input_size] for worker slots [M, B], and A [B]."""
         cfg, m = self.config, self.config.num_workers
+        if graph_of(chunk) or (loss_feat is not None and graph_of(loss_feat)):
+            return self._inputs_graph(chunk, present, loss_feat)
         with torch.no_grad():
             x = buf if buf is not None else chunk.new_empty(chunk.shape[1], cfg.input_size,
                                                             dtype=torch.float32)
@@ -150,10 +175,27 @@ class RNNAggregator(Aggregator):
                 x.masked_fill_((a == 0)[:, None], 0.0)  # no signal at all: zero input
         return x, a
 
-    def _head(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    def _inputs_graph(self, chunk: torch.Tensor, present: torch.Tensor | None,
+                      loss_feat: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_inputs` out of place, in the autograd graph of the slots (same values)."""
+        cfg = self.config
+        x, a = gradient_features(chunk, present, p=cfg.p, clamp_sign=cfg.clamp_sign)
+        parts = [x]
+        if loss_feat is not None:
+            parts.append(loss_feat.to(torch.float32).expand(x.shape[0], -1))
+        if cfg.output == "normalized":
+            parts.append(log_norm_feature(a, cfg.p)[:, None])
+        x = torch.cat(parts, 1)
+        if loss_feat is not None:
+            x = x.masked_fill((a == 0)[:, None], 0.0)  # no signal at all: zero input
+        return x, a
+
+    def _head(self, x: torch.Tensor, a: torch.Tensor, detach_phi: bool = False) -> torch.Tensor:
         """The step of a chunk from the top layer's hidden state x [B, H] and A [B]."""
         cfg, net = self.config, self.net
-        o = torch.addmm(net.b_out, x, net.w_out).squeeze(1)  # (B,)
+        b_out, w_out = (net.b_out.detach(), net.w_out.detach()) if detach_phi \
+            else (net.b_out, net.w_out)
+        o = torch.addmm(b_out, x, w_out).squeeze(1)  # (B,)
         if cfg.output == "paper":
             o = o * a  # Ji §4.2 postprocessing: θ_i update × A_i
         return cfg.scale * torch.where(a > 0, o, torch.zeros_like(o))  # A_i = 0 → no step
@@ -181,12 +223,14 @@ class RNNAggregator(Aggregator):
         return step, RNNState(new_h, new_c)
 
     def _run_differentiable(self, state: RNNState, slots: torch.Tensor,
-                            present: torch.Tensor | None, loss_feat: torch.Tensor | None
-                            ) -> tuple[torch.Tensor, RNNState]:
+                            present: torch.Tensor | None, loss_feat: torch.Tensor | None,
+                            *, detach_phi: bool = False) -> tuple[torch.Tensor, RNNState]:
         """Meta-training's step: the same computation, out of place, in the autograd graph
-        of φ and the incoming state."""
+        of φ (unless `detach_phi`) and the incoming state."""
         cfg, d = self.config, slots.shape[1]
         weights = self.net.fused_weights()
+        if detach_phi:
+            weights = [tuple(w.detach() for w in layer) for layer in weights]
         steps: list[torch.Tensor] = []
         hs: list[list[torch.Tensor]] = [[] for _ in range(cfg.layers)]
         cs: list[list[torch.Tensor]] = [[] for _ in range(cfg.layers)]
@@ -201,7 +245,7 @@ class RNNAggregator(Aggregator):
                 else:
                     x = gru_cell(x, h, weights[layer])
                 hs[layer].append(x)
-            steps.append(self._head(x, a))
+            steps.append(self._head(x, a, detach_phi))
         h_all = torch.stack([torch.cat(h) for h in hs])
         c_all = torch.stack([torch.cat(c) for c in cs]) if state.c is not None else None
         return torch.cat(steps), RNNState(h_all, c_all)
