@@ -125,13 +125,7 @@ def wait_for_round(out: Path, round: int, thread: threading.Thread, timeout: flo
 ], ids=["gradient-alie", "local_sgd-label_flip"])
 def test_distributed_run_equals_simulator(digits, tmp_path, group, setting):
     cfg = config(**setting)
-    want = simulate(cfg, digits, tmp_path / "sim")
-    thread, result = group(cfg, tmp_path / "ps")
-    thread.join(LIMIT + 10)
-    assert result["code"] == 0
-    got = read_metrics(tmp_path / "ps/metrics.jsonl")
-    assert_same_metrics(got, want)
-    assert got[-1]["missing_updates"] == 0
+    launch_equals_simulator(cfg, digits, tmp_path, group)
     for name in ("summary.json", "checkpoint.json", "checkpoint.safetensors", "config.yaml",
                  "runtime.json"):
         assert (tmp_path / "ps" / name).exists(), name
@@ -146,6 +140,11 @@ def test_compiled_distributed_run_equals_compiled_simulator(digits, tmp_path, gr
     # every process compiles its workers' round (the worker processes inherit the setting)
     monkeypatch.setenv("METAGG_COMPILE", "1")
     cfg = config(workers={"mode": "local_sgd", "local_steps": 2, "local_lr": 0.2})
+    launch_equals_simulator(cfg, digits, tmp_path, group)
+
+
+def launch_equals_simulator(cfg, digits, tmp_path: Path, group) -> None:
+    """`launch` into tmp_path/ps gives the simulator's metrics (tmp_path/sim), no one missing."""
     want = simulate(cfg, digits, tmp_path / "sim")
     thread, result = group(cfg, tmp_path / "ps")
     thread.join(LIMIT + 10)

@@ -92,12 +92,8 @@ def _add_robustness(papers: Any) -> None:
     q.add_argument("--learned", default=None, metavar="SPEC",
                    help="the learned aggregator to include (default: the shipped ARNN "
                         "arnn:pretrained/digits-mlp20-arnn-lstm); 'none' leaves it out")
-    q.add_argument("--resume", action="store_true",
-                   help="keep the runs an interrupted benchmark in --out finished")
-    add_threads_arg(q, default=1, note=THREADS_WHY)
-    add_compile_arg(q)
-    q.add_argument("--out", type=Path, required=True, help="output directory")
-    q.set_defaults(func=cmd_reproduce_robustness)
+    _add_run_args(q, "keep the runs an interrupted benchmark in --out finished",
+                  cmd_reproduce_robustness)
 
 
 def cmd_reproduce_robustness(args: argparse.Namespace) -> int:
@@ -132,12 +128,17 @@ def _add_generalization(papers: Any) -> None:
                    help="LAgg-A to evaluate (default lagg:pretrained/general); 'none' skips it")
     q.add_argument("--lopt", default="lopt:pretrained/general",
                    help="LOpt-A to evaluate (default lopt:pretrained/general); 'none' skips it")
-    q.add_argument("--resume", action="store_true",
-                   help="keep the tuning trials and runs an interrupted run in --out finished")
+    _add_run_args(q, "keep the tuning trials and runs an interrupted run in --out finished",
+                  cmd_reproduce_generalization)
+
+
+def _add_run_args(q: argparse.ArgumentParser, resume: str, func: Any) -> None:
+    """--resume (with its help), --threads (default 1), --compile, --out; the command."""
+    q.add_argument("--resume", action="store_true", help=resume)
     add_threads_arg(q, default=1, note=THREADS_WHY)
     add_compile_arg(q)
     q.add_argument("--out", type=Path, required=True, help="output directory")
-    q.set_defaults(func=cmd_reproduce_generalization)
+    q.set_defaults(func=func)
 
 
 def cmd_reproduce_generalization(args: argparse.Namespace) -> int:
