@@ -181,7 +181,7 @@ def cell_means(results: Sequence[dict[str, Any]]) -> dict[tuple[str, str], float
 def worst_cases(rows: Sequence[dict[str, Any]], rules: Sequence[str]) -> list[dict[str, Any]]:
     """Per rule: the lowest mean-over-seeds final test accuracy over every setting and
     attack cell it ran in, where that was, and how many cells it could not run in;
-    sorted from the best worst case down."""
+    sorted from the best worst case down, rules that could not run everywhere last."""
     cells: dict[tuple[str, ...], list[float]] = {}
     unavailable: dict[str, int] = {}
     for r in rows:
@@ -199,7 +199,7 @@ def worst_cases(rows: Sequence[dict[str, Any]], rules: Sequence[str]) -> list[di
         (setting, attack), acc = min(mine.items(), key=lambda kv: kv[1])
         out.append({"rule": rule, "worst_accuracy": acc, "setting": setting, "attack": attack,
                     "cells": len(mine), "unavailable_cells": unavailable.get(rule, 0)})
-    return sorted(out, key=lambda w: -w["worst_accuracy"])
+    return sorted(out, key=lambda w: (w["unavailable_cells"] > 0, -w["worst_accuracy"]))
 
 
 def plot_heatmap(cells: dict[tuple[str, str], float | None], rules: Sequence[str],
@@ -260,7 +260,9 @@ def _write_report(out: Path, sc: RobustnessScale, scale: str, learned: str | Non
         "f = the number of Byzantine workers; Zeno, FLTrust and the ARNN get the same 100 "
         f"trusted samples. Wall time {wall_s:.0f} s.", "",
         "## Worst case of each rule over the whole grid", "",
-        "The lowest final test accuracy (mean over seeds) of any cell the rule ran in.", "",
+        "The lowest final test accuracy (mean over seeds) of any cell the rule ran in; "
+        "rules undefined in some cells (n/a: e.g. Bulyan needs n ≥ 4f + 3) come last, "
+        "their worst case taken over the cells they could run in only.", "",
         format_table(["rule", "worst accuracy (%)", "setting", "attack", "cells",
                       "n/a cells"], worst_rows), "",
         "## Per setting", "", *sections])
