@@ -108,9 +108,11 @@ def _options(momentum: float) -> dict[str, dict[str, Any]]:
 
 def reproduce_robustness(out_dir: str | Path, *, scale: str = "quick",
                          learned: str | None = LEARNED, resume: bool = False,
-                         log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                         log: Callable[[str], None] | None = None,
+                         progress: bool | None = None) -> dict[str, Any]:
     """Run the grid of `scale` into `out_dir` (see the module docstring); returns the
-    worst cases and where the files are."""
+    worst cases and where the files are. `progress`: a bar over all runs (default: when
+    stderr is a terminal)."""
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; allowed: {', '.join(SCALES)}")
     sc = SCALES[scale]
@@ -122,6 +124,9 @@ def reproduce_robustness(out_dir: str | Path, *, scale: str = "quick",
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
     sections: list[str] = []
+    total = (len(sc.datasets) * len(sc.partitions) * len(sc.momentum) * len(rules)
+             * len(attacks) * sc.seeds)
+    bar = _bar(total, sys.stderr.isatty() if progress is None else progress)
     for dataset in sc.datasets:
         for partition in sc.partitions:
             for momentum in sc.momentum:
@@ -137,7 +142,8 @@ def reproduce_robustness(out_dir: str | Path, *, scale: str = "quick",
                     f"settings x {sc.seeds} seed(s), {sc.rounds} rounds")
                 results = compare(cfg, rules, seeds=sc.seeds, out_dir=out / slug(name),
                                   attacks=attacks, aggregator_options=_options(momentum),
-                                  dataset=data, resume=resume)
+                                  dataset=data, resume=resume,
+                                  on_run=lambda *_: bar.update(1) if bar else None)
                 rows += [{"dataset": dataset, "partition": partition, "momentum": momentum,
                           **r} for r in results]
                 cells = cell_means(results)
@@ -146,6 +152,8 @@ def reproduce_robustness(out_dir: str | Path, *, scale: str = "quick",
                              title=f"{name}: final test accuracy (%)")
                 sections.append(f"### {name}\n\n" + (out / slug(name) / "results.md").read_text()
                                 + f"\n![{name}](heatmap-{slug(name)}.png)\n")
+    if bar is not None:
+        bar.close()
     worst = worst_cases(rows, rules)
     _write_csv(out / "results.csv", rows)
     summary = {"scale": scale, "rules": rules, "attacks": attacks, "worst": worst,
@@ -153,6 +161,14 @@ def reproduce_robustness(out_dir: str | Path, *, scale: str = "quick",
     atomic_write_text(out / "summary.json", json_text(summary, indent=2))
     _write_report(out, sc, scale, learned, worst, sections, summary["wall_s"])
     return summary
+
+
+def _bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="robustness", unit="run")
 
 
 def setting_name(dataset: str, partition: str, momentum: float) -> str:
