@@ -13,6 +13,8 @@ def run_rule(rule, attack, b, seed, rounds, acc=False):
     ev = sim.evaluate()
     return ev["test_accuracy"] if acc else min(ev["train_loss"], 10.0)
 rounds = int(sys.argv[1]); acc = rounds > 100
+trust.GATE = "gate" in (sys.argv[2] if len(sys.argv) > 2 else "")
+trust.PROBE = 0.1 if trust.GATE else 1.0
 phi = torch.load(sys.argv[2] if len(sys.argv) > 2 else "docs/experiments/trust-prototype/phi.pt")
 print("setting zeno fltrust trust")
 for attack, b in trust.SETTINGS:
