@@ -69,26 +69,23 @@ class LearnedAdaAggregator(Aggregator):
     def step(self, state: AdaState, updates: torch.Tensor,
              ctx: RoundContext) -> tuple[torch.Tensor, AdaState]:
         """Return (step [d], new state); the server applies θ ← θ − step."""
-        self.check_updates(updates, ctx)
-        if self.net is None:
-            raise ValueError("lagg: call init(layout, num_workers) before step")
-        d = updates.shape[1]
-        if state.m.shape[1] != d:
-            raise ValueError(f"{self.name}: state is for d={state.m.shape[1]}, updates have d={d}")
         with torch.no_grad():
             return self._step(state, updates.detach(), ctx)
 
     def differentiable_step(self, state: AdaState, updates: torch.Tensor,
                             ctx: RoundContext) -> torch.Tensor | None:
         """`ada_step` is pure: the step in the autograd graph of `updates` (φ fixed)."""
-        self.check_updates(updates, ctx)
-        if self.net is None:
-            raise ValueError("lagg: call init(layout, num_workers) before step")
         with torch.enable_grad():
             return self._step(state, updates, ctx)[0]
 
     def _step(self, state: AdaState, updates: torch.Tensor,
               ctx: RoundContext) -> tuple[torch.Tensor, AdaState]:
+        self.check_updates(updates, ctx)
+        if self.net is None:
+            raise ValueError("lagg: call init(layout, num_workers) before step")
+        d = updates.shape[1]
+        if state.m.shape[1] != d:
+            raise ValueError(f"{self.name}: state is for d={state.m.shape[1]}, updates have d={d}")
         u = updates.to(torch.float32)
         fixed_k = self.config.kind == "lagg" and not self.config.general
         slots = self._slots(u, ctx) if fixed_k else None

@@ -116,13 +116,7 @@ class RNNAggregator(Aggregator):
     ) -> tuple[torch.Tensor, RNNState]:
         """Return (step [d], new state); the server applies θ ← θ − step."""
         cfg = self.config
-        self.check_updates(updates, ctx)
-        if ctx.num_workers != cfg.num_workers:
-            raise ValueError(f"{self.name}: trained for {cfg.num_workers} workers, "
-                             f"the round has num_workers={ctx.num_workers}")
-        d = updates.shape[1]
-        if state.h.shape[1] != d:
-            raise ValueError(f"{self.name}: state is for d={state.h.shape[1]}, updates have d={d}")
+        self._check(state, updates, ctx)
         updates = updates.detach()  # dashed edges: no meta-gradient through the workers
         slots, present = worker_slots(updates, ctx.worker_ids, cfg.num_workers)
         loss_feat = None
@@ -141,9 +135,7 @@ class RNNAggregator(Aggregator):
         """The step in the autograd graph of `updates` (φ fixed), for the white-box
         attack: the features are built out of place, with finite gradients."""
         cfg = self.config
-        self.check_updates(updates, ctx)
-        if ctx.num_workers != cfg.num_workers or state.h.shape[1] != updates.shape[1]:
-            return self.step(state, updates, ctx)[0]  # raises the step's error
+        self._check(state, updates, ctx)
         with torch.enable_grad():
             slots, present = worker_slots(updates, ctx.worker_ids, cfg.num_workers)
             loss_feat = None
@@ -153,6 +145,15 @@ class RNNAggregator(Aggregator):
             step, _ = self._run_differentiable(state, slots, present, loss_feat,
                                                detach_phi=True)
         return step.to(updates.dtype)
+
+    def _check(self, state: RNNState, updates: torch.Tensor, ctx: RoundContext) -> None:
+        self.check_updates(updates, ctx)
+        if ctx.num_workers != self.config.num_workers:
+            raise ValueError(f"{self.name}: trained for {self.config.num_workers} workers, "
+                             f"the round has num_workers={ctx.num_workers}")
+        d = updates.shape[1]
+        if state.h.shape[1] != d:
+            raise ValueError(f"{self.name}: state is for d={state.h.shape[1]}, updates have d={d}")
 
     def _inputs(self, chunk: torch.Tensor, present: torch.Tensor | None,
                 loss_feat: torch.Tensor | None, buf: torch.Tensor | None
