@@ -54,6 +54,8 @@ class MetaStream(IntEnum):
     HETERO_TRAIN_INIT = 10  # heterogeneous-worker meta-training (apart from the above, so
     HETERO_VALID_INIT = 11  # that its seeds never collide with a homogeneous run's)
     HETERO_GROUP_INIT = 17  # a worker group's private coordinates, indexed by group
+    ROBUST_DRAW = 20  # robust ES: an antithetic pair's noise and setting, by step·pairs + k
+    ROBUST_VALID = 21  # robust ES: the validation runs' seeds
 
 
 def _state(seed: int, stream: int, index: int, words: int) -> np.ndarray:

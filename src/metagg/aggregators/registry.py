@@ -45,6 +45,9 @@ class AggregatorSpec:
             optimizer (classical and robust rules).
         build: "module:function" of a learned aggregator's builder
             `function(arg, options) -> Aggregator` (it produces the step itself).
+        learned_rule: "module:function" of a learned *rule*'s builder
+            `function(arg, options) -> Rule`: a reduction like `rule`, followed by the
+            server optimizer (the trust rule).
         fewest: updates the rule's robustness guarantee needs, as a function of f.
         requirement: that guarantee as text ("n > 2f + 2"), for error messages.
         fewest_unsafe: updates the rule needs to be defined at all, with
@@ -56,6 +59,7 @@ class AggregatorSpec:
     summary: str
     rule: Callable[[int, int, dict[str, Any]], Rule] | None = None
     build: str | None = None
+    learned_rule: str | None = None
     fewest: Callable[[int], int] | None = None
     requirement: str = ""
     fewest_unsafe: Callable[[int], int] | None = None
@@ -118,6 +122,10 @@ _SPECS: tuple[AggregatorSpec, ...] = (
                    build="metagg.learned.lagg.io:build_lagg"),
     AggregatorSpec("lopt", "learned optimizer on the mean update (LOpt-A): lopt:PATH",
                    build="metagg.learned.lagg.io:build_lopt"),
+    AggregatorSpec("trust", "learned trust weights from the trusted sample, robust to a "
+                   "Byzantine majority: trust:PATH (e.g. trust:pretrained/robust)",
+                   learned_rule="metagg.learned.trust.io:build_trust_rule",
+                   uses_trusted_data=True),
 )
 _REGISTRY: dict[str, AggregatorSpec] = {s.name: s for s in _SPECS}
 
@@ -148,7 +156,7 @@ def check_aggregator_name(name: str) -> str | None:
                 f"{', '.join(PRE_AGGREGATIONS)}")
     if base not in _REGISTRY:
         return f"unknown value {base!r}; allowed: {', '.join(aggregator_names())}"
-    if plus and _REGISTRY[base].rule is None:
+    if plus and _REGISTRY[base].rule is None and _REGISTRY[base].learned_rule is None:
         return f"{pre}+{base}: pre-aggregation applies to rule-based aggregators"
     return None
 
@@ -184,11 +192,15 @@ def build_aggregator(
     bucket_size = int(options.pop("bucket_size", 2)) if pre == "bucketing" else 2
     if unsafe and spec.fewest is not None:
         options["allow_unsafe"] = True  # the kernel checks its own guarantee too
-    assert spec.rule is not None
-    try:
-        rule = spec.rule(f, seed, options)
-    except TypeError as exc:
-        raise ValueError(f"aggregator {kind!r}: bad options {options} ({exc})") from None
+    if spec.learned_rule is not None:
+        module, _, function = spec.learned_rule.partition(":")
+        rule = getattr(importlib.import_module(module), function)(arg, options)
+    else:
+        assert spec.rule is not None
+        try:
+            rule = spec.rule(f, seed, options)
+        except TypeError as exc:
+            raise ValueError(f"aggregator {kind!r}: bad options {options} ({exc})") from None
     fewest = spec.min_updates(f, unsafe)
     requirement, can_run_unsafe = spec.requirement, spec.fewest_unsafe is not None
     if pre == "bucketing":  # the rule sees ceil(n / s) bucket means

@@ -1,4 +1,4 @@
-"""`metagg meta-train rnn|arnn|lagg|lopt`: argument parsing for `metagg.learned.meta`."""
+"""`metagg meta-train rnn|arnn|lagg|lopt|trust`: argument parsing for `metagg.learned.meta`."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ MULTI_TASK_DEFAULTS = {"step_mode": "general", "min_inner": 100, "max_inner": 50
 
 def add_parsers(sub: Any) -> None:
     p = sub.add_parser(
-        "meta-train", help="meta-train a learned aggregator (rnn/arnn, lagg/lopt)",
+        "meta-train", help="meta-train a learned aggregator (rnn/arnn, lagg/lopt, trust)",
         description="Meta-train a learned aggregator and write the best one "
                     "(aggregator.safetensors + .json) to --out; use it with "
                     "--set aggregator=KIND:OUT.")
@@ -61,6 +61,25 @@ def add_parsers(sub: Any) -> None:
                 "continue an interrupted run from --out's checkpoint (same options; "
                 "--iterations may be raised)")
         q.set_defaults(func=cmd_meta_train)
+    q = kinds.add_parser(
+        "trust", help="the learned trust-weighted robust rule, by ES over an attack mixture",
+        description="Meta-train the learned trust rule (metagg.learned.trust) by antithetic "
+                    "evolution strategies: each pair of runs meets one setting of an attack "
+                    "mixture (every attack at 3/10 and 7/10, none, with worker momentum in "
+                    "30 %), the white-box attacker optimising against the current rule.")
+    q.add_argument("--task", default="digits-mlp20", choices=sorted(BPTT_TASKS),
+                   help="dataset + worker model (default digits-mlp20, no download)")
+    q.add_argument("--steps", type=int, default=None, help="ES outer steps (default 300)")
+    q.add_argument("--settings", default=None, metavar="ATTACK:B[,ATTACK:B...]",
+                   help="the attack mixture (default: the shipped rule's, see `metagg list "
+                        "attacks`), e.g. none:0,ipm:7,sign_flip:7")
+    q.add_argument("--init-from", default=None, metavar="PATH",
+                   help="start from saved trust weights (e.g. pretrained/robust) instead of "
+                        "the soft-Zeno initialisation")
+    _common(q, "MetaTrainTrustConfig field, e.g. --set pairs=8 --set dirichlet_prob=0.2",
+            "continue from the checkpoint in --out (same result as an uninterrupted run "
+            "with the same --threads; --steps may be raised)")
+    q.set_defaults(func=cmd_meta_train)
     for kind, what in (("lagg", "LAgg-A (sees every worker's update; fixed K)"),
                        ("lopt", "LOpt-A (sees the mean update; any K)")):
         q = kinds.add_parser(kind, help=f"{what}, by persistent evolution strategies",
@@ -97,12 +116,19 @@ def _common(q: argparse.ArgumentParser, fields: str, resume: str) -> None:
 
 
 def cmd_meta_train(args: argparse.Namespace) -> int:
-    from metagg.config.meta import MetaTrainConfig, MetaTrainPESConfig
+    from metagg.config.meta import MetaTrainConfig, MetaTrainPESConfig, MetaTrainTrustConfig
     from metagg.learned.meta import meta_train
 
     options: dict[str, Any]
     compile = False
-    if args.kind in ("lagg", "lopt"):
+    if args.kind == "trust":
+        dataset, model = BPTT_TASKS[args.task]
+        options = {"dataset": dataset, "model": model}
+        for key in ("steps", "settings", "init_from"):
+            if getattr(args, key) is not None:
+                options[key] = getattr(args, key)
+        cls: type = MetaTrainTrustConfig
+    elif args.kind in ("lagg", "lopt"):
         if args.tasks:
             # one φ for every task: the general parameterisation, a small initial correction
             options = {"kind": args.kind, "tasks": args.tasks, **MULTI_TASK_DEFAULTS}
@@ -112,7 +138,7 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
                        "num_workers": args.workers, "local_steps": args.local_steps}
         if args.steps is not None:
             options["steps"] = args.steps
-        cls: type = MetaTrainPESConfig
+        cls = MetaTrainPESConfig
         compile = compile_enabled() if args.compile is None else args.compile  # auto: on
     else:
         dataset, model = BPTT_TASKS[args.task]

@@ -82,16 +82,17 @@ def _add_robustness(papers: Any) -> None:
         description="Runs `metagg compare` tables for every setting (dataset x partition x "
                     "worker momentum): the robust rules (mean, median, trimmed mean, Krum, "
                     "Multi-Krum, GM, Bulyan, CC, NNM+Krum, bucketing+median, Zeno, FLTrust) "
-                    "and the shipped ARNN against every attack at each Byzantine fraction; "
+                    "and the shipped learned ones against every attack at each Byzantine fraction; "
                     "writes a heatmap per setting, results.csv and report.md with each "
                     "rule's worst case. quick: digits, 0/3/7 of 10, 150 rounds, 1 seed "
                     "(~15-25 min on 2 cores); full: + Fashion-MNIST and breast cancer, "
                     "0/1/3/7, 300 rounds, 3 seeds (hours).")
     q.add_argument("--scale", choices=["quick", "full"], default="quick",
                    help="how much to run (default quick)")
-    q.add_argument("--learned", default=None, metavar="SPEC",
-                   help="the learned aggregator to include (default: the shipped ARNN "
-                        "arnn:pretrained/digits-mlp20-arnn-lstm); 'none' leaves it out")
+    q.add_argument("--learned", default=None, metavar="SPEC[,SPEC...]",
+                   help="the learned aggregators to include (default: the shipped ARNN "
+                        "arnn:pretrained/digits-mlp20-arnn-lstm and trust:pretrained/robust); "
+                        "'none' leaves them out")
     _add_run_args(q, "keep the runs an interrupted benchmark in --out finished",
                   cmd_reproduce_robustness)
 
@@ -101,7 +102,8 @@ def cmd_reproduce_robustness(args: argparse.Namespace) -> int:
     from metagg.experiments.robustness import LEARNED, reproduce_robustness
 
     learned = LEARNED if args.learned is None else (
-        None if args.learned.lower() == "none" else args.learned)
+        () if args.learned.lower() == "none"
+        else tuple(s.strip() for s in args.learned.split(",") if s.strip()))
     with threads_during(args.threads), compiling_during(args.compile):
         summary = reproduce_robustness(args.out, scale=args.scale, learned=learned,
                                        resume=args.resume)

@@ -341,6 +341,9 @@ def _aggregator_options(spec: Any) -> str:
         options = _signature_options(kernel if kernel is not None else type(rule),
                                      skip_first=kernel is not None)
         parts.append(f"options: {options}" if options else "no options")
+    elif spec.learned_rule is not None:
+        parts.append(f"{spec.name}:PATH takes no options; an untrained one takes init=true, "
+                     f"init_seed=0, hidden=8, probe=0.1")
     elif spec.build.startswith("metagg.learned.rnn"):
         from metagg.learned.rnn.io import load_rnn
 

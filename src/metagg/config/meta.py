@@ -31,6 +31,7 @@ __all__ = [
     "STEP_MODES",
     "MetaTrainConfig",
     "MetaTrainPESConfig",
+    "MetaTrainTrustConfig",
     "dataset_spec",
 ]
 
@@ -226,6 +227,81 @@ class MetaTrainPESConfig(Section):
         if self.kind == "lagg" and self.num_workers < 1:
             return ["num_workers: LAgg-A needs num_workers >= 1"]
         object.__setattr__(self, "validation_rounds", tuple(sorted(set(self.validation_rounds))))
+        return []
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+# the attack mixture the shipped trust rule was meta-trained on: every attack of
+# metagg.attacks that a Byzantine majority can mount, at 3/10 and 7/10, twice no attack
+TRUST_SETTINGS = ("none:0,none:0,whitebox:3,whitebox:7,min_sum:3,min_sum:7,sign_flip:3,"
+                  "sign_flip:7,gaussian:3,gaussian:7,alie:3,alie:7,ipm:3,ipm:7,min_max:3,"
+                  "min_max:7,label_flip:7,mimic:7")
+
+
+def parse_settings(text: str) -> list[tuple[str, int]]:
+    """'none:0,ipm:7' -> [('none', 0), ('ipm', 7)] (ValueError with the reason)."""
+    out = []
+    for item in (t.strip() for t in text.split(",")):
+        name, _, count = item.partition(":")
+        if name not in ATTACKS or not count.isdigit():
+            raise ValueError(f"expected ATTACK:COUNT items (attacks: {', '.join(ATTACKS)}), "
+                             f"got {item!r}")
+        if (name == "none") != (int(count) == 0):
+            raise ValueError(f"{item!r}: 'none' goes with 0 Byzantine workers, an attack "
+                             f"with at least 1")
+        out.append((name, int(count)))
+    return out
+
+
+@dataclass
+class MetaTrainTrustConfig(Section):
+    """Meta-training the learned trust rule (`metagg.learned.trust`) by antithetic ES.
+
+    Each outer step runs `pairs` antithetic pairs; a pair draws one setting of the
+    mixture (attack and Byzantine count), worker momentum 0.9 with `momentum_prob`, a
+    Dirichlet partition with `dirichlet_prob`, and a model seed, and runs the simulator
+    for `rounds` rounds at φ ± σε; the meta-loss is log(final training loss). The
+    `whitebox` attack optimises its rows through the current rule each round, so the
+    defence meets an attacker adapted to it. Defaults are the prototype's measured recipe
+    (docs/experiments/trust-prototype).
+    """
+
+    dataset: str = option("digits", check=problem_of(dataset_spec))
+    data_dir: str | None = None
+    model: str = "mlp:20:sigmoid"
+    num_workers: int = option(10, ge=2)
+    batch_size: int = option(32, ge=1)
+    server_lr: float = option(1.0, gt=0)  # the SGD step after the rule (digits.yaml's)
+    trusted_samples: int = option(100, ge=1)
+    rounds: int = option(100, ge=1)  # per inner run
+    settings: str = option(TRUST_SETTINGS, check=problem_of(parse_settings))
+    # per attack name: sign flip ×4 as in the robustness benchmark; the white-box attacker
+    # takes 5 Adam steps per round instead of 20 (4× cheaper; it is most of a step's time)
+    attack_options: dict[str, Any] = option(factory=lambda: {"sign_flip": {"scale": 4},
+                                                             "whitebox": {"steps": 5}})
+    momentum_prob: float = option(0.3, ge=0, le=1)  # worker momentum 0.9 in this share
+    dirichlet_prob: float = option(0.0, ge=0, le=1)  # Dirichlet (α 0.5) partitions
+    hidden: int = option(8, ge=1)
+    probe: float = option(0.1, gt=0)
+    pairs: int = option(6, ge=1)
+    sigma: float = option(0.1, gt=0)
+    loss_cap: float = option(10.0, gt=0)  # a diverged run counts as this loss
+    steps: int = option(300, ge=1)
+    lr: float = option(0.03, gt=0)  # Adam, constant
+    seed: int = option(0, check=seed_problem)
+    init_from: str | None = option(None, check=lambda v: None if v else "must be a path")
+    validate_every: int = option(25, ge=1)
+    validation_seeds: int = option(1, ge=1)
+    checkpoint_every: int = option(5, ge=1)
+
+    def problems(self) -> list[str]:
+        too_many = [f"{a}:{b}" for a, b in parse_settings(self.settings)
+                    if b >= self.num_workers]
+        if too_many:
+            return [f"settings: {too_many} need fewer Byzantine than num_workers "
+                    f"({self.num_workers})"]
         return []
 
     def to_dict(self) -> dict[str, Any]:

@@ -44,8 +44,9 @@ __all__ = ["ATTACKS", "RULES", "SCALES", "RobustnessScale", "reproduce_robustnes
 #: the rules compared (robust pre-aggregations compose with a rule: nnm+krum)
 RULES = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median",
          "bulyan", "centered_clip", "nnm+krum", "bucketing+median", "zeno", "fltrust")
-#: the shipped learned robust aggregator evaluated beside them (its input width is 10)
-LEARNED = "arnn:pretrained/digits-mlp20-arnn-lstm"
+#: the shipped learned robust aggregators evaluated beside them: the attack-free ARNN
+#: (its input width is 10) and the trust rule meta-trained over an attack mixture
+LEARNED = ("arnn:pretrained/digits-mlp20-arnn-lstm", "trust:pretrained/robust")
 #: attack settings without the count: name[:key=value...] (`metagg compare --attacks`)
 ATTACKS = ("sign_flip:scale=4", "gaussian", "alie", "ipm", "ipm:eps=100", "min_max",
            "min_sum", "label_flip", "mimic", "whitebox")
@@ -107,7 +108,7 @@ def _options(momentum: float) -> dict[str, dict[str, Any]]:
 
 
 def reproduce_robustness(out_dir: str | Path, *, scale: str = "quick",
-                         learned: str | None = LEARNED, resume: bool = False,
+                         learned: Sequence[str] = LEARNED, resume: bool = False,
                          log: Callable[[str], None] | None = None,
                          progress: bool | None = None) -> dict[str, Any]:
     """Run the grid of `scale` into `out_dir` (see the module docstring); returns the
@@ -119,7 +120,7 @@ def reproduce_robustness(out_dir: str | Path, *, scale: str = "quick",
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rules = [*sc.rules, *([learned] if learned else [])]
+    rules = [*sc.rules, *learned]
     attacks = attack_settings(sc)
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
@@ -259,7 +260,7 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
-def _write_report(out: Path, sc: RobustnessScale, scale: str, learned: str | None,
+def _write_report(out: Path, sc: RobustnessScale, scale: str, learned: Sequence[str],
                   worst: list[dict[str, Any]], sections: list[str], wall_s: float) -> None:
     worst_rows = [[w["rule"], f"{100 * w['worst_accuracy']:.1f}", w["setting"], w["attack"],
                    str(w["cells"]), str(w["unavailable_cells"])] for w in worst]
@@ -267,13 +268,15 @@ def _write_report(out: Path, sc: RobustnessScale, scale: str, learned: str | Non
         "# Robustness benchmark", "",
         f"Produced by {provenance()}.", "",
         f"Command: `metagg reproduce robustness --scale {scale} --out {out}`"
-        + ("" if learned == LEARNED else f" `--learned {learned or 'none'}`") + ".", "",
+        + ("" if tuple(learned) == LEARNED else f" `--learned {','.join(learned) or 'none'}`")
+        + ".", "",
         f"Scale `{scale}`: datasets {', '.join(sc.datasets)}; MLP 20 sigmoid, "
         f"{NUM_WORKERS} workers in gradient mode, B = 32, server SGD lr 1, {sc.rounds} "
         f"rounds, {sc.seeds} seed(s); Byzantine workers {', '.join(map(str, sc.fractions))} "
         f"of {NUM_WORKERS}; partitions {', '.join(sc.partitions)} (Dirichlet α = 0.5); "
         f"worker momentum {', '.join(f'{m:g}' for m in sc.momentum)}. Robust rules assume "
-        "f = the number of Byzantine workers; Zeno, FLTrust and the ARNN get the same 100 "
+        "f = the number of Byzantine workers; Zeno, FLTrust, the ARNN and the trust rule get "
+        "the same 100 "
         f"trusted samples. Wall time {wall_s:.0f} s.", "",
         "## Worst case of each rule over the whole grid", "",
         "The lowest final test accuracy (mean over seeds) of any cell the rule ran in; "

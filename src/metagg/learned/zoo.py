@@ -5,7 +5,9 @@
     for row in zoo_rows(): ...                                      # `metagg zoo list`
 
 The kind is read from the saved JSON's "format"; each kind's own module does the work
-(`metagg.learned.rnn.io`, `metagg.learned.lagg.io`).
+(`metagg.learned.rnn.io`, `metagg.learned.lagg.io`, `metagg.learned.trust.io`). A trust
+rule loads as a `RuleAggregator` with SGD at lr 1 after it (what `trust:PATH` gives with
+digits.yaml's server optimizer).
 """
 
 from __future__ import annotations
@@ -13,13 +15,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from metagg.aggregators.base import Aggregator
+from metagg.aggregators.base import Aggregator, RuleAggregator
+from metagg.aggregators.optimizers import sgd
 from metagg.checkpoint import CheckpointError
 from metagg.learned.lagg import io as lagg_io
 from metagg.learned.lagg.aggregator import LearnedAdaAggregator
 from metagg.learned.rnn import io as rnn_io
 from metagg.learned.rnn.aggregator import RNNAggregator
 from metagg.learned.store import pretrained_names, read_aggregator_info
+from metagg.learned.trust import io as trust_io
+from metagg.learned.trust.model import TrustRule
 
 __all__ = ["load_aggregator", "save_aggregator", "zoo_rows"]
 
@@ -34,14 +39,23 @@ def load_aggregator(path: str | Path, **options: Any) -> Aggregator:
         if options:
             raise ValueError(f"a LOpt-A/LAgg-A aggregator takes no options, got {sorted(options)}")
         return lagg_io.load_lagg(path)
+    if fmt == trust_io.FORMAT:
+        if options:
+            raise ValueError(f"a trust aggregator takes no options, got {sorted(options)}")
+        return RuleAggregator("trust", trust_io.load_trust(path), sgd(1.0),
+                              uses_trusted_data=True)
     raise CheckpointError(f"learned aggregator {path}: unknown format {fmt!r} (expected "
-                          f"{rnn_io.FORMAT!r} or {lagg_io.FORMAT!r})")
+                          f"{rnn_io.FORMAT!r}, {lagg_io.FORMAT!r} or {trust_io.FORMAT!r})")
 
 
 def save_aggregator(path: str | Path, agg: Aggregator, *,
                     trained_on: dict[str, Any] | None = None,
                     validation: dict[str, Any] | None = None) -> Path:
-    """Write a learned aggregator (RNN/ARNN or LOpt-A/LAgg-A) to `path`; returns the stem."""
+    """Write a learned aggregator (RNN/ARNN, LOpt-A/LAgg-A, or a trust rule's
+    RuleAggregator) to `path`; returns the stem."""
+    if isinstance(agg, RuleAggregator) and isinstance(agg.rule, TrustRule):
+        return trust_io.save_trust(path, agg.rule.config, agg.rule.phi, trained_on=trained_on,
+                                   validation=validation)
     if isinstance(agg, RNNAggregator):
         return rnn_io.save_rnn(path, agg, trained_on=trained_on, validation=validation)
     if isinstance(agg, LearnedAdaAggregator):
@@ -58,7 +72,11 @@ def zoo_rows() -> list[dict[str, str]]:
         cfg, trained = info.get("config", {}), info.get("trained_on", {})
         val = info.get("validation", {})
         kind = info.get("kind", "rnn")
-        if kind in ("lagg", "lopt"):  # Joseph et al. 2025, PES
+        if kind == "trust":  # the learned robust rule, ES over an attack mixture
+            arch = f"trust gates, MLP {cfg.get('hidden')}, probe {cfg.get('probe')}"
+            workers = f"{trained.get('num_workers')} workers"
+            steps = f"{val.get('best_step')} ES steps"
+        elif kind in ("lagg", "lopt"):  # Joseph et al. 2025, PES
             arch = f"MLP {cfg.get('hidden')}x2, {cfg.get('step_mode')}"
             workers = f"K={trained.get('num_workers')}, H={trained.get('local_steps')}"
             steps = f"{val.get('best_step')} PES steps"
@@ -68,10 +86,16 @@ def zoo_rows() -> list[dict[str, str]]:
                        else f"{trained.get('num_workers')} workers")
             steps = f"{trained.get('iterations')} iterations"
         attack = trained.get("attack", "none")
-        if attack != "none":
+        if kind == "trust":
+            attack = "mixture: " + ", ".join(dict.fromkeys(
+                a.split(":")[0] for a in trained.get("settings", "").split(",") if a))
+        elif attack != "none":
             attack = f"{attack} {trained.get('num_byzantine')}/{trained.get('num_workers')}"
         loss = ", ".join(f"@{k.split('@')[1]}: {v:.3g}" for k, v in val.items()
                          if k.startswith("mean_loss@"))
+        if kind == "trust":
+            loss = (f"@{trained.get('rounds')}: worst acc {val.get('worst_acc', 0):.3f}, "
+                    f"mean acc {val.get('mean_acc', 0):.3f}")
         rows.append({"aggregator": f"{kind}:pretrained/{name}", "architecture": arch,
                      "trained on": f"{trained.get('dataset')}, {trained.get('model')}, "
                                    f"{workers}",

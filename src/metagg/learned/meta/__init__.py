@@ -6,7 +6,8 @@ from metagg.learned.meta.estimators import BPTT, Estimate, Estimator
 from metagg.learned.meta.evaluate import evaluate_aggregator, score, validate
 from metagg.learned.meta.loop import LoopSettings, MetaTrainResult, run_outer_loop
 from metagg.learned.meta.pes import PES
-from metagg.learned.meta.train import meta_train, meta_train_pes, meta_train_rnn
+from metagg.learned.meta.robust import TrustES
+from metagg.learned.meta.train import meta_train, meta_train_pes, meta_train_rnn, meta_train_trust
 
 __all__ = [
     "BPTT",
@@ -20,10 +21,12 @@ __all__ = [
     "LoopSettings",
     "MetaEnv",
     "MetaTrainResult",
+    "TrustES",
     "evaluate_aggregator",
     "meta_train",
     "meta_train_pes",
     "meta_train_rnn",
+    "meta_train_trust",
     "run_outer_loop",
     "score",
     "validate",

@@ -23,7 +23,7 @@ from typing import Any
 
 from metagg.compiling import compiling_during
 from metagg.config.engine import parse
-from metagg.config.meta import MetaTrainConfig, MetaTrainPESConfig
+from metagg.config.meta import MetaTrainConfig, MetaTrainPESConfig, MetaTrainTrustConfig
 from metagg.data import Dataset
 from metagg.learned.lagg import load_lagg
 from metagg.learned.meta.envs import GradientEnv, MetaEnv, load_task_data
@@ -31,9 +31,10 @@ from metagg.learned.meta.estimators import BPTT
 from metagg.learned.meta.loop import LoopSettings, MetaTrainResult, run_outer_loop
 from metagg.learned.meta.multitask import MultiTaskPES
 from metagg.learned.meta.pes import PES
+from metagg.learned.meta.robust import TrustES
 from metagg.threads import threads_during
 
-__all__ = ["meta_train", "meta_train_pes", "meta_train_rnn", "torch_threads"]
+__all__ = ["meta_train", "meta_train_pes", "meta_train_rnn", "meta_train_trust", "torch_threads"]
 
 
 @contextlib.contextmanager
@@ -46,7 +47,7 @@ def torch_threads(threads: int | str | None) -> Iterator[None]:
 
 
 def meta_train(
-    cfg: MetaTrainConfig | MetaTrainPESConfig,
+    cfg: MetaTrainConfig | MetaTrainPESConfig | MetaTrainTrustConfig,
     envs: Sequence[MetaEnv] | None = None,
     *,
     out_dir: str | Path | None = None,
@@ -90,6 +91,10 @@ def meta_train(
             if envs is not None:
                 raise ValueError("a PES run builds its own LocalSGDEnv: pass data, not envs")
             return _pes(cfg, Path(out_dir), data, resume, progress, stop_at, compile)
+        if isinstance(cfg, MetaTrainTrustConfig):
+            if envs is not None:
+                raise ValueError("a trust run builds its own simulations: pass data, not envs")
+            return _trust(cfg, Path(out_dir), data, resume, progress, stop_at)
         return _bptt(cfg, envs, Path(out_dir), data, resume, progress, stop_at)
 
 
@@ -138,6 +143,35 @@ def _pes(cfg: MetaTrainPESConfig, out: Path, data: Dataset | None, resume: bool,
                           may_change=("steps",), seed=cfg.seed, init_phi=init_phi,
                           options={"compile": compile}, resume=resume, progress=progress,
                           stop_at=stop_at, label=f"meta-train {cfg.kind} (PES)")
+
+
+def _trust(cfg: MetaTrainTrustConfig, out: Path, data: Dataset | None, resume: bool,
+           progress: bool | None, stop_at: int | None) -> MetaTrainResult:
+    est = TrustES(cfg, data)
+    settings = LoopSettings(steps=cfg.steps, lr=cfg.lr, final_lr=cfg.lr,
+                            validate_every=cfg.validate_every,
+                            checkpoint_every=cfg.checkpoint_every)
+    init_phi = None
+    if cfg.init_from is not None and not resume:
+        from metagg.learned.trust import load_trust
+
+        init_phi = est.phi_of(load_trust(cfg.init_from))
+    trained_on = {**cfg.to_dict(), "meta_gradient": est.name}
+    return run_outer_loop(est, settings, out, config=cfg.to_dict(),
+                          defaults=MetaTrainTrustConfig().to_dict(), trained_on=trained_on,
+                          may_change=("steps",), seed=cfg.seed, init_phi=init_phi,
+                          resume=resume, progress=progress, stop_at=stop_at,
+                          label="meta-train trust (ES)")
+
+
+def meta_train_trust(out_dir: str | Path, *, data: Dataset | None = None,
+                     progress: bool | None = None, resume: bool = False,
+                     threads: int | str | None = None, **options: Any) -> MetaTrainResult:
+    """Meta-train the learned trust rule over an attack mixture; keyword options are
+    `MetaTrainTrustConfig` fields, e.g. ``meta_train_trust("runs/trust", steps=300)``."""
+    cfg = parse(MetaTrainTrustConfig, options)
+    return meta_train(cfg, out_dir=out_dir, data=data, progress=progress, resume=resume,
+                      threads=threads)
 
 
 def meta_train_rnn(*, data: Dataset | None = None, progress: bool | None = None,

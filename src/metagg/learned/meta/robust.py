@@ -1,0 +1,184 @@
+"""Antithetic evolution strategies for the learned trust rule, over a mixture of attacks.
+
+    est = TrustES(MetaTrainTrustConfig(), data)     # run by metagg.learned.meta.loop
+    out = est.estimate(phi, (), step)               # Estimate(grad, (), metrics)
+
+Why ES and the simulator rather than BPTT or PES: the rule's forward pass has ranks and a
+median, and the attacks (min-max's γ search, the white-box attacker's inner Adam, label
+flipping) are not differentiable end to end; ES needs only the final loss. Each inner run
+is an ordinary `Simulation` (gradient mode), so meta-training sees exactly what
+`metagg run` / `compare` will: the same attacks, worker momentum, partitions and trusted
+sample, and a `whitebox` attacker that optimises its rows through the current rule.
+
+Pair k of outer step t takes everything from generator (seed, ROBUST_DRAW, t·pairs + k):
+ε, the setting, momentum, partition and the model seed; both runs of a pair share them
+(antithetic, common random numbers). So a run resumed from any checkpoint reproduces the
+uninterrupted one. Validation runs every distinct setting of the mixture (with and without
+worker momentum when it is trained with some) on held-out model seeds; its score is the
+mean log final training loss.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+
+from metagg.aggregators.base import Aggregator, RuleAggregator
+from metagg.aggregators.optimizers import sgd
+from metagg.config import load_config
+from metagg.config.meta import MetaTrainTrustConfig, dataset_spec, parse_settings
+from metagg.data import Dataset
+from metagg.learned.meta.envs import load_task_data
+from metagg.learned.meta.estimators import Estimate, validation_seeds
+from metagg.learned.trust import TrustConfig, TrustRule, initial_phi, save_trust
+from metagg.seeding import MetaStream, derive_generator
+from metagg.simulation import Simulation
+
+__all__ = ["Setting", "TrustES"]
+
+MOMENTUM = 0.9  # the workers' momentum when a setting has it
+ALPHA = 0.5  # Dirichlet concentration when a setting has it
+
+
+class Setting(NamedTuple):
+    """One inner run's conditions."""
+
+    attack: str
+    num_byzantine: int
+    momentum: float
+    partition: str
+    seed: int
+
+    @property
+    def label(self) -> str:
+        extra = (" mom" if self.momentum else "") + (" dir" if self.partition != "iid" else "")
+        return f"{self.attack}:{self.num_byzantine}{extra}"
+
+
+class TrustES:
+    """Antithetic ES on the trust rule's φ (the outer loop's estimator protocol)."""
+
+    name = "antithetic_es"
+    kind = "trust"
+    score_definition = "mean over validation settings and seeds of log(final train loss)"
+
+    def __init__(self, cfg: MetaTrainTrustConfig, data: Dataset | None = None):
+        self.cfg = cfg
+        self.trust = TrustConfig(hidden=cfg.hidden, probe=cfg.probe)
+        self.dim = self.trust.layout.size
+        self.data = data if data is not None else load_task_data(cfg.dataset, cfg.data_dir)
+        self.mixture = parse_settings(cfg.settings)
+        seeds = validation_seeds(cfg.seed, int(MetaStream.ROBUST_VALID), cfg.validation_seeds)
+        momenta = (0.0, MOMENTUM) if cfg.momentum_prob > 0 else (0.0,)
+        self.validation = [Setting(a, b, m, "iid", s) for a, b in dict.fromkeys(self.mixture)
+                           for m in momenta for s in seeds]
+        self.validation_labels = [f"{v.label} #{j % len(seeds)}" if len(seeds) > 1
+                                  else v.label for j, v in enumerate(self.validation)]
+
+    # ------------------------------------------------------------------ φ
+    def init_phi(self, seed: int) -> torch.Tensor:
+        return initial_phi(self.trust, seed)
+
+    def phi_of(self, agg: Any) -> torch.Tensor:
+        rule = agg.rule if isinstance(agg, RuleAggregator) else agg
+        if not isinstance(rule, TrustRule) or rule.config != self.trust:
+            raise ValueError(f"{agg!r} is not a trust rule with {self.trust}")
+        return rule.phi.detach().float().clone()
+
+    # ------------------------------------------------------------------ steps
+    def init_state(self) -> tuple:
+        return ()
+
+    def resumable(self, step: int) -> bool:
+        return True  # every step is self-contained
+
+    def checkpoint_state(self, state: Any) -> tuple:
+        return ()
+
+    def restore_state(self, tensors: Any) -> tuple:
+        return ()
+
+    def progress(self, step: int) -> dict[str, Any]:
+        return {}
+
+    def draw(self, step: int, k: int) -> tuple[torch.Tensor, Setting]:
+        """Pair k of outer step `step`: its noise ε [dim] and its setting."""
+        cfg = self.cfg
+        g = derive_generator(cfg.seed, int(MetaStream.ROBUST_DRAW), step * cfg.pairs + k)
+        eps = torch.randn(self.dim, generator=g)
+        attack, b = self.mixture[int(torch.randint(len(self.mixture), (1,), generator=g))]
+        u = torch.rand(2, generator=g)
+        momentum = MOMENTUM if float(u[0]) < cfg.momentum_prob else 0.0
+        partition = "dirichlet" if float(u[1]) < cfg.dirichlet_prob else "iid"
+        seed = int(torch.randint(1 << 30, (1,), generator=g))
+        return eps, Setting(attack, b, momentum, partition, seed)
+
+    def estimate(self, phi: torch.Tensor, state: Any, step: int) -> Estimate:
+        sigma, grad, losses = self.cfg.sigma, torch.zeros(self.dim), []
+        for k in range(self.cfg.pairs):
+            eps, setting = self.draw(step, k)
+            plus = math.log(self.final_loss(phi + sigma * eps, setting))
+            minus = math.log(self.final_loss(phi - sigma * eps, setting))
+            grad += (plus - minus) / (2 * sigma) * eps
+            losses.append((plus + minus) / 2)
+        return Estimate(grad / self.cfg.pairs, state,
+                        {"meta_loss": sum(losses) / len(losses)})
+
+    # ------------------------------------------------------------------ inner runs
+    def simulation(self, phi: torch.Tensor, setting: Setting) -> Simulation:
+        """The simulator of one inner run, its aggregator the trust rule holding φ."""
+        cfg = self.cfg
+        options = cfg.attack_options.get(setting.attack, {})
+        overrides = [f"rounds={cfg.rounds}", f"seed={setting.seed}",
+                     f"model={cfg.model}", f"data.name={dataset_spec(cfg.dataset)[0]}",
+                     f"data.partition={setting.partition}", f"data.alpha={ALPHA}",
+                     f"workers.num_workers={cfg.num_workers}",
+                     f"workers.batch_size={cfg.batch_size}", f"workers.momentum={setting.momentum}",
+                     f"trusted_samples={cfg.trusted_samples}", f"optimizer.lr={cfg.server_lr}",
+                     "aggregator.name=trust", "aggregator.options={init: true}",
+                     f"attack.name={setting.attack}",
+                     f"attack.num_byzantine={setting.num_byzantine}",
+                     *(f"attack.options.{k}={v}" for k, v in options.items())]
+        sim = Simulation(load_config(None, overrides), dataset=self.data)
+        sim.aggregator.rule = TrustRule(self.trust, phi)
+        return sim
+
+    def run(self, phi: torch.Tensor, setting: Setting) -> dict[str, float]:
+        sim = self.simulation(phi, setting)
+        for _ in range(self.cfg.rounds):
+            sim.step()
+        return sim.evaluate()
+
+    def final_loss(self, phi: torch.Tensor, setting: Setting) -> float:
+        """The training loss after the inner run, capped (a diverged run: the cap)."""
+        loss = self.run(phi, setting)["train_loss"]
+        return min(loss, self.cfg.loss_cap) if math.isfinite(loss) else self.cfg.loss_cap
+
+    # ------------------------------------------------------------------ validation, files
+    def validate(self, phi: torch.Tensor) -> tuple[float, dict[str, Any]]:
+        logs, means = [], {}
+        for setting, label in zip(self.validation, self.validation_labels, strict=True):
+            res = self.run(phi, setting)
+            loss = res["train_loss"]
+            loss = min(loss, self.cfg.loss_cap) if math.isfinite(loss) else self.cfg.loss_cap
+            logs.append(math.log(loss))
+            means[f"{label}/loss"] = loss
+            means[f"{label}/acc"] = res["test_accuracy"]
+        accs = [v for k, v in means.items() if k.endswith("/acc")]
+        means["worst_acc"] = min(accs)
+        means["mean_acc"] = sum(accs) / len(accs)
+        return sum(logs) / len(logs), means
+
+    def baselines(self) -> dict[str, Any]:
+        return {}
+
+    def aggregator(self, phi: torch.Tensor) -> Aggregator:
+        """The rule holding its own copy of φ, followed by SGD at the server lr."""
+        return RuleAggregator("trust", TrustRule(self.trust, phi.detach().clone()),
+                              sgd(self.cfg.server_lr), uses_trusted_data=True)
+
+    def save(self, out: Any, phi: torch.Tensor, trained_on: dict[str, Any],
+             validation: dict[str, Any]) -> Any:
+        return save_trust(out, self.trust, phi, trained_on=trained_on, validation=validation)

@@ -1,0 +1,198 @@
+"""The learned trust rule: its features and weights, differentiability, files, the
+registry, and its ES meta-training (deterministic, resumable)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metagg.aggregators.base import RoundContext, RuleAggregator
+from metagg.aggregators.registry import build_aggregator
+from metagg.aggregators.rules import FLTrustRule
+from metagg.checkpoint import CheckpointError
+from metagg.config import ConfigError, load_config, parse
+from metagg.config.meta import MetaTrainTrustConfig, parse_settings
+from metagg.learned import load_aggregator, save_aggregator
+from metagg.learned.meta import TrustES, meta_train
+from metagg.learned.trust import (
+    FEATURE_NAMES,
+    TrustConfig,
+    TrustRule,
+    initial_phi,
+    load_trust,
+    save_trust,
+)
+from metagg.models import build_model
+from metagg.simulation import Simulation
+from metagg.tasks import Task, TrustedData
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def round_inputs(digits):
+    """A digits round: θ, 8 honest minibatch gradients and the trusted sample."""
+    torch.manual_seed(0)
+    task = Task(build_model("mlp:20:sigmoid", digits.input_shape, digits.num_classes),
+                num_classes=digits.num_classes)
+    theta = task.init_params(0)
+    trusted = TrustedData(task, digits.x_train[:100], digits.y_train[:100])
+    rows = torch.stack([trusted.grad(theta) + 0.05 * torch.randn(task.layout.size)
+                        for _ in range(8)])
+    ctx = RoundContext(round=0, params=theta, layout=task.layout, num_workers=8,
+                       worker_ids=torch.arange(8), trusted=trusted)
+    return rows, ctx
+
+
+def _rule(seed: int = 0) -> TrustRule:
+    config = TrustConfig()
+    return TrustRule(config, initial_phi(config, seed))
+
+
+def test_the_soft_zeno_start_gates_out_rows_that_raise_the_trusted_loss(round_inputs):
+    rows, ctx = round_inputs
+    rows = rows.clone()
+    rows[:5] = -4 * rows[5:].mean(0)  # sign flip x4 from 5 of 8
+    rule = _rule()
+    reference = ctx.trusted.grad(ctx.params)
+    feats = rule.features(rows, ctx, reference)
+    assert feats.shape == (8, len(FEATURE_NAMES))
+    assert (feats[:5, 0] > 0).all() and (feats[5:, 0] < 0).all()  # loss up / down
+    assert (feats[:5, 1] < 0).all() and (feats[5:, 1] > 0).all()  # cos with r
+    w = rule.weights(feats)
+    assert float(w[:5].max()) < 1e-3 < float(w[5:].min())
+    assert float(w.sum()) <= 1 + 1e-6  # normalised by max(Σ gates, e^0 = 1)
+
+
+def test_features_do_not_change_when_every_row_and_the_trusted_scale_do(round_inputs):
+    """The cosines and the norm ratio are scale-free (the loss probe and its rank are not:
+    the loss is not linear in the step)."""
+    rows, ctx = round_inputs
+    rule = _rule()
+    reference = ctx.trusted.grad(ctx.params)
+    a = rule.features(rows, ctx, reference)
+    b = rule.features(rows * 3, ctx, reference * 3)
+    free = [FEATURE_NAMES.index(n) for n in ("cos_reference", "log_norm_ratio", "cos_median")]
+    torch.testing.assert_close(a[:, free], b[:, free], rtol=1e-5, atol=1e-5)
+
+
+def test_a_huge_row_is_clipped_to_the_reference_scale(round_inputs):
+    rows, ctx = round_inputs
+    rows = rows.clone()
+    rows[0] = rows[0] * 1e6  # a Gaussian-like outlier that still points downhill
+    agg = RuleAggregator("trust", _rule(), build_aggregator("mean").optimizer,
+                         uses_trusted_data=True)
+    step, _ = agg.step(agg.init(ctx.layout, 8), rows, ctx)
+    bound = 2.0 ** 0 * torch.e ** 2 * ctx.trusted.grad(ctx.params).norm()  # e^c ‖r‖, c = 2
+    assert float(step.norm()) <= float(bound) * (1 + 1e-5)
+
+
+def test_step_is_differentiable_in_the_updates_but_not_in_phi(round_inputs):
+    rows, ctx = round_inputs
+    agg = build_aggregator("trust", options={"init": True})
+    state = agg.init(ctx.layout, 8)
+    x = rows.clone()
+    x[0] = 0.0  # a zero row: the norms' gradient must stay finite
+    x.requires_grad_(True)
+    step = agg.differentiable_step(state, x, ctx)
+    assert step is not None
+    (step @ torch.ones_like(step)).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert not agg.rule.phi.requires_grad
+    with torch.no_grad():
+        plain, _ = agg.step(state, x.detach(), ctx)
+    torch.testing.assert_close(step.detach(), plain)
+
+
+def test_whitebox_attack_descends_through_the_rule(digits):
+    cfg = load_config(None, ["rounds=2", "trusted_samples=50", "aggregator.name=trust",
+                             "aggregator.options={init: true}", "attack.name=whitebox",
+                             "attack.num_byzantine=3", "attack.options.steps=2"])
+    sim = Simulation(cfg, dataset=digits)
+    sim.step()
+    assert sim.server.attack.last_method == "gradient"
+
+
+def test_momentum_reference_keeps_fltrust_as_it_was(round_inputs):
+    """FLTrust's reference moved into `momentum_reference`: with worker momentum the second
+    round's reference is the lerp of the server's own updates."""
+    rows, ctx = round_inputs
+    ctx.worker_momentum = 0.9
+    rule = FLTrustRule()
+    state = rule.init(ctx.layout, 8)
+    _, state = rule(state, rows, ctx)
+    g0 = ctx.trusted.grad(ctx.params)
+    torch.testing.assert_close(state.reference, g0)
+    ctx.params = ctx.params - 0.1 * g0
+    _, state = rule(state, rows, ctx)
+    torch.testing.assert_close(state.reference,
+                               torch.lerp(g0, ctx.trusted.grad(ctx.params), 0.1))
+
+
+def test_files_round_trip_and_bad_files_are_refused(tmp_path, rewrite_meta):
+    config = TrustConfig(hidden=4, probe=0.2)
+    phi = torch.randn(config.layout.size)
+    save_trust(tmp_path / "t", config, phi, trained_on={"steps": 1})
+    rule = load_trust(tmp_path / "t")
+    assert rule.config == config and torch.equal(rule.phi, phi)
+    agg = build_aggregator(f"trust:{tmp_path / 't'}")
+    assert isinstance(agg, RuleAggregator) and agg.uses_trusted_data
+    again = save_aggregator(tmp_path / "u", load_aggregator(tmp_path / "t"))
+    assert torch.equal(load_trust(again).phi, phi)
+    with pytest.raises(ValueError, match="takes no options"):
+        build_aggregator(f"trust:{tmp_path / 't'}", options={"hidden": 3})
+    with pytest.raises(ValueError, match="needs meta-trained weights"):
+        build_aggregator("trust")
+    # weights of another shape than the JSON's config, an unknown config key
+    rewrite_meta(tmp_path / "t" / "aggregator", lambda m: m["config"].update(hidden=5))
+    with pytest.raises(CheckpointError, match="w1 has shape"):
+        load_trust(tmp_path / "t")
+    rewrite_meta(tmp_path / "t" / "aggregator", lambda m: m["config"].update(width=5))
+    with pytest.raises(CheckpointError, match="config"):
+        load_trust(tmp_path / "t")
+    (tmp_path / "t" / "aggregator.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError):
+        load_trust(tmp_path / "t")
+    with pytest.raises(ValueError, match="φ must have shape"):
+        TrustRule(config, torch.zeros(3))
+
+
+def test_settings_are_checked():
+    assert parse_settings("none:0,ipm:7") == [("none", 0), ("ipm", 7)]
+    for bad in ("ipm", "nonsense:3", "none:2", "ipm:0"):
+        with pytest.raises(ValueError):
+            parse_settings(bad)
+    with pytest.raises(ConfigError, match="settings"):
+        parse(MetaTrainTrustConfig, {"settings": "ipm:10"})
+
+
+def _tiny(**kw):
+    return parse(MetaTrainTrustConfig, {"rounds": 3, "pairs": 1, "steps": 3,
+                                        "settings": "none:0,ipm:7", "trusted_samples": 20,
+                                        "validate_every": 2, "checkpoint_every": 1, **kw})
+
+
+def test_es_draws_are_a_function_of_seed_and_step(digits):
+    est = TrustES(_tiny(momentum_prob=0.5, dirichlet_prob=0.5), digits)
+    a, b = est.draw(5, 0), est.draw(5, 0)
+    assert torch.equal(a[0], b[0]) and a[1] == b[1]
+    assert not torch.equal(est.draw(5, 1)[0], a[0])
+    labels = {est.draw(t, 0)[1].label for t in range(40)}
+    assert any("mom" in s for s in labels) and any("dir" in s for s in labels)
+    assert any(s.startswith("ipm:7") for s in labels) and any(s.startswith("none") for s in labels)
+
+
+def test_meta_training_resumes_to_the_uninterrupted_result(tmp_path, digits):
+    cfg = _tiny()
+    whole = meta_train(cfg, out_dir=tmp_path / "whole", data=digits)
+    meta_train(cfg, out_dir=tmp_path / "part", data=digits, stop_at=1)
+    resumed = meta_train(cfg, out_dir=tmp_path / "part", data=digits, resume=True)
+    torch.testing.assert_close(resumed.aggregator.rule.phi, whole.aggregator.rule.phi,
+                               rtol=0, atol=0)
+    assert whole.summary["steps_done"] == 3
+    assert {"none:0/acc", "ipm:7 mom/acc", "worst_acc"} <= set(whole.summary["best_validation"])
+    saved = load_aggregator(tmp_path / "whole")
+    assert torch.equal(saved.rule.phi, whole.aggregator.rule.phi)
+    # ES moved φ away from its start
+    assert not torch.equal(whole.aggregator.rule.phi, initial_phi(TrustConfig(), 0)) or \
+        whole.summary["best_step"] == 0
