@@ -18,12 +18,14 @@ from metagg.tasks import Task, TrustedData
 
 SYMMETRIC = {"mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median",
              "bulyan", "centered_clip", "zeno", "fltrust", "coverage_mean"}
-# learned ones: the shipped digits RNN / ARNN (10 input slots), and LAgg-A / LOpt-A untrained
-# in residual mode (exactly the mean at initialisation, so the descent check applies)
+# learned ones: the shipped digits RNN / ARNN (10 input slots), LAgg-A / LOpt-A untrained
+# in residual mode (exactly the mean at initialisation, so the descent check applies), and
+# the shipped trust rule
 LEARNED = {"rnn": ("rnn:pretrained/digits-mlp20-lstm", {}),
            "arnn": ("arnn:pretrained/digits-mlp20-arnn-lstm", {}),
            "lagg": ("lagg", {"init": True, "step_mode": "residual"}),
-           "lopt": ("lopt", {"init": True, "step_mode": "residual"})}
+           "lopt": ("lopt", {"init": True, "step_mode": "residual"}),
+           "trust": ("trust:pretrained/robust", {})}
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import pytest
 from metagg.cli import main
 from metagg.experiments.robustness import (
     ATTACKS,
+    LEARNED,
     SCALES,
     attack_settings,
     reproduce_robustness,
@@ -45,7 +46,7 @@ def test_worst_case_is_over_the_cells_a_rule_ran_in():
 
 def test_tiny_benchmark_writes_its_files(tmp_path):
     summary = reproduce_robustness(tmp_path, scale="tiny", log=lambda msg: None)
-    rules = ["mean", "median", "arnn:pretrained/digits-mlp20-arnn-lstm"]
+    rules = ["mean", "median", "arnn:pretrained/digits-mlp20-arnn-lstm", "trust:pretrained/robust"]
     assert [w["rule"] for w in summary["worst"]] != [] and summary["rules"] == rules
     with open(tmp_path / "results.csv") as fh:
         rows = list(csv.DictReader(fh))
@@ -62,3 +63,12 @@ def test_cli_lists_the_benchmark(capsys):
     with pytest.raises(SystemExit):
         main(["reproduce", "robustness", "--help"])
     assert "worst case" in capsys.readouterr().out
+
+
+def test_datasets_and_rules_can_be_chosen(tmp_path):
+    summary = reproduce_robustness(tmp_path, scale="tiny", datasets=["breast_cancer"],
+                                   rules=["zeno"], learned=LEARNED[1:], log=lambda msg: None)
+    assert summary["rules"] == ["zeno", "trust:pretrained/robust"]
+    with open(tmp_path / "results.csv") as fh:
+        assert {r["dataset"] for r in csv.DictReader(fh)} == {"breast_cancer"}
+    assert "`--datasets breast_cancer` `--rules zeno`" in (tmp_path / "report.md").read_text()

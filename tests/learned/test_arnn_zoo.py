@@ -40,7 +40,8 @@ def _record(name: str) -> dict:
 
 
 RNN_ENTRIES = [n for n in pretrained_names() if _record(n)["format"] == "metagg.rnn_aggregator"]
-LAGG_ENTRIES = [n for n in pretrained_names() if n not in RNN_ENTRIES]
+LAGG_ENTRIES = [n for n in pretrained_names()
+                if _record(n)["format"] == "metagg.lagg_aggregator"]
 
 
 def test_zoo_holds_both_kinds() -> None:

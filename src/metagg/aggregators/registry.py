@@ -122,8 +122,8 @@ _SPECS: tuple[AggregatorSpec, ...] = (
                    build="metagg.learned.lagg.io:build_lagg"),
     AggregatorSpec("lopt", "learned optimizer on the mean update (LOpt-A): lopt:PATH",
                    build="metagg.learned.lagg.io:build_lopt"),
-    AggregatorSpec("trust", "learned trust weights from the trusted sample, robust to a "
-                   "Byzantine majority: trust:PATH (e.g. trust:pretrained/robust)",
+    AggregatorSpec("trust", "learned robust weights from the trusted sample: trust:PATH "
+                   "(trust:pretrained/robust)",
                    learned_rule="metagg.learned.trust.io:build_trust_rule",
                    uses_trusted_data=True),
 )

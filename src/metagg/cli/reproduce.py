@@ -93,8 +93,17 @@ def _add_robustness(papers: Any) -> None:
                    help="the learned aggregators to include (default: the shipped ARNN "
                         "arnn:pretrained/digits-mlp20-arnn-lstm and trust:pretrained/robust); "
                         "'none' leaves them out")
+    q.add_argument("--datasets", default=None, metavar="NAME[,NAME...]",
+                   help="replace the scale's datasets, e.g. fashion_mnist")
+    q.add_argument("--rules", default=None, metavar="RULE[,RULE...]",
+                   help="replace the scale's rules (the learned ones are added), e.g. "
+                        "mean,zeno,fltrust")
     _add_run_args(q, "keep the runs an interrupted benchmark in --out finished",
                   cmd_reproduce_robustness)
+
+
+def _names(text: str | None) -> tuple[str, ...] | None:
+    return None if text is None else tuple(s.strip() for s in text.split(",") if s.strip())
 
 
 def cmd_reproduce_robustness(args: argparse.Namespace) -> int:
@@ -102,11 +111,11 @@ def cmd_reproduce_robustness(args: argparse.Namespace) -> int:
     from metagg.experiments.robustness import LEARNED, reproduce_robustness
 
     learned = LEARNED if args.learned is None else (
-        () if args.learned.lower() == "none"
-        else tuple(s.strip() for s in args.learned.split(",") if s.strip()))
+        () if args.learned.lower() == "none" else _names(args.learned))
     with threads_during(args.threads), compiling_during(args.compile):
         summary = reproduce_robustness(args.out, scale=args.scale, learned=learned,
-                                       resume=args.resume)
+                                       resume=args.resume, datasets=_names(args.datasets),
+                                       rules=_names(args.rules))
     for w in summary["worst"]:
         print(f"{w['rule']:<40} worst {100 * w['worst_accuracy']:5.1f} %  ({w['setting']}; "
               f"{w['attack']})")

@@ -23,6 +23,7 @@ reported); a rule run outside its guarantee (Krum with f ≥ n/2) is run anyway 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import statistics
 import sys
@@ -109,23 +110,32 @@ def _options(momentum: float) -> dict[str, dict[str, Any]]:
 
 def reproduce_robustness(out_dir: str | Path, *, scale: str = "quick",
                          learned: Sequence[str] = LEARNED, resume: bool = False,
+                         datasets: Sequence[str] | None = None,
+                         rules: Sequence[str] | None = None,
                          log: Callable[[str], None] | None = None,
                          progress: bool | None = None) -> dict[str, Any]:
     """Run the grid of `scale` into `out_dir` (see the module docstring); returns the
-    worst cases and where the files are. `progress`: a bar over all runs (default: when
-    stderr is a terminal)."""
+    worst cases and where the files are. `datasets` / `rules` replace the scale's (e.g.
+    only Fashion-MNIST, only the rules that use the trusted sample); `learned` are added
+    to the rules. `progress`: a bar over all runs (default: when stderr is a terminal)."""
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; allowed: {', '.join(SCALES)}")
     sc = SCALES[scale]
+    chosen = {}
+    if datasets is not None:
+        chosen["datasets"] = tuple(datasets)
+    if rules is not None:
+        chosen["rules"] = tuple(rules)
+    sc = dataclasses.replace(sc, **chosen)
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rules = [*sc.rules, *learned]
+    every = [*sc.rules, *learned]
     attacks = attack_settings(sc)
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
     sections: list[str] = []
-    total = (len(sc.datasets) * len(sc.partitions) * len(sc.momentum) * len(rules)
+    total = (len(sc.datasets) * len(sc.partitions) * len(sc.momentum) * len(every)
              * len(attacks) * sc.seeds)
     bar = _bar(total, sys.stderr.isatty() if progress is None else progress)
     for dataset in sc.datasets:
@@ -139,9 +149,9 @@ def reproduce_robustness(out_dir: str | Path, *, scale: str = "quick",
                     say(f"[robustness] {name}: skipped ({' '.join(str(exc).split())})")
                     sections.append(f"### {name}\n\nskipped: {' '.join(str(exc).split())}\n")
                     continue
-                say(f"[robustness] {name}: {len(rules)} rules x {len(attacks)} attack "
+                say(f"[robustness] {name}: {len(every)} rules x {len(attacks)} attack "
                     f"settings x {sc.seeds} seed(s), {sc.rounds} rounds")
-                results = compare(cfg, rules, seeds=sc.seeds, out_dir=out / slug(name),
+                results = compare(cfg, every, seeds=sc.seeds, out_dir=out / slug(name),
                                   attacks=attacks, aggregator_options=_options(momentum),
                                   dataset=data, resume=resume,
                                   on_run=lambda *_: bar.update(1) if bar else None)
@@ -149,18 +159,18 @@ def reproduce_robustness(out_dir: str | Path, *, scale: str = "quick",
                           **r} for r in results]
                 cells = cell_means(results)
                 columns = [attack_label(parse_attack_setting(a), NUM_WORKERS) for a in attacks]
-                plot_heatmap(cells, rules, columns, out / f"heatmap-{slug(name)}.png",
+                plot_heatmap(cells, every, columns, out / f"heatmap-{slug(name)}.png",
                              title=f"{name}: final test accuracy (%)")
                 sections.append(f"### {name}\n\n" + (out / slug(name) / "results.md").read_text()
                                 + f"\n![{name}](heatmap-{slug(name)}.png)\n")
     if bar is not None:
         bar.close()
-    worst = worst_cases(rows, rules)
+    worst = worst_cases(rows, every)
     _write_csv(out / "results.csv", rows)
-    summary = {"scale": scale, "rules": rules, "attacks": attacks, "worst": worst,
+    summary = {"scale": scale, "rules": every, "attacks": attacks, "worst": worst,
                "wall_s": round(time.perf_counter() - start, 1)}
     atomic_write_text(out / "summary.json", json_text(summary, indent=2))
-    _write_report(out, sc, scale, learned, worst, sections, summary["wall_s"])
+    _write_report(out, sc, scale, learned, worst, sections, summary["wall_s"], chosen)
     return summary
 
 
@@ -261,7 +271,8 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def _write_report(out: Path, sc: RobustnessScale, scale: str, learned: Sequence[str],
-                  worst: list[dict[str, Any]], sections: list[str], wall_s: float) -> None:
+                  worst: list[dict[str, Any]], sections: list[str], wall_s: float,
+                  chosen: dict[str, tuple[str, ...]]) -> None:
     worst_rows = [[w["rule"], f"{100 * w['worst_accuracy']:.1f}", w["setting"], w["attack"],
                    str(w["cells"]), str(w["unavailable_cells"])] for w in worst]
     text = "\n".join([
@@ -269,7 +280,7 @@ def _write_report(out: Path, sc: RobustnessScale, scale: str, learned: Sequence[
         f"Produced by {provenance()}.", "",
         f"Command: `metagg reproduce robustness --scale {scale} --out {out}`"
         + ("" if tuple(learned) == LEARNED else f" `--learned {','.join(learned) or 'none'}`")
-        + ".", "",
+        + "".join(f" `--{k} {','.join(v)}`" for k, v in chosen.items()) + ".", "",
         f"Scale `{scale}`: datasets {', '.join(sc.datasets)}; MLP 20 sigmoid, "
         f"{NUM_WORKERS} workers in gradient mode, B = 32, server SGD lr 1, {sc.rounds} "
         f"rounds, {sc.seeds} seed(s); Byzantine workers {', '.join(map(str, sc.fractions))} "
