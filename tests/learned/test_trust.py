@@ -3,6 +3,8 @@ registry, and its ES meta-training (deterministic, resumable)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -12,7 +14,7 @@ from metagg.aggregators.rules import FLTrustRule
 from metagg.checkpoint import CheckpointError
 from metagg.config import ConfigError, load_config, parse
 from metagg.config.meta import MetaTrainTrustConfig, parse_settings
-from metagg.learned import load_aggregator, save_aggregator
+from metagg.learned import load_aggregator, read_aggregator_info, save_aggregator
 from metagg.learned.meta import TrustES, meta_train
 from metagg.learned.trust import (
     FEATURE_NAMES,
@@ -196,3 +198,35 @@ def test_meta_training_resumes_to_the_uninterrupted_result(tmp_path, digits):
     # ES moved φ away from its start
     assert not torch.equal(whole.aggregator.rule.phi, initial_phi(TrustConfig(), 0)) or \
         whole.summary["best_step"] == 0
+
+
+def test_shipped_rule_reproduces_its_validation(digits):
+    """`trust:pretrained/robust`, run again by this code on two of its validation settings
+    (100 rounds, the recorded seed): the recorded accuracy (one test image in 360)."""
+    info = read_aggregator_info("pretrained/robust")
+    fields = {f.name for f in dataclasses.fields(MetaTrainTrustConfig)} - {"init_from"}
+    cfg = parse(MetaTrainTrustConfig, {k: v for k, v in info["trained_on"].items()
+                                       if k in fields})
+    est = TrustES(cfg, digits)
+    phi = load_trust("pretrained/robust").phi
+    checked = 0
+    for setting, label in zip(est.validation, est.validation_labels, strict=True):
+        if label in ("ipm:7", "sign_flip:7 mom"):
+            acc = est.run(phi, setting)["test_accuracy"]
+            assert acc == pytest.approx(info["validation"][f"{label}/acc"], abs=1.5 / 360)
+            assert acc > 0.85
+            checked += 1
+    assert checked == 2
+
+
+def test_shipped_rule_trains_where_the_mean_is_ruined(digits):
+    def final_loss(name):
+        cfg = load_config(None, ["rounds=30", "trusted_samples=100", f"aggregator.name={name}",
+                                 "attack.name=sign_flip", "attack.num_byzantine=7",
+                                 "attack.options.scale=4"])
+        sim = Simulation(cfg, dataset=digits)
+        for _ in range(30):
+            sim.step()
+        return sim.evaluate()["train_loss"]
+
+    assert final_loss("trust:pretrained/robust") < 1.5 < 2.3 < final_loss("mean")  # ln 10 = 2.3
