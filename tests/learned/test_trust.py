@@ -214,19 +214,23 @@ def test_shipped_rule_reproduces_its_validation(digits):
         if label in ("ipm:7", "sign_flip:7 mom"):
             acc = est.run(phi, setting)["test_accuracy"]
             assert acc == pytest.approx(info["validation"][f"{label}/acc"], abs=1.5 / 360)
-            assert acc > 0.85
+            assert acc > 0.75
             checked += 1
     assert checked == 2
 
 
 def test_shipped_rule_trains_where_the_mean_is_ruined(digits):
-    def final_loss(name):
-        cfg = load_config(None, ["rounds=30", "trusted_samples=100", f"aggregator.name={name}",
-                                 "attack.name=sign_flip", "attack.num_byzantine=7",
-                                 "attack.options.scale=4"])
+    """100 rounds on digits with 7 of 10 workers Byzantine. Measured: sign flip ×4 — trust
+    1.36, mean 4.6e3; IPM — trust 0.79, Zeno 1.35."""
+    def final_loss(name, attack, options=()):
+        cfg = load_config(None, ["rounds=100", "trusted_samples=100", f"aggregator.name={name}",
+                                 f"attack.name={attack}", "attack.num_byzantine=7", *options])
         sim = Simulation(cfg, dataset=digits)
-        for _ in range(30):
+        for _ in range(100):
             sim.step()
         return sim.evaluate()["train_loss"]
 
-    assert final_loss("trust:pretrained/robust") < 1.5 < 2.3 < final_loss("mean")  # ln 10 = 2.3
+    flip = ["attack.options.scale=4"]
+    assert final_loss("trust:pretrained/robust", "sign_flip", flip) < 1.5 < 2.3 < final_loss(
+        "mean", "sign_flip", flip)  # ln 10 = 2.3: chance
+    assert final_loss("trust:pretrained/robust", "ipm") < final_loss("zeno", "ipm")

@@ -65,8 +65,9 @@ def add_parsers(sub: Any) -> None:
         "trust", help="the learned trust-weighted robust rule, by ES over an attack mixture",
         description="Meta-train the learned trust rule (metagg.learned.trust) by antithetic "
                     "evolution strategies: each pair of runs meets one setting of an attack "
-                    "mixture (every attack at 3/10 and 7/10, none, with worker momentum in "
-                    "30 %), the white-box attacker optimising against the current rule.")
+                    "mixture (every attack at 3/10 and 7/10, none; worker momentum in 30 %, "
+                    "Dirichlet data in 20 %), the white-box attacker optimising against the "
+                    "current rule. Starts as a soft Zeno unless --init-from is given.")
     q.add_argument("--task", default="digits-mlp20", choices=sorted(BPTT_TASKS),
                    help="dataset + worker model (default digits-mlp20, no download)")
     q.add_argument("--steps", type=int, default=None, help="ES outer steps (default 300)")
@@ -76,7 +77,7 @@ def add_parsers(sub: Any) -> None:
     q.add_argument("--init-from", default=None, metavar="PATH",
                    help="start from saved trust weights (e.g. pretrained/robust) instead of "
                         "the soft-Zeno initialisation")
-    _common(q, "MetaTrainTrustConfig field, e.g. --set pairs=8 --set dirichlet_prob=0.2",
+    _common(q, "MetaTrainTrustConfig field, e.g. --set pairs=8 --set dirichlet_prob=0",
             "continue from the checkpoint in --out (same result as an uninterrupted run "
             "with the same --threads; --steps may be raised)")
     q.set_defaults(func=cmd_meta_train)
