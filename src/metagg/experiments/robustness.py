@@ -170,7 +170,7 @@ def reproduce_robustness(out_dir: str | Path, *, scale: str = "quick",
     summary = {"scale": scale, "rules": every, "attacks": attacks, "worst": worst,
                "wall_s": round(time.perf_counter() - start, 1)}
     atomic_write_text(out / "summary.json", json_text(summary, indent=2))
-    _write_report(out, sc, scale, learned, worst, sections, summary["wall_s"], chosen)
+    _write_report(out, sc, scale, learned, worst, sections, summary["wall_s"], chosen, resume)
     return summary
 
 
@@ -272,7 +272,7 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 def _write_report(out: Path, sc: RobustnessScale, scale: str, learned: Sequence[str],
                   worst: list[dict[str, Any]], sections: list[str], wall_s: float,
-                  chosen: dict[str, tuple[str, ...]]) -> None:
+                  chosen: dict[str, tuple[str, ...]], resume: bool = False) -> None:
     worst_rows = [[w["rule"], f"{100 * w['worst_accuracy']:.1f}", w["setting"], w["attack"],
                    str(w["cells"]), str(w["unavailable_cells"])] for w in worst]
     text = "\n".join([
@@ -288,7 +288,9 @@ def _write_report(out: Path, sc: RobustnessScale, scale: str, learned: Sequence[
         f"worker momentum {', '.join(f'{m:g}' for m in sc.momentum)}. Robust rules assume "
         "f = the number of Byzantine workers; Zeno, FLTrust, the ARNN and the trust rule get "
         "the same 100 "
-        f"trusted samples. Wall time {wall_s:.0f} s.", "",
+        f"trusted samples. Wall time {wall_s:.0f} s"
+        + (" (with `--resume`: runs finished earlier in the output directory were kept, "
+           "not timed)" if resume else "") + ".", "",
         "## Worst case of each rule over the whole grid", "",
         "The lowest final test accuracy (mean over seeds) of any cell the rule ran in; "
         "rules undefined in some cells (n/a: e.g. Bulyan needs n ≥ 4f + 3) come last, "
