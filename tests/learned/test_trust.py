@@ -234,3 +234,17 @@ def test_shipped_rule_trains_where_the_mean_is_ruined(digits):
     assert final_loss("trust:pretrained/robust", "sign_flip", flip) < 1.5 < 2.3 < final_loss(
         "mean", "sign_flip", flip)  # ln 10 = 2.3: chance
     assert final_loss("trust:pretrained/robust", "ipm") < final_loss("zeno", "ipm")
+
+
+def test_es_over_several_datasets_draws_each_and_validates_on_all():
+    est = TrustES(_tiny(dataset="digits,breast_cancer", validate_every=1))
+    drawn = {est.draw(t, 0)[1].dataset for t in range(20)}
+    assert drawn == {"digits", "breast_cancer"}
+    assert {v.dataset for v in est.validation} == {"digits", "breast_cancer"}
+    score, means = est.validate(initial_phi(TrustConfig(), 0))
+    assert "breast_cancer ipm:7 mom/acc" in means and "digits none:0/acc" in means
+    assert score == score  # finite or capped, never NaN
+    # one dataset: the same draws as before datasets could be mixed
+    one = TrustES(_tiny())
+    assert one.draw(3, 0)[1].dataset == "" and "none:0/acc" in dict.fromkeys(
+        f"{lab}/acc" for lab in one.validation_labels)

@@ -269,7 +269,9 @@ class MetaTrainTrustConfig(Section):
     (docs/experiments/trust-prototype).
     """
 
-    dataset: str = option("digits", check=problem_of(dataset_spec))
+    # NAME or NAME,NAME...: each pair of runs draws one; validation runs every one
+    dataset: str = option("digits", check=problem_of(lambda v: [dataset_spec(d.strip())
+                                                                for d in v.split(",")]))
     data_dir: str | None = None
     model: str = "mlp:20:sigmoid"
     num_workers: int = option(10, ge=2)
@@ -297,7 +299,12 @@ class MetaTrainTrustConfig(Section):
     validation_seeds: int = option(1, ge=1)
     checkpoint_every: int = option(5, ge=1)
 
+    def datasets(self) -> list[str]:
+        return [d.strip() for d in self.dataset.split(",") if d.strip()]
+
     def problems(self) -> list[str]:
+        if not self.datasets():
+            return ["dataset: name at least one dataset"]
         too_many = [f"{a}:{b}" for a, b in parse_settings(self.settings)
                     if b >= self.num_workers]
         if too_many:

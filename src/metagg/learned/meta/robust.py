@@ -50,11 +50,13 @@ class Setting(NamedTuple):
     momentum: float
     partition: str
     seed: int
+    dataset: str = ""  # "": the config's only dataset
 
     @property
     def label(self) -> str:
         extra = (" mom" if self.momentum else "") + (" dir" if self.partition != "iid" else "")
-        return f"{self.attack}:{self.num_byzantine}{extra}"
+        where = f"{self.dataset} " if self.dataset else ""
+        return f"{where}{self.attack}:{self.num_byzantine}{extra}"
 
 
 class TrustES:
@@ -68,11 +70,18 @@ class TrustES:
         self.cfg = cfg
         self.trust = TrustConfig(hidden=cfg.hidden, probe=cfg.probe)
         self.dim = self.trust.layout.size
-        self.data = data if data is not None else load_task_data(cfg.dataset, cfg.data_dir)
+        # several datasets ("digits,fashion_mnist"): each pair draws one; validation runs all
+        self.datasets = cfg.datasets()
+        if data is not None and len(self.datasets) > 1:
+            raise ValueError("pass data only with one dataset in the config")
+        self.data = {name: data if data is not None else load_task_data(name, cfg.data_dir)
+                     for name in self.datasets}
         self.mixture = parse_settings(cfg.settings)
         seeds = validation_seeds(cfg.seed, int(MetaStream.ROBUST_VALID), cfg.validation_seeds)
         momenta = (0.0, MOMENTUM) if cfg.momentum_prob > 0 else (0.0,)
-        self.validation = [Setting(a, b, m, "iid", s) for a, b in dict.fromkeys(self.mixture)
+        tags = self.datasets if len(self.datasets) > 1 else [""]
+        self.validation = [Setting(a, b, m, "iid", s, d) for d in tags
+                           for a, b in dict.fromkeys(self.mixture)
                            for m in momenta for s in seeds]
         self.validation_labels = [f"{v.label} #{j % len(seeds)}" if len(seeds) > 1
                                   else v.label for j, v in enumerate(self.validation)]
@@ -113,7 +122,10 @@ class TrustES:
         momentum = MOMENTUM if float(u[0]) < cfg.momentum_prob else 0.0
         partition = "dirichlet" if float(u[1]) < cfg.dirichlet_prob else "iid"
         seed = int(torch.randint(1 << 30, (1,), generator=g))
-        return eps, Setting(attack, b, momentum, partition, seed)
+        dataset = ""
+        if len(self.datasets) > 1:  # drawn last: one-dataset runs keep their draws
+            dataset = self.datasets[int(torch.randint(len(self.datasets), (1,), generator=g))]
+        return eps, Setting(attack, b, momentum, partition, seed, dataset)
 
     def estimate(self, phi: torch.Tensor, state: Any, step: int) -> Estimate:
         sigma, grad, losses = self.cfg.sigma, torch.zeros(self.dim), []
@@ -131,8 +143,9 @@ class TrustES:
         """The simulator of one inner run, its aggregator the trust rule holding φ."""
         cfg = self.cfg
         options = cfg.attack_options.get(setting.attack, {})
+        dataset = setting.dataset or self.datasets[0]
         overrides = [f"rounds={cfg.rounds}", f"seed={setting.seed}",
-                     f"model={cfg.model}", f"data.name={dataset_spec(cfg.dataset)[0]}",
+                     f"model={cfg.model}", f"data.name={dataset_spec(dataset)[0]}",
                      f"data.partition={setting.partition}", f"data.alpha={ALPHA}",
                      f"workers.num_workers={cfg.num_workers}",
                      f"workers.batch_size={cfg.batch_size}", f"workers.momentum={setting.momentum}",
@@ -141,7 +154,7 @@ class TrustES:
                      f"attack.name={setting.attack}",
                      f"attack.num_byzantine={setting.num_byzantine}",
                      *(f"attack.options.{k}={v}" for k, v in options.items())]
-        sim = Simulation(load_config(None, overrides), dataset=self.data)
+        sim = Simulation(load_config(None, overrides), dataset=self.data[dataset])
         sim.aggregator.rule = TrustRule(self.trust, phi)
         return sim
 
