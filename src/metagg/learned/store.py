@@ -26,6 +26,7 @@ __all__ = [
     "PRETRAINED_PREFIX",
     "STEM",
     "ZOO_DIR",
+    "builder_options",
     "load_learned_files",
     "pretrained_names",
     "read_aggregator_info",
@@ -110,3 +111,15 @@ def load_learned_files(
         raise CheckpointError(f"{where}: format_version {meta.get('format_version')!r} "
                               f"is not supported (this metagg reads {version})")
     return tensors, meta, where
+
+
+def builder_options(kind: str, arg: str | None, options: dict[str, Any]) -> tuple[bool, dict]:
+    """(init, the other options) of a learned aggregator's registry builder: `kind:PATH`
+    loads saved weights and takes no options; `kind` with {init: true, ...} builds an
+    untrained one from the rest."""
+    options = dict(options)
+    init = bool(options.pop("init", False))
+    if arg and (init or options):
+        raise ValueError(f"aggregator {kind!r}: a saved one ({kind}:{arg}) takes no options, "
+                         f"got {sorted(['init', *options] if init else options)}")
+    return init, options

@@ -18,7 +18,7 @@ from typing import Any
 from metagg.checkpoint import CheckpointError
 from metagg.learned.lagg.aggregator import LAggA, LearnedAdaAggregator, LOptA, learned_ada
 from metagg.learned.lagg.model import AdaMLP, LAggConfig
-from metagg.learned.store import load_learned_files, save_learned_files
+from metagg.learned.store import builder_options, load_learned_files, save_learned_files
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "build_lagg", "build_lopt", "load_lagg", "save_lagg"]
 
@@ -71,12 +71,8 @@ def load_lagg(path: str | Path) -> LearnedAdaAggregator:
 
 
 def _build(kind: str, arg: str | None, options: dict[str, Any]) -> LearnedAdaAggregator:
-    options = dict(options)
-    init = bool(options.pop("init", False))
+    init, options = builder_options(kind, arg, options)
     if arg:
-        if init or options:
-            raise ValueError(f"aggregator {kind!r}: a saved aggregator ({kind}:{arg}) takes no "
-                             f"options, got {sorted(['init', *options] if init else options)}")
         agg = load_lagg(arg)
         if agg.config.kind != kind:
             raise ValueError(f"{arg} holds a {agg.config.kind!r} aggregator, not {kind!r}; "

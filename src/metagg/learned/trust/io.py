@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from metagg.checkpoint import CheckpointError
-from metagg.learned.store import load_learned_files, save_learned_files
+from metagg.learned.store import builder_options, load_learned_files, save_learned_files
 from metagg.learned.trust.model import FEATURE_NAMES, TrustConfig, TrustRule, initial_phi
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "build_trust_rule", "load_trust", "save_trust"]
@@ -74,12 +74,8 @@ def load_trust(path: str | Path) -> TrustRule:
 def build_trust_rule(arg: str | None, options: dict[str, Any]) -> TrustRule:
     """Registry builder of `trust:PATH` (a saved rule; no options), or `trust` with
     options {init: true, init_seed, hidden, probe}: the untrained soft-Zeno start."""
-    options = dict(options)
-    init = bool(options.pop("init", False))
+    init, options = builder_options("trust", arg, options)
     if arg:
-        if init or options:
-            raise ValueError(f"aggregator 'trust': a saved rule (trust:{arg}) takes no "
-                             f"options, got {sorted(['init', *options] if init else options)}")
         return load_trust(arg)
     if not init:
         raise ValueError("aggregator 'trust' needs meta-trained weights: give 'trust:PATH' "
