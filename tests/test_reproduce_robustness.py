@@ -71,4 +71,4 @@ def test_datasets_and_rules_can_be_chosen(tmp_path):
     assert summary["rules"] == ["zeno", "trust:pretrained/robust"]
     with open(tmp_path / "results.csv") as fh:
         assert {r["dataset"] for r in csv.DictReader(fh)} == {"breast_cancer"}
-    assert "`--datasets breast_cancer` `--rules zeno`" in (tmp_path / "report.md").read_text()
+    assert "--datasets breast_cancer --rules zeno`" in (tmp_path / "report.md").read_text()

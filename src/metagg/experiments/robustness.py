@@ -278,9 +278,9 @@ def _write_report(out: Path, sc: RobustnessScale, scale: str, learned: Sequence[
     text = "\n".join([
         "# Robustness benchmark", "",
         f"Produced by {provenance()}.", "",
-        f"Command: `metagg reproduce robustness --scale {scale} --out {out}`"
-        + ("" if tuple(learned) == LEARNED else f" `--learned {','.join(learned) or 'none'}`")
-        + "".join(f" `--{k} {','.join(v)}`" for k, v in chosen.items()) + ".", "",
+        f"Command: `metagg reproduce robustness --scale {scale} --out {out}"
+        + ("" if tuple(learned) == LEARNED else f" --learned {','.join(learned) or 'none'}")
+        + "".join(f" --{k} {','.join(v)}" for k, v in chosen.items()) + "`.", "",
         f"Scale `{scale}`: datasets {', '.join(sc.datasets)}; MLP 20 sigmoid, "
         f"{NUM_WORKERS} workers in gradient mode, B = 32, server SGD lr 1, {sc.rounds} "
         f"rounds, {sc.seeds} seed(s); Byzantine workers {', '.join(map(str, sc.fractions))} "
