@@ -65,7 +65,8 @@ def save_aggregator(path: str | Path, agg: Aggregator, *,
 
 def zoo_rows() -> list[dict[str, str]]:
     """One row per shipped aggregator: how to name it, its architecture, what it was
-    meta-trained on, against which attack, how long, and its validation train loss."""
+    meta-trained on, against which attack, how long, and its validation result (train
+    loss at the validation rounds; for the trust rule, test accuracy over its settings)."""
     rows = []
     for name in pretrained_names():
         info = read_aggregator_info(f"pretrained/{name}")
@@ -76,6 +77,8 @@ def zoo_rows() -> list[dict[str, str]]:
             arch = f"trust gates, MLP {cfg.get('hidden')}, probe {cfg.get('probe')}"
             workers = f"{trained.get('num_workers')} workers"
             steps = f"{val.get('best_step')} ES steps"
+            if trained.get("stages"):
+                steps += f" (the last of {len(trained['stages'])} stages)"
         elif kind in ("lagg", "lopt"):  # Joseph et al. 2025, PES
             arch = f"MLP {cfg.get('hidden')}x2, {cfg.get('step_mode')}"
             workers = f"K={trained.get('num_workers')}, H={trained.get('local_steps')}"
@@ -91,14 +94,14 @@ def zoo_rows() -> list[dict[str, str]]:
                 a.split(":")[0] for a in trained.get("settings", "").split(",") if a))
         elif attack != "none":
             attack = f"{attack} {trained.get('num_byzantine')}/{trained.get('num_workers')}"
-        loss = ", ".join(f"@{k.split('@')[1]}: {v:.3g}" for k, v in val.items()
+        loss = ", ".join(f"train loss @{k.split('@')[1]}: {v:.3g}" for k, v in val.items()
                          if k.startswith("mean_loss@"))
         if kind == "trust":
-            loss = (f"@{trained.get('rounds')}: worst acc {val.get('worst_acc', 0):.3f}, "
-                    f"mean acc {val.get('mean_acc', 0):.3f}")
+            loss = (f"test acc @{trained.get('rounds')}: worst {val.get('worst_acc', 0):.3f}, "
+                    f"mean {val.get('mean_acc', 0):.3f}")
         rows.append({"aggregator": f"{kind}:pretrained/{name}", "architecture": arch,
                      "trained on": f"{trained.get('dataset')}, {trained.get('model')}, "
                                    f"{workers}",
                      "attack": attack, "meta-training": steps,
-                     "validation train loss @rounds": loss})
+                     "validation": loss})
     return rows
