@@ -159,15 +159,16 @@ class TrustES:
         return sim
 
     def run(self, phi: torch.Tensor, setting: Setting) -> dict[str, float]:
+        """The inner run's final evaluation, its train_loss capped (a diverged run: the cap)."""
         sim = self.simulation(phi, setting)
         for _ in range(self.cfg.rounds):
             sim.step()
-        return sim.evaluate()
+        res = sim.evaluate()
+        loss, cap = res["train_loss"], self.cfg.loss_cap
+        return {**res, "train_loss": min(loss, cap) if math.isfinite(loss) else cap}
 
     def final_loss(self, phi: torch.Tensor, setting: Setting) -> float:
-        """The training loss after the inner run, capped (a diverged run: the cap)."""
-        loss = self.run(phi, setting)["train_loss"]
-        return min(loss, self.cfg.loss_cap) if math.isfinite(loss) else self.cfg.loss_cap
+        return self.run(phi, setting)["train_loss"]
 
     # ------------------------------------------------------------------ validation, files
     def validate(self, phi: torch.Tensor) -> tuple[float, dict[str, Any]]:
@@ -175,7 +176,6 @@ class TrustES:
         for setting, label in zip(self.validation, self.validation_labels, strict=True):
             res = self.run(phi, setting)
             loss = res["train_loss"]
-            loss = min(loss, self.cfg.loss_cap) if math.isfinite(loss) else self.cfg.loss_cap
             logs.append(math.log(loss))
             means[f"{label}/loss"] = loss
             means[f"{label}/acc"] = res["test_accuracy"]
