@@ -72,8 +72,8 @@ def add_parsers(sub: Any) -> None:
                    help="dataset + worker model (default digits-mlp20, no download)")
     q.add_argument("--steps", type=int, default=None, help="ES outer steps (default 300)")
     q.add_argument("--settings", default=None, metavar="ATTACK:B[,ATTACK:B...]",
-                   help="the attack mixture (default: the shipped rule's, see `metagg list "
-                        "attacks`), e.g. none:0,ipm:7,sign_flip:7")
+                   help="the attack mixture (default: the shipped rule's last stage; attack "
+                        "names: `metagg list`), e.g. none:0,ipm:7,sign_flip:7")
     q.add_argument("--init-from", default=None, metavar="PATH",
                    help="start from saved trust weights (e.g. pretrained/robust) instead of "
                         "the soft-Zeno initialisation")

@@ -342,8 +342,12 @@ def _aggregator_options(spec: Any) -> str:
                                      skip_first=kernel is not None)
         parts.append(f"options: {options}" if options else "no options")
     elif spec.learned_rule is not None:
+        from metagg.learned.trust import TrustConfig
+
+        config = ", ".join(f"{f.name}={_option_value(f.default)}"
+                           for f in dataclasses.fields(TrustConfig))
         parts.append(f"{spec.name}:PATH takes no options; an untrained one takes init=true, "
-                     f"init_seed=0, hidden=8, probe=0.1")
+                     f"init_seed=0, {config}")
     elif spec.build.startswith("metagg.learned.rnn"):
         from metagg.learned.rnn.io import load_rnn
 

@@ -265,8 +265,8 @@ class MetaTrainTrustConfig(Section):
     Dirichlet partition with `dirichlet_prob`, and a model seed, and runs the simulator
     for `rounds` rounds at φ ± σε; the meta-loss is log(final training loss). The
     `whitebox` attack optimises its rows through the current rule each round, so the
-    defence meets an attacker adapted to it. Defaults are the prototype's measured recipe
-    (docs/experiments/trust-prototype).
+    defence meets an attacker adapted to it. Defaults are the recipe of the shipped rule's
+    last stage (`trust:pretrained/robust`; its JSON records the stages before it).
     """
 
     # NAME or NAME,NAME...: each pair of runs draws one; validation runs every one

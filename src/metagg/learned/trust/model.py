@@ -32,7 +32,6 @@ a mixture of attacks (`metagg.learned.meta.robust`).
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
@@ -157,9 +156,3 @@ class TrustRule:
         direction = (weights * clip) @ u
         return direction.to(updates.dtype), state
 
-
-def describe(config: TrustConfig, phi: torch.Tensor) -> dict[str, float]:
-    """The scalar meta-parameters in readable units (for reports)."""
-    p = config.layout.unflatten(phi)
-    return {"clip_x_reference": math.exp(float(p["log_clip"])),
-            "weight_floor": math.exp(float(p["log_floor"]))}
