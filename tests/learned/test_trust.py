@@ -89,6 +89,45 @@ def test_a_huge_row_is_clipped_to_the_reference_scale(round_inputs):
     assert float(step.norm()) <= float(bound) * (1 + 1e-5)
 
 
+def test_with_a_budget_and_no_attack_the_rule_is_the_mean_of_the_clipped_rows(round_inputs):
+    rows, ctx = round_inputs
+    config = TrustConfig(budget=2.0)
+    rule = TrustRule(config, initial_phi(config, 0), f=0)
+    step, _ = rule(rule.init(ctx.layout, 8), rows, ctx)
+    reference = ctx.trusted.grad(ctx.params)
+    clip = (torch.e ** 2 * reference.norm() / rows.norm(dim=1)).clamp(max=1)  # c = 2
+    torch.testing.assert_close(step, (clip[:, None] * rows).mean(0))
+
+
+def test_a_budget_gates_only_the_ceil_kappa_f_worst_rows(round_inputs):
+    rows, ctx = round_inputs
+    rows = rows.clone()
+    rows[:2] = -4 * rows[2:].mean(0)  # two sign-flipping rows
+    reference = ctx.trusted.grad(ctx.params)
+    config = TrustConfig(budget=1.5)
+    rule = TrustRule(config, initial_phi(config, 0), f=2)  # ⌈1.5·2⌉ = 3 rows gated
+    w = rule.weights(rule.features(rows, ctx, reference))
+    assert float(w[:2].max()) < 1e-3
+    top = w[2:].sort(descending=True).values
+    torch.testing.assert_close(top[:5], top[:1].expand(5))  # the 5 best: gate 1 each
+    assert float(top[5]) <= float(top[0])
+    # an assumed Byzantine majority (2f ≥ n): every row gated, as without a budget
+    plain = TrustRule(TrustConfig(), rule.phi)
+    feats = plain.features(rows, ctx, reference)
+    for f in (4, 6):
+        many = TrustRule(config, rule.phi, f=f)
+        torch.testing.assert_close(many.weights(feats), plain.weights(feats))
+    with pytest.raises(ValueError, match="budget"):
+        TrustConfig(budget=0.5)
+    with pytest.raises(ValueError, match="budget"):
+        TrustConfig(budget=True)
+
+
+def test_the_registry_tells_the_rule_f():
+    agg = build_aggregator("trust", f=3, options={"init": True, "budget": 2})
+    assert agg.rule.f == 3 and agg.rule.config.budget == 2
+
+
 def test_step_is_differentiable_in_the_updates_but_not_in_phi(round_inputs):
     rows, ctx = round_inputs
     agg = build_aggregator("trust", options={"init": True})

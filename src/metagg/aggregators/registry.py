@@ -194,7 +194,7 @@ def build_aggregator(
         options["allow_unsafe"] = True  # the kernel checks its own guarantee too
     if spec.learned_rule is not None:
         module, _, function = spec.learned_rule.partition(":")
-        rule = getattr(importlib.import_module(module), function)(arg, options)
+        rule = getattr(importlib.import_module(module), function)(arg, options, f)
     else:
         assert spec.rule is not None
         try:

@@ -288,6 +288,7 @@ class MetaTrainTrustConfig(Section):
     dirichlet_prob: float = option(0.2, ge=0, le=1)  # Dirichlet (α 0.5) partitions
     hidden: int = option(8, ge=1)
     probe: float = option(0.1, gt=0)
+    budget: float | None = option(None)  # TrustConfig.budget κ: gate only the ⌈κf⌉ worst rows
     pairs: int = option(6, ge=1)
     sigma: float = option(0.1, gt=0)
     loss_cap: float = option(10.0, gt=0)  # a diverged run counts as this loss

@@ -68,7 +68,7 @@ class TrustES:
 
     def __init__(self, cfg: MetaTrainTrustConfig, data: Dataset | None = None):
         self.cfg = cfg
-        self.trust = TrustConfig(hidden=cfg.hidden, probe=cfg.probe)
+        self.trust = TrustConfig(hidden=cfg.hidden, probe=cfg.probe, budget=cfg.budget)
         self.dim = self.trust.layout.size
         # several datasets ("digits,fashion_mnist"): each pair draws one; validation runs all
         self.datasets = cfg.datasets()
@@ -92,7 +92,8 @@ class TrustES:
 
     def phi_of(self, agg: Any) -> torch.Tensor:
         rule = agg.rule if isinstance(agg, RuleAggregator) else agg
-        if not isinstance(rule, TrustRule) or rule.config != self.trust:
+        # φ means the same with or without the budget: a start may switch it on
+        if not isinstance(rule, TrustRule) or rule.config.layout != self.trust.layout:
             raise ValueError(f"{agg!r} is not a trust rule with {self.trust}")
         return rule.phi.detach().float().clone()
 
@@ -155,7 +156,7 @@ class TrustES:
                      f"attack.num_byzantine={setting.num_byzantine}",
                      *(f"attack.options.{k}={v}" for k, v in options.items())]
         sim = Simulation(load_config(None, overrides), dataset=self.data[dataset])
-        sim.aggregator.rule = TrustRule(self.trust, phi)
+        sim.aggregator.rule = TrustRule(self.trust, phi, setting.num_byzantine)
         return sim
 
     def run(self, phi: torch.Tensor, setting: Setting) -> dict[str, float]:

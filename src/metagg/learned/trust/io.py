@@ -39,8 +39,8 @@ def save_trust(path: str | Path, config: TrustConfig, phi: torch.Tensor, *,
     return save_learned_files(path, parts, meta)
 
 
-def load_trust(path: str | Path) -> TrustRule:
-    """Load a saved trust rule.
+def load_trust(path: str | Path, f: int = 0) -> TrustRule:
+    """Load a saved trust rule that assumes `f` Byzantine workers.
 
     Raises:
         CheckpointError: a missing, corrupt or mismatched file, with the reason.
@@ -68,15 +68,16 @@ def load_trust(path: str | Path) -> TrustRule:
     phi = layout.flatten({k: v.float() for k, v in tensors.items()})
     if not bool(torch.isfinite(phi).all()):
         raise CheckpointError(f"{where}: the weights hold NaN or Inf")
-    return TrustRule(config, phi)
+    return TrustRule(config, phi, f)
 
 
-def build_trust_rule(arg: str | None, options: dict[str, Any]) -> TrustRule:
+def build_trust_rule(arg: str | None, options: dict[str, Any], f: int = 0) -> TrustRule:
     """Registry builder of `trust:PATH` (a saved rule; no options), or `trust` with
-    options {init: true, init_seed, hidden, probe}: the untrained soft-Zeno start."""
+    options {init: true, init_seed, hidden, probe, budget}: the untrained soft-Zeno start;
+    `f` Byzantine workers assumed."""
     init, options = builder_options("trust", arg, options)
     if arg:
-        return load_trust(arg)
+        return load_trust(arg, f)
     if not init:
         raise ValueError("aggregator 'trust' needs meta-trained weights: give 'trust:PATH' "
                          "(e.g. trust:pretrained/robust), or options {init: true} for the "
@@ -86,4 +87,4 @@ def build_trust_rule(arg: str | None, options: dict[str, Any]) -> TrustRule:
         config = TrustConfig(**options)
     except TypeError as exc:
         raise ValueError(f"aggregator 'trust': bad options {options} ({exc})") from None
-    return TrustRule(config, initial_phi(config, seed))
+    return TrustRule(config, initial_phi(config, seed), f)

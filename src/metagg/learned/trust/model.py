@@ -32,6 +32,7 @@ a mixture of attacks (`metagg.learned.meta.robust`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
@@ -54,12 +55,23 @@ class TrustConfig:
 
     hidden: int = 8  # the score MLP's width
     probe: float = 0.1  # γ of the trusted-loss probe θ − γ u_i
+    # κ: while the honest are assumed a majority (2f < n; f = the Byzantine workers
+    # assumed, as every robust rule is told) only the ⌈κf⌉ worst-scored rows keep their
+    # learned gate, the others get gate 1, so with no attack (f = 0) the rule is the mean.
+    # With 2f ≥ n, or None (the first shipped weights), every row is gated: the best-scored
+    # rows may then be the attackers' (measured: min-max 7/10 on Dirichlet Fashion-MNIST
+    # fell from 67 % to 10 % when the best three were trusted).
+    budget: float | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.hidden, int) and self.hidden >= 1):
             raise ValueError(f"hidden must be an integer >= 1, got {self.hidden!r}")
         if not (isinstance(self.probe, int | float) and self.probe > 0):
             raise ValueError(f"probe must be > 0, got {self.probe!r}")
+        if self.budget is not None and not (isinstance(self.budget, int | float)
+                                            and not isinstance(self.budget, bool)
+                                            and self.budget >= 1):
+            raise ValueError(f"budget must be a number >= 1 or null, got {self.budget!r}")
 
     @property
     def layout(self) -> ParamLayout:
@@ -105,11 +117,13 @@ def _norms(x: torch.Tensor) -> torch.Tensor:
 class TrustRule:
     """The rule (see the module docstring); `phi` is the flat float32 meta-parameter vector."""
 
-    def __init__(self, config: TrustConfig, phi: torch.Tensor):
+    def __init__(self, config: TrustConfig, phi: torch.Tensor, f: int = 0):
         if phi.shape != (config.layout.size,):
             raise ValueError(f"trust: φ must have shape [{config.layout.size}] for {config}, "
                              f"got {tuple(phi.shape)}")
-        self.config, self.phi = config, phi
+        if isinstance(f, bool) or not isinstance(f, int) or f < 0:
+            raise ValueError(f"trust: f must be an integer >= 0, got {f!r}")
+        self.config, self.phi, self.f = config, phi, f
 
     def init(self, layout: ParamLayout, num_workers: int) -> TrustState:
         return TrustState(torch.zeros(layout.size), torch.tensor(False))
@@ -142,6 +156,13 @@ class TrustRule:
         p = self.config.layout.unflatten(self.phi.to(feats.dtype))
         score = torch.tanh(feats @ p["w1"] + p["b1"]) @ p["w2"] + feats @ p["skip"] + p["b2"]
         gates = torch.sigmoid(score)
+        n, kappa = len(gates), self.config.budget
+        suspects = n if kappa is None or 2 * self.f >= n else min(n, math.ceil(kappa * self.f))
+        if suspects < n:
+            # only the ⌈κf⌉ worst-scored rows can lose weight: with no attack (f = 0) this
+            # is the mean, and honest rows on skewed shards are not all dropped for their skew
+            trusted = score.detach().argsort(descending=True)[: n - suspects]
+            gates = gates.index_put((trusted,), torch.ones_like(trusted, dtype=gates.dtype))
         return gates / torch.maximum(gates.sum(), p["log_floor"].exp())
 
     def __call__(self, state: TrustState, updates: torch.Tensor,
