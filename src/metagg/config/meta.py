@@ -266,7 +266,9 @@ class MetaTrainTrustConfig(Section):
     for `rounds` rounds at φ ± σε; the meta-loss is log(final training loss). The
     `whitebox` attack optimises its rows through the current rule each round, so the
     defence meets an attacker adapted to it. Defaults are the recipe of the shipped rule's
-    last stage (`trust:pretrained/robust`; its JSON records the stages before it).
+    last training stage (`trust:pretrained/robust`; its JSON records the stages before
+    it); the shipped rule then got `budget: 2` without retraining. `budget` stays None by
+    default so that runs saved before it existed resume as they were trained.
     """
 
     # NAME or NAME,NAME...: each pair of runs draws one; validation runs every one

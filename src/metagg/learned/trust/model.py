@@ -25,6 +25,13 @@ direction is never longer than the clipped rows' weighted mean: a learned gain (
 sped up training on the meta-training task but amplified the rows a colluding majority
 got weighted in (ALIE at 7/10 on Fashion-MNIST: 27 % with the learned gain 3.3, 64 %
 with 1), so the step size stays the server optimizer's.
+
+With a distrust budget κ (`TrustConfig.budget`) the rule uses f, the number of Byzantine
+workers it is told to assume (as Zeno or Krum are): while 2f < n, the n − ⌈κf⌉
+best-scored rows get gate 1 and only the rest their learned gate, so with f = 0 it is the
+mean of the clipped rows. Without it the gates kept about half of ten honest rows (an
+effective 5 of 10), which cost 1.4 points of accuracy on IID digits and 8 with Dirichlet
+data (measured against uniform weights on the same clipped rows).
 Everything is differentiable in the updates (the white-box attack descends through it);
 the rank is piecewise constant. φ is meta-trained by antithetic evolution strategies over
 a mixture of attacks (`metagg.learned.meta.robust`).
