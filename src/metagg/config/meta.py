@@ -291,7 +291,6 @@ class MetaTrainTrustConfig(Section):
     hidden: int = option(8, ge=1)
     probe: float = option(0.1, gt=0)
     budget: float | None = option(None)  # TrustConfig.budget κ: gate only the ⌈κf⌉ worst rows
-    median_clip: bool = option(False)  # TrustConfig.median_clip
     pairs: int = option(6, ge=1)
     sigma: float = option(0.1, gt=0)
     loss_cap: float = option(10.0, gt=0)  # a diverged run counts as this loss

@@ -68,8 +68,7 @@ class TrustES:
 
     def __init__(self, cfg: MetaTrainTrustConfig, data: Dataset | None = None):
         self.cfg = cfg
-        self.trust = TrustConfig(hidden=cfg.hidden, probe=cfg.probe, budget=cfg.budget,
-                                 median_clip=cfg.median_clip)
+        self.trust = TrustConfig(hidden=cfg.hidden, probe=cfg.probe, budget=cfg.budget)
         self.dim = self.trust.layout.size
         # several datasets ("digits,fashion_mnist"): each pair draws one; validation runs all
         self.datasets = cfg.datasets()
