@@ -75,10 +75,12 @@ def zoo_rows() -> list[dict[str, str]]:
         kind = info.get("kind", "rnn")
         if kind == "trust":  # the learned robust rule, ES over an attack mixture
             arch = f"trust gates, MLP {cfg.get('hidden')}, probe {cfg.get('probe')}"
+            if cfg.get("budget") is not None:
+                arch += f", budget {cfg['budget']:g}f"
             workers = f"{trained.get('num_workers')} workers"
             steps = f"{val.get('best_step')} ES steps"
             if trained.get("stages"):
-                steps += f" (the last of {len(trained['stages'])} stages)"
+                steps += f" in its last ES stage ({len(trained['stages'])} stages: see its JSON)"
         elif kind in ("lagg", "lopt"):  # Joseph et al. 2025, PES
             arch = f"MLP {cfg.get('hidden')}x2, {cfg.get('step_mode')}"
             workers = f"K={trained.get('num_workers')}, H={trained.get('local_steps')}"
