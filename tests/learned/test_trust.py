@@ -125,9 +125,14 @@ def test_a_budget_gates_only_the_ceil_kappa_f_worst_rows(round_inputs):
         TrustConfig(budget=True)
 
 
-def test_the_registry_tells_the_rule_f():
+def test_the_registry_and_the_loader_tell_the_rule_f():
     agg = build_aggregator("trust", f=3, options={"init": True, "budget": 2})
     assert agg.rule.f == 3 and agg.rule.config.budget == 2
+    assert build_aggregator("trust:pretrained/robust", f=7).rule.f == 7
+    assert load_aggregator("pretrained/robust", f=3).rule.f == 3
+    assert load_aggregator("pretrained/robust").rule.f == 0
+    with pytest.raises(ValueError, match="only f"):
+        load_aggregator("pretrained/robust", chunk_size=4)
 
 
 def test_step_is_differentiable_in_the_updates_but_not_in_phi(round_inputs):

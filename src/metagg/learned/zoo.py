@@ -31,7 +31,8 @@ __all__ = ["load_aggregator", "save_aggregator", "zoo_rows"]
 
 def load_aggregator(path: str | Path, **options: Any) -> Aggregator:
     """A saved learned aggregator of any kind (`options` go to its loader, e.g. an RNN's
-    chunk_size); raises CheckpointError with the reason."""
+    chunk_size; a trust rule takes `f`, the Byzantine workers to assume: with a distrust
+    budget and f = 0 it is the mean); raises CheckpointError with the reason."""
     fmt = read_aggregator_info(path).get("format")
     if fmt == rnn_io.FORMAT:
         return rnn_io.load_rnn(path, **options)
@@ -40,10 +41,10 @@ def load_aggregator(path: str | Path, **options: Any) -> Aggregator:
             raise ValueError(f"a LOpt-A/LAgg-A aggregator takes no options, got {sorted(options)}")
         return lagg_io.load_lagg(path)
     if fmt == trust_io.FORMAT:
-        if options:
-            raise ValueError(f"a trust aggregator takes no options, got {sorted(options)}")
-        return RuleAggregator("trust", trust_io.load_trust(path), sgd(1.0),
-                              uses_trusted_data=True)
+        if set(options) - {"f"}:
+            raise ValueError(f"a trust aggregator takes only f, got {sorted(options)}")
+        return RuleAggregator("trust", trust_io.load_trust(path, int(options.get("f", 0))),
+                              sgd(1.0), uses_trusted_data=True)
     raise CheckpointError(f"learned aggregator {path}: unknown format {fmt!r} (expected "
                           f"{rnn_io.FORMAT!r}, {lagg_io.FORMAT!r} or {trust_io.FORMAT!r})")
 
