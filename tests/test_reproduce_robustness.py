@@ -13,6 +13,7 @@ from metagg.experiments.robustness import (
     SCALES,
     attack_settings,
     reproduce_robustness,
+    target_counts,
     worst_cases,
 )
 
@@ -44,6 +45,33 @@ def test_worst_case_is_over_the_cells_a_rule_ran_in():
     assert worst[2]["unavailable_cells"] == 1 and worst[2]["cells"] == 1
 
 
+def test_target_counts_compare_with_the_mean_and_the_better_of_zeno_and_fltrust():
+    def row(rule, attack, b, acc, partition="iid"):
+        return {"aggregator": rule, "attack_label": attack, "num_byzantine": b,
+                "final_test_accuracy": acc, "dataset": "digits", "partition": partition,
+                "momentum": 0.0}
+
+    rows = []
+    for part, clean, learned in (("iid", 0.90, [0.896, 0.855, 0.84]),
+                                 ("dirichlet", 0.80, [0.79, 0.70, 0.795])):
+        rows += [row("mean", "no attack", 0, clean, part), row("l", "no attack", 0,
+                                                                 learned[0], part)]
+        rows += [row("zeno", "ipm 3/10", 3, 0.86, part), row("fltrust", "ipm 3/10", 3, 0.5, part),
+                 row("l", "ipm 3/10", 3, learned[1], part)]
+        rows += [row("zeno", "ipm 7/10", 7, 0.2, part), row("fltrust", "ipm 7/10", 7, 0.8, part),
+                 row("l", "ipm 7/10", 7, learned[2], part)]
+    [t] = target_counts(rows, ["l", "absent"])
+    counts = t["by_byzantine"]
+    # no attack: 0.896 ≥ 0.90 − 0.005 yes, 0.79 ≥ 0.795 no
+    assert counts[0] == {"met": 1, "both": 1, "cells": 2}
+    # 3/10: 0.855 ≥ 0.86 − 0.01 yes (and ≥ 0.95 · 0.896); 0.70 no
+    assert counts[3] == {"met": 1, "both": 1, "cells": 2}
+    # 7/10: 0.84 ≥ 0.8 − 0.01 but < 0.95 · 0.896; 0.795 ≥ 0.79 and ≥ 0.95 · 0.79
+    assert counts[7] == {"met": 2, "both": 1, "cells": 2}
+    assert target_counts([r for r in rows if r["aggregator"] != "zeno"], ["l"])[0][
+        "by_byzantine"].keys() == {0}  # no Zeno: attacked cells are not counted
+
+
 def test_tiny_benchmark_writes_its_files(tmp_path):
     summary = reproduce_robustness(tmp_path, scale="tiny", log=lambda msg: None)
     rules = ["mean", "median", "arnn:pretrained/digits-mlp20-arnn-lstm", "trust:pretrained/robust"]
@@ -55,6 +83,9 @@ def test_tiny_benchmark_writes_its_files(tmp_path):
                                                  "min_max 3/10"}
     report = (tmp_path / "report.md").read_text()
     assert "## Worst case of each rule over the whole grid" in report
+    # no Zeno or FLTrust in the tiny grid: only the no-attack cells are counted
+    assert "## Learned rules against the robust-aggregator target" in report
+    assert "no attack: ≥ mean − 0.5" in report and "3/10: ≥" not in report
     assert all(rule in report for rule in rules)
     assert (tmp_path / "heatmap-digits--IID--no-worker-momentum.png").stat().st_size > 1000
 

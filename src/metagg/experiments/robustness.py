@@ -166,11 +166,13 @@ def reproduce_robustness(out_dir: str | Path, *, scale: str = "quick",
     if bar is not None:
         bar.close()
     worst = worst_cases(rows, every)
+    targets = target_counts(rows, learned)
     _write_csv(out / "results.csv", rows)
     summary = {"scale": scale, "rules": every, "attacks": attacks, "worst": worst,
-               "wall_s": round(time.perf_counter() - start, 1)}
+               "targets": targets, "wall_s": round(time.perf_counter() - start, 1)}
     atomic_write_text(out / "summary.json", json_text(summary, indent=2))
-    _write_report(out, sc, scale, learned, worst, sections, summary["wall_s"], chosen, resume)
+    _write_report(out, sc, scale, learned, worst, sections, summary["wall_s"], chosen, resume,
+                  targets)
     return summary
 
 
@@ -229,6 +231,44 @@ def worst_cases(rows: Sequence[dict[str, Any]], rules: Sequence[str]) -> list[di
     return sorted(out, key=lambda w: (w["unavailable_cells"] > 0, -w["worst_accuracy"]))
 
 
+def target_counts(rows: Sequence[dict[str, Any]], learned: Sequence[str]) -> list[dict[str, Any]]:
+    """Issue 15's first target, counted per learned rule: each no-attack cell at or above
+    the mean's accuracy − 0.5 point; each attacked cell at or above the better of Zeno and
+    FLTrust − 1 point ("met"), and also at ≥ 95 % of the rule's own no-attack accuracy in
+    that setting ("both"). Per Byzantine count; cells where a rule did not run are left
+    out, and nothing is counted without mean, Zeno and FLTrust in the grid."""
+    acc: dict[tuple[Any, ...], list[float]] = {}
+    byzantine: dict[tuple[Any, ...], int] = {}
+    for r in rows:
+        if "unavailable" in r:
+            continue
+        cell = (r["dataset"], r["partition"], r["momentum"], r["attack_label"])
+        byzantine[cell] = int(r["num_byzantine"])
+        acc.setdefault((*cell, r["aggregator"]), []).append(float(r["final_test_accuracy"]))
+    mean = {k: statistics.fmean(v) for k, v in acc.items()}
+    out = []
+    for rule in learned:
+        counts: dict[int, dict[str, int]] = {}
+        for cell, b in sorted(byzantine.items(), key=lambda kv: kv[1]):
+            mine = mean.get((*cell, rule))
+            if b == 0:
+                bar = mean.get((*cell, "mean"))
+                bar = None if bar is None else bar - 0.005
+            else:
+                zeno, fltrust = mean.get((*cell, "zeno")), mean.get((*cell, "fltrust"))
+                bar = None if zeno is None or fltrust is None else max(zeno, fltrust) - 0.01
+            if mine is None or bar is None:
+                continue
+            c = counts.setdefault(b, {"met": 0, "both": 0, "cells": 0})
+            own = mean.get((*cell[:3], "no attack", rule))
+            c["cells"] += 1
+            c["met"] += mine >= bar
+            c["both"] += mine >= bar and (b == 0 or (own is not None and mine >= 0.95 * own))
+        if counts:
+            out.append({"rule": rule, "by_byzantine": counts})
+    return out
+
+
 def plot_heatmap(cells: dict[tuple[str, str], float | None], rules: Sequence[str],
                  columns: Sequence[str], path: Path, *, title: str) -> None:
     """Rules × attack columns, colour and number = accuracy (%), grey = n/a."""
@@ -272,9 +312,29 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 def _write_report(out: Path, sc: RobustnessScale, scale: str, learned: Sequence[str],
                   worst: list[dict[str, Any]], sections: list[str], wall_s: float,
-                  chosen: dict[str, tuple[str, ...]], resume: bool = False) -> None:
+                  chosen: dict[str, tuple[str, ...]], resume: bool = False,
+                  targets: Sequence[dict[str, Any]] = ()) -> None:
     worst_rows = [[w["rule"], f"{100 * w['worst_accuracy']:.1f}", w["setting"], w["attack"],
                    str(w["cells"]), str(w["unavailable_cells"])] for w in worst]
+    target_part: list[str] = []
+    if targets:
+        counts = sorted({b for t in targets for b in t["by_byzantine"]})
+
+        def cell(c: dict[str, int] | None, b: int) -> str:
+            if c is None:
+                return "—"
+            return (f"{c['met']}/{c['cells']}" if b == 0
+                    else f"{c['met']}/{c['cells']} ({c['both']})")
+
+        header = ["learned rule"] + [
+            "no attack: ≥ mean − 0.5" if b == 0 else f"{b}/{NUM_WORKERS}: ≥ best of Zeno, "
+            "FLTrust − 1 (and ≥ 95 % of own no-attack)" for b in counts]
+        target_part = [
+            "## Learned rules against the robust-aggregator target", "",
+            "Cells (setting × attack) where the learned rule's accuracy reaches the bar; in "
+            "brackets, those also at ≥ 95 % of its own no-attack accuracy in that setting.",
+            "", format_table(header, [[t["rule"]] + [cell(t["by_byzantine"].get(b), b)
+                                                     for b in counts] for t in targets]), ""]
     text = "\n".join([
         "# Robustness benchmark", "",
         f"Produced by {provenance()}.", "",
@@ -296,6 +356,6 @@ def _write_report(out: Path, sc: RobustnessScale, scale: str, learned: Sequence[
         "rules undefined in some cells (n/a: e.g. Bulyan needs n ≥ 4f + 3) come last, "
         "their worst case taken over the cells they could run in only.", "",
         format_table(["rule", "worst accuracy (%)", "setting", "attack", "cells",
-                      "n/a cells"], worst_rows), "",
+                      "n/a cells"], worst_rows), "", *target_part,
         "## Per setting", "", *sections])
     atomic_write_text(out / "report.md", text)
