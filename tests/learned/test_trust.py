@@ -112,7 +112,6 @@ def test_a_budget_gates_only_the_ceil_kappa_f_worst_rows(round_inputs):
     assert float(w[:2].max()) < 1e-3
     top = w[2:].sort(descending=True).values
     torch.testing.assert_close(top[:5], top[:1].expand(5))  # the 5 best: gate 1 each
-    assert float(top[5]) <= float(top[0])
     # an assumed Byzantine majority (2f ≥ n): every row gated, as without a budget
     plain = TrustRule(TrustConfig(), rule.phi)
     feats = plain.features(rows, ctx, reference)
