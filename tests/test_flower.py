@@ -296,6 +296,32 @@ def test_worker_ids_are_stable_client_ids_and_context_is_filled():
     assert s.worker_ids == {"n3": 0, "n7": 1, "n9": 2, "n8": 3}
 
 
+class LrSpy(Spy):
+    """A Spy that asks the clients for a local lr of 0.1 · (rounds aggregated + 1)."""
+
+    def requested_local_lr(self, state, ctx):
+        return 0.1 * (float(state) + 1)
+
+
+def test_an_aggregator_chosen_local_lr_goes_out_in_the_fit_config():
+    spy = LrSpy()
+    s = AggregatorStrategy(spy, initial_parameters=ndarrays_to_parameters(arrays(0)),
+                           local_lr=0.7)
+    manager = SimpleClientManager()
+    for k in range(3):
+        manager.register(LocalProxy(f"c{k}"))
+    for rnd in (1, 2):
+        instructions = s.configure_fit(rnd, s.current_parameters(), manager)
+        assert [ins.config["local_lr"] for _, ins in instructions] == \
+            pytest.approx([0.1 * rnd] * 3)
+        s.aggregate_fit(rnd, fit_results([arrays(k) for k in range(3)]), [])
+        assert spy.contexts[-1].local_lr == pytest.approx(0.1 * rnd)  # told to the rule too
+    # an aggregator that asks for nothing leaves the config alone
+    plain = AggregatorStrategy(Spy(), initial_parameters=ndarrays_to_parameters(arrays(0)))
+    assert all("local_lr" not in ins.config
+               for _, ins in plain.configure_fit(1, plain.current_parameters(), manager))
+
+
 def test_more_clients_than_num_workers_is_a_clear_error():
     s = AggregatorStrategy(Spy(), initial_parameters=ndarrays_to_parameters(arrays(0)))
     s.aggregate_fit(1, fit_results([arrays(1)] * 2, cids=["a", "b"]), [])

@@ -417,3 +417,19 @@ def test_torchrun_restart_after_server_kill_equals_simulator(digits, tmp_path):
     assert proc.returncode == 0, output.decode()[-3000:]
     assert_same_metrics(read_metrics(out / "metrics.jsonl"), want)
     assert load_checkpoint(out / "checkpoint")[1]["run_id"]  # torchrun's rdzv id
+
+
+def test_aggregator_chosen_local_lr_reaches_the_worker_processes(digits, tmp_path, group):
+    """A general LAgg-A that sets the workers' lr each round: the processes train with
+    the lr sent with θ, so the distributed run still equals the simulator."""
+    from metagg.learned.lagg import LAggA, save_lagg
+
+    agg = LAggA(step_mode="general", residual_base="momentum", residual_scale=0.6,
+                correction_scale=0.0, local_lr=0.2, local_lr_gain=0.1)
+    save_lagg(tmp_path / "agg", agg, trained_on={})
+    cfg = config(workers={"mode": "local_sgd", "local_steps": 2, "local_lr": 0.2},
+                 aggregator={"name": f"lagg:{tmp_path / 'agg'}"})
+    launch_equals_simulator(cfg, digits, tmp_path, group)
+    lrs = [r["local_lr"] for r in read_metrics(tmp_path / "ps/metrics.jsonl")]
+    assert lrs == [r["local_lr"] for r in read_metrics(tmp_path / "sim/metrics.jsonl")]
+    assert lrs[0] == pytest.approx(0.2) and len(set(lrs)) == len(lrs)  # it moved

@@ -160,6 +160,7 @@ class Cluster:
         self.compiled = compile_enabled() if compile is None else bool(compile)
         self._compiled_round: Callable[..., Any] | None = None  # built at the first round
         self._lr = torch.tensor(float(local_lr), dtype=torch.float32)
+        self._lr_value = float(local_lr)
         # one contiguous [N, features] table: index_select is ~6× faster than x[idx]
         self._x_flat = x.reshape(len(x), -1).contiguous()
 
@@ -195,22 +196,25 @@ class Cluster:
         return self.gather(self.sample_indices(round, workers), workers)
 
     def compute(self, params: torch.Tensor, round: int,
-                workers: torch.Tensor | None = None) -> WorkerOutput:
+                workers: torch.Tensor | None = None, *,
+                lr: float | None = None) -> WorkerOutput:
         """Every worker's honest update at global parameters `params` [d] (or only the
         rows `workers`, int64: a worker process computes its own row, bit for bit the
-        row the simulator computes)."""
+        row the simulator computes). `lr`: this round's local lr (the server's
+        `round_local_lr`); None: the configured `local_lr`."""
+        lr = self.local_lr if lr is None else float(lr)
         xb, yb = self.batches(round, workers)
         if self.compiled:
-            return self._compute_compiled(params, xb, yb)
+            return self._compute_compiled(params, xb, yb, lr)
         if self.mode == "gradient":
             grads, losses = self._grad_shared(params, xb[:, 0], yb[:, 0])
             return WorkerOutput(grads, losses)
         theta = params.expand(xb.shape[0], -1)
-        updates, first_losses = local_sgd(self._grad, theta, xb, yb, self.local_lr)
+        updates, first_losses = local_sgd(self._grad, theta, xb, yb, lr)
         return WorkerOutput(updates, first_losses)
 
     def _compute_compiled(self, params: torch.Tensor, xb: torch.Tensor,
-                          yb: torch.Tensor) -> WorkerOutput:
+                          yb: torch.Tensor, lr: float) -> WorkerOutput:
         if self._compiled_round is None:
             # The hand-written MLP backward is ~1.4x faster than vmapped autograd eagerly
             # and compiles in a third of the time; other models compile autograd.
@@ -218,8 +222,10 @@ class Cluster:
             self._compiled_round = compiled_round(grad_fn, self.mode)
         if self.mode == "gradient":
             return WorkerOutput(*self._compiled_round(params, xb[:, 0], yb[:, 0]))
-        if self._lr.device != params.device:
-            self._lr = self._lr.to(params.device)
+        if self._lr.device != params.device or self._lr_value != lr:
+            # compared as a Python float: reading the tensor back would sync a GPU
+            self._lr = torch.tensor(lr, dtype=torch.float32, device=params.device)
+            self._lr_value = lr
         theta = params.expand(xb.shape[0], -1)
         return WorkerOutput(*self._compiled_round(theta, xb, yb, self._lr))
 

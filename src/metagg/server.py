@@ -28,6 +28,7 @@ graph of the meta-gradient.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -58,7 +59,8 @@ class Server:
         layout: the model's tensors (for the round context).
         seed: run seed (the attack's per-round randomness).
         trusted: the server's trusted sample, if any.
-        mode, local_lr, local_steps: the workers' settings, for the round context.
+        mode, local_lr, local_steps: the workers' settings, for the round context
+            (an aggregator may choose the local lr per round: `round_local_lr`).
         momentum: β of the workers' momentum (0 = off).
 
     State (read it, `reset` it, checkpoint it with `tensors` / `counters`): `params` θ,
@@ -112,13 +114,32 @@ class Server:
     def context(self, worker_ids: torch.Tensor, *, round: int | None = None,
                 params: torch.Tensor | None = None) -> RoundContext:
         """The round context of rows from `worker_ids` (this round and θ by default)."""
+        return self._context(worker_ids, round, params, self.round_local_lr())
+
+    def _context(self, worker_ids: torch.Tensor, round: int | None,
+                 params: torch.Tensor | None, local_lr: float) -> RoundContext:
         return RoundContext(
             round=self.round if round is None else round,
             params=self.params if params is None else params, layout=self.layout,
             num_workers=self.num_workers, worker_ids=worker_ids, trusted=self.trusted,
-            mode=self.mode, local_lr=self.local_lr, local_steps=self.local_steps,
+            mode=self.mode, local_lr=local_lr, local_steps=self.local_steps,
             worker_momentum=self.momentum,
         )
+
+    def round_local_lr(self) -> float:
+        """The workers' local lr in the coming round: the aggregator's
+        `requested_local_lr` (local-SGD mode), else the configured one."""
+        if self.mode != "local_sgd":
+            return self.local_lr
+        ctx = self._context(torch.zeros(0, dtype=torch.int64), None, None, self.local_lr)
+        lr = self.aggregator.requested_local_lr(self.agg_state, ctx)
+        if lr is None:
+            return self.local_lr
+        lr = float(lr)
+        if not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"{self.aggregator.name} asked the workers for local lr {lr}; "
+                             "it must be finite and > 0")
+        return lr
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The state's tensors for a checkpoint (θ, aggregator state, worker momenta)."""

@@ -192,7 +192,7 @@ class Simulation:
     def step(self) -> None:
         """Run one communication round and advance θ."""
         threads_tick()  # `--threads auto`: follow the cores other processes leave free
-        out = self.cluster.compute(self.params, self.round)
+        out = self.cluster.compute(self.params, self.round, lr=self.server.round_local_lr())
         present = self.cluster.present(self.round, self.cfg.workers.failure_prob)
         self.server.step(out.updates, present, out.losses)
 
@@ -280,6 +280,8 @@ class Simulation:
                    "dropped_updates": self.dropped_updates,
                    "skipped_rounds": self.skipped_rounds,
                    "missing_updates": self.missing_updates, "wall_s": round(wall(), 4)}
+            if cfg.workers.mode == "local_sgd":  # the next round's (an aggregator may set it)
+                row["local_lr"] = self.server.round_local_lr()
             rows.append(row)
             if metrics_fh is not None:
                 metrics_fh.write(json_text(row) + "\n")

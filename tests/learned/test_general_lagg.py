@@ -185,3 +185,90 @@ def test_saved_general_lagg_runs_with_another_k(tmp_path, digits):
                             "aggregator": {"name": f"lagg:{tmp_path / 'g'}"}})
     summary = Simulation(cfg, dataset=digits).run()
     assert math.isfinite(summary["final_train_loss"])
+
+
+# --------------------------------------------------------------------------- the local lr
+
+
+def lr_rounds(agg, per_round, k):
+    """(steps, the lr the aggregator asks for before each round)."""
+    state, steps, lrs = agg.init(LAYOUT, k), [], []
+    params = torch.linspace(-1, 1, D)
+    for t, u in enumerate(per_round):
+        ctx = RoundContext(round=t, params=params, layout=LAYOUT, num_workers=k,
+                           worker_ids=torch.arange(len(u)), mode="local_sgd", local_lr=0.9)
+        lrs.append(agg.requested_local_lr(state, ctx))
+        step, state = agg.step(state, u, ctx)
+        steps.append(step)
+        params = params - step
+    return steps, lrs
+
+
+def test_fixed_controller_keeps_the_local_lr_and_the_steps():
+    """Gain and coupling 0: the lr stays where it started and the steps are the
+    fixed-lr aggregator's with the same φ."""
+    fixed, chosen = agg_of("lagg", seed=3), agg_of("lagg", seed=3, local_lr=0.4)
+    u = draws(4, 3)
+    want, none = lr_rounds(fixed, u, 3)
+    got, lrs = lr_rounds(chosen, u, 3)
+    assert none == [None] * 4
+    assert lrs == pytest.approx([0.4] * 4)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_controller_raises_the_lr_while_updates_agree_and_stops_at_the_cap():
+    """The same update every round: cos(ḡ, m) is 0 in round 0 (m = 0), then 1, so
+    log η grows by the gain each round until it reaches log 3."""
+    agg = agg_of("lopt", local_lr=0.5, local_lr_gain=0.4)
+    u = draws(1, 3)[0]
+    _, lrs = lr_rounds(agg, [u] * 8, 3)
+    want = [0.5, 0.5] + [min(0.5 * math.exp(0.4 * i), 3.0) for i in range(1, 7)]
+    assert lrs == pytest.approx(want, rel=1e-5)
+    _, lrs = lr_rounds(agg_of("lopt", local_lr=0.5, local_lr_gain=-0.4), [u] * 3, 3)
+    assert lrs[2] == pytest.approx(0.5 * math.exp(-0.4), rel=1e-5)  # a negative gain lowers it
+
+
+def test_coupling_scales_the_server_step_with_the_lr_it_moved():
+    u = draws(1, 3)[0]
+    plain = agg_of("lopt", local_lr=0.5, local_lr_gain=0.4)
+    coupled = agg_of("lopt", local_lr=0.5, local_lr_gain=0.4)
+    with torch.no_grad():
+        coupled.net.lr_coupling.fill_(1.0)
+    a, lrs = lr_rounds(plain, [u] * 3, 3)
+    b, _ = lr_rounds(coupled, [u] * 3, 3)
+    torch.testing.assert_close(b[2], a[2] * lrs[2] / 0.5)  # α · η_t / η_0 (correction 0)
+
+
+def test_local_lr_config_rules(tmp_path):
+    with pytest.raises(ValueError, match="local_lr: only the general"):
+        LAggConfig(kind="lopt", step_mode="residual", local_lr=0.5)
+    with pytest.raises(ValueError, match=r"local_lr: must be in \[0.01, 3.0\]"):
+        general("lopt", local_lr=5.0)
+    agg = agg_of("lagg", local_lr=0.3, local_lr_gain=0.2)
+    save_lagg(tmp_path / "g", agg, trained_on={})
+    loaded = load_lagg(tmp_path / "g")
+    assert loaded.config == agg.config
+    assert torch.equal(loaded.net.lr_control, agg.net.lr_control)
+
+
+def test_simulator_trains_the_workers_with_the_chosen_lr(digits):
+    """The simulator's workers use the lr the aggregator asks for, round by round."""
+    cfg = config_from_dict({"model": "mlp:8:relu", "rounds": 3, "eval_every": 1,
+                            "workers": {"num_workers": 3, "mode": "local_sgd",
+                                        "local_steps": 2, "local_lr": 0.3},
+                            "aggregator": {"name": "mean"}})
+    sim = Simulation(cfg, dataset=digits)
+    agg = agg_of("lagg", local_lr=0.05, local_lr_gain=0.5)
+    sim.server.aggregator = agg
+    sim.reset()
+    for t in range(3):
+        lr = sim.server.round_local_lr()
+        assert lr == agg.requested_local_lr(sim.agg_state, sim.context(torch.arange(3)))
+        want = sim.cluster.compute(sim.params, t, lr=lr).updates
+        state = sim.agg_state
+        step, _ = agg.step(state, want, sim.context(torch.arange(3)))
+        before = sim.params
+        sim.step()
+        torch.testing.assert_close(sim.params, before - step)
+    assert sim.server.round_local_lr() != 0.05  # it moved

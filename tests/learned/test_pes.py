@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 from torch.func import grad_and_value, vmap
+from torch.utils._pytree import tree_map
 
 from metagg.aggregators.base import RoundContext
 from metagg.aggregators.registry import build_aggregator
@@ -19,7 +20,6 @@ from metagg.cli import main as cli_main
 from metagg.cluster import Cluster
 from metagg.config.meta import MetaTrainPESConfig
 from metagg.data import partition
-from metagg.learned.features import AdaState
 from metagg.learned.lagg import load_lagg
 from metagg.learned.meta import loop as lp
 from metagg.learned.meta import meta_train_pes
@@ -242,7 +242,7 @@ def looped_unroll(trainer: PES, phi_batch: torch.Tensor, inner: mp.InnerState):
     losses, thetas, accs = [], [], []
     for i in range(phi_batch.shape[0]):
         agg = trainer.aggregator(phi_batch[i])
-        theta, state = inner.theta[i], AdaState(*(x[i] for x in inner.acc))
+        theta, state = inner.theta[i], tree_map(lambda x, i=i: x[i], inner.acc)
         cluster = Cluster(env.task, env.data.x_train, env.data.y_train,
                           partition(env.data.y_train, cfg.num_workers, cfg.partition,
                                     seed=cfg.seed), batch_size=cfg.batch_size,
@@ -250,23 +250,27 @@ def looped_unroll(trainer: PES, phi_batch: torch.Tensor, inner: mp.InnerState):
                           local_lr=cfg.local_lr, seed=int(inner.seed[i % pairs]))
         start, total = int(inner.round[i % pairs]), 0.0
         for t in range(start, start + cfg.unroll):
-            out = cluster.compute(theta, t)
-            total += float(env.clip_loss(out.losses.mean()))
             ctx = RoundContext(round=t, params=theta, layout=env.task.layout,
                                num_workers=cfg.num_workers, worker_ids=torch.arange(3))
+            out = cluster.compute(theta, t, lr=agg.requested_local_lr(state, ctx))
+            total += float(env.clip_loss(out.losses.mean()))
             step, state = agg.step(state, out.updates, ctx)
             theta = theta - step
         losses.append(total / cfg.unroll)
         thetas.append(theta)
         accs.append(state)
-    acc = AdaState(*(torch.stack(x) for x in zip(*accs, strict=True)))
+    acc = tree_map(lambda *x: torch.stack(x), *accs)
     return torch.tensor(losses), inner._replace(theta=torch.stack(thetas), acc=acc,
                                                 round=inner.round + cfg.unroll)
 
 
-@pytest.mark.parametrize("kind", ["lagg", "lopt"])
-def test_vmapped_pes_step_equals_looped(digits, kind):
-    cfg = tiny_config(kind=kind, step_mode="reference")
+@pytest.mark.parametrize("kind,options", [
+    ("lagg", {"step_mode": "reference"}), ("lopt", {"step_mode": "reference"}),
+    # general LAgg-A choosing each particle's local lr (a controller that moves it)
+    ("lagg", {"step_mode": "general", "learned_local_lr": True, "local_lr_gain": 0.3}),
+], ids=["lagg", "lopt", "general-lagg-local-lr"])
+def test_vmapped_pes_step_equals_looped(digits, kind, options):
+    cfg = tiny_config(kind=kind, **options)
     trainer = PES(cfg, digits)
     n = trainer.phi.dim
     phi = trainer.phi.init(0)

@@ -21,7 +21,9 @@ class DigitsClient(NumPyClient):
         self.attack_scale = attack_scale  # None: honest
 
     def fit(self, parameters, config):
-        trained, loss = train(parameters, self.x, self.y, steps=self.steps, lr=self.lr)
+        # an aggregator that chooses the clients' lr sends it with θ
+        lr = float(config.get("local_lr", self.lr))
+        trained, loss = train(parameters, self.x, self.y, steps=self.steps, lr=lr)
         if self.attack_scale is not None:
             s = np.float32(self.attack_scale)
             trained = [p - s * (t - p) for p, t in zip(parameters, trained, strict=True)]

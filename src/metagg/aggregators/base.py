@@ -54,7 +54,9 @@ class RoundContext:
         worker_ids: which worker each row of the updates came from, int64 [n].
         trusted: the server's small trusted sample, if configured (Zeno, FLTrust, ARNN).
         mode: "gradient" or "local_sgd".
-        local_lr, local_steps: the workers' local SGD settings (local-SGD mode).
+        local_lr, local_steps: the workers' local SGD settings (local-SGD mode); local_lr
+            is the one they used this round (the aggregator's `requested_local_lr`
+            where it asks for one, else the configured lr).
         worker_momentum: β of the workers' momentum (0: updates are raw gradients or
             deltas), so a rule comparing them with its own update can do the same.
         coverage: bool [M, d], which coordinates each worker's model has, when workers
@@ -99,6 +101,18 @@ class Aggregator(ABC):
         self, state: State, updates: torch.Tensor, ctx: RoundContext
     ) -> tuple[torch.Tensor, State]:
         """Return (step [d], new state); the server applies θ ← θ − step."""
+
+    def requested_local_lr(self, state: State, ctx: RoundContext) -> float | None:
+        """The local SGD learning rate this aggregator asks the workers to use in round
+        `ctx.round` (local-SGD mode), or None (the default) to keep the configured one.
+
+        The server asks before it sends θ, with the state after the previous round
+        (`ctx.local_lr` is then the configured lr); it sends the answer with θ (the
+        simulator, the torch.distributed runtime and Flower's fit config alike) and
+        passes it in that round's `ctx.local_lr`. So the workers' lr can be part of what
+        a learned aggregator chooses, with no per-task tuning.
+        """
+        return None
 
     def differentiable_step(self, state: State, updates: torch.Tensor,
                             ctx: RoundContext) -> torch.Tensor | None:

@@ -172,6 +172,9 @@ class MetaTrainPESConfig(Section):
     residual_scale: float = option(0.6, gt=0)  # initial α: 0.6 with momentum = tuned SlowMo
     correction_scale: float = option(1.0, ge=0)
     hidden: int = option(32, ge=1)
+    # general mode: the aggregator sets the workers' local lr (starting at local_lr)
+    learned_local_lr: bool = False
+    local_lr_gain: float = 0.0  # the lr controller's initial gain on cos(ḡ, m)
     # PES
     unroll: int = option(50, ge=1)  # rounds per truncation
     sigma: float = option(0.01, gt=0)
@@ -224,6 +227,8 @@ class MetaTrainPESConfig(Section):
                         f"got {self.pairs}"]
         if self.max_inner < self.min_inner:
             return [f"max_inner: must be >= min_inner ({self.min_inner}), got {self.max_inner}"]
+        if self.learned_local_lr and self.step_mode != "general":
+            return ["learned_local_lr: only step_mode general sets the workers' local lr"]
         if self.kind == "lagg" and self.num_workers < 1:
             return ["num_workers: LAgg-A needs num_workers >= 1"]
         object.__setattr__(self, "validation_rounds", tuple(sorted(set(self.validation_rounds))))

@@ -125,7 +125,9 @@ class AggregatorStrategy(FedAvg):
             (zeno, fltrust, arnn). Its task's model must have the clients' tensors in
             the same order and shapes.
         local_lr, local_steps: the clients' local SGD settings, for aggregators that
-            imitate a client on the trusted data (FLTrust).
+            imitate a client on the trusted data (FLTrust). An aggregator that chooses
+            the clients' lr (`requested_local_lr`) sends it in every fit config as
+            "local_lr"; clients should train with `config.get("local_lr", their own)`.
         **fedavg_kwargs: any `flwr.server.strategy.FedAvg` argument (`initial_parameters`,
             `fraction_fit`, `min_fit_clients`, `evaluate_fn`, `accept_failures`, ...).
             Without `initial_parameters`, θ is taken from what the server sends in the
@@ -163,6 +165,7 @@ class AggregatorStrategy(FedAvg):
         self.trusted = trusted
         self.local_lr = local_lr
         self.local_steps = local_steps
+        self._round_lr = local_lr  # the lr the clients were told this round
 
         self.layout: ParamLayout | None = None
         self.dtypes: list[np.dtype] = []
@@ -243,7 +246,30 @@ class AggregatorStrategy(FedAvg):
         self._sampled = len(instructions)
         if instructions:  # none: Flower cancels the round itself
             self._check_enough_clients(server_round, len(instructions))
+            lr = self._requested_local_lr(server_round, len(instructions))
+            if lr is not None:  # the aggregator chooses the clients' lr: tell them
+                for _, fit_ins in instructions:
+                    fit_ins.config = {**fit_ins.config, "local_lr": lr}
         return instructions
+
+    def _requested_local_lr(self, server_round: int, sampled: int) -> float | None:
+        """The aggregator's `requested_local_lr` for this round (sent in each client's
+        fit config as "local_lr"; clients that read it train with it), or None."""
+        if self.layout is None or self.params is None:
+            return None
+        if self.state is None:  # the first round: the aggregator's fresh state
+            self.state = self.aggregator.init(self.layout, self._num_workers(sampled))
+        ctx = RoundContext(round=self.round_offset + server_round - 1, params=self.params,
+                           layout=self.layout, num_workers=self._num_workers(),
+                           worker_ids=torch.zeros(0, dtype=torch.int64), trusted=self.trusted,
+                           mode="local_sgd", local_lr=self.local_lr,
+                           local_steps=self.local_steps)
+        lr = self.aggregator.requested_local_lr(self.state, ctx)
+        if lr is None:
+            self._round_lr = self.local_lr
+            return None
+        self._round_lr = float(lr)
+        return self._round_lr
 
     def aggregate_fit(
         self,
@@ -312,7 +338,7 @@ class AggregatorStrategy(FedAvg):
             round=self.round_offset + server_round - 1, params=theta, layout=layout,
             num_workers=self._num_workers(), trusted=self.trusted,
             worker_ids=torch.tensor([ids[k] for k in kept], dtype=torch.int64),
-            mode="local_sgd", local_lr=self.local_lr, local_steps=self.local_steps,
+            mode="local_sgd", local_lr=self._round_lr, local_steps=self.local_steps,
             num_examples=torch.tensor([results[k][1].num_examples for k in kept],
                                       dtype=torch.int64),
         )

@@ -12,8 +12,9 @@ metrics.
 
 A round t on the server:
 
-1. write `round` = t to the store, then send θ (gloo/NCCL `isend`, tag t) to every
-   live worker;
+1. write `round` = t to the store, then send θ and the round's local lr as one
+   [d + 1] message (gloo/NCCL `isend`, tag t) to every live worker (the lr is the
+   aggregator's `requested_local_lr`, else the configured one);
 2. wait for answers: a worker posts its update (`isend`) and then pushes
    "RANK t ok LOSS" onto the store queue `answers`; the server polls that queue
    (non-blocking pops, a short sleep when it is empty) and receives an update only

@@ -97,14 +97,16 @@ class ServerSimulation(Simulation):
             store.set("start", str(t))
             self.started = True
         store.set("round", str(t))
-        theta = self.params.to(self.device).contiguous()
+        # θ and this round's local lr in one message (the aggregator may choose the lr)
+        lr = torch.tensor([self.server.round_local_lr()], dtype=self.params.dtype)
+        theta = torch.cat([self.params, lr]).to(self.device).contiguous()
         most = self.options.max_missed_rounds
         for r in sorted(self.live):
             if len(self.inflight[r]) >= most:  # alive (heartbeats) but not answering
                 self._declare_dead(r, f"left its last {most} rounds unanswered")
                 continue
             self.inflight[r].append((t, dist.isend(theta, dst=r, tag=t), theta))
-            self.stats["bytes_sent"] += 4 * d
+            self.stats["bytes_sent"] += 4 * (d + 1)
 
         updates = torch.zeros(m, d)
         losses = torch.full((m,), float("nan"))

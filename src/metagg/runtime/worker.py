@@ -1,5 +1,6 @@
-"""A worker process: receives θ, computes its own row of the round exactly as the
-simulator's `Cluster.compute` does, sends it back (see `metagg.runtime.ps`)."""
+"""A worker process: receives θ and the round's local lr, computes its own row of the
+round exactly as the simulator's `Cluster.compute` does, sends it back (see
+`metagg.runtime.ps`)."""
 
 from __future__ import annotations
 
@@ -62,16 +63,17 @@ def run_worker(cfg: RunConfig, workers: Workers, env: DistEnv, store: dist.Store
     cluster, me = workers.cluster, torch.tensor([rank - 1])
     nan = any(f.kind == "nan" and f.applies_to(rank) for f in options.faults)
     delay = sum(f.seconds for f in options.faults if f.kind == "delay" and f.applies_to(rank))
-    theta = torch.empty(workers.task.dim, device=device)
+    message = torch.empty(workers.task.dim + 1, device=device)  # θ, then the local lr
     t = int(store.get("start").decode())
     while t < cfg.rounds:
-        dist.recv(theta, src=0, tag=t)
+        dist.recv(message, src=0, tag=t)
+        theta, lr = message[:-1], float(message[-1])
         if beat.server_round > t:
             # The server has moved on (this worker missed the deadline): don't compute it.
             store.queue_push(ANSWERS, f"{rank} {t} skip nan")
             t += 1
             continue
-        out = cluster.compute(theta, t, me)  # the row the simulator computes for this worker
+        out = cluster.compute(theta, t, me, lr=lr)  # the row the simulator computes for it
         update, loss = out.updates[0], out.losses[0]
         if nan:
             update = update.clone()

@@ -9,7 +9,8 @@
 The step is `metagg.learned.lagg.model.ada_step` (see there for the maths), run under
 `torch.no_grad` on the rows that arrived; LAgg-A puts worker k's row in channel k
 (`ctx.worker_ids`), a missing worker's channel zero. General LAgg-A (step_mode
-"general") sees per-element statistics of the rows that arrived, for any K.
+"general") sees per-element statistics of the rows that arrived, for any K; with
+`local_lr` > 0 it also chooses the workers' local lr (`requested_local_lr`).
 """
 
 from __future__ import annotations
@@ -21,8 +22,16 @@ import torch
 
 from metagg.aggregators.base import Aggregator, RoundContext, worker_slots
 from metagg.layout import ParamLayout
-from metagg.learned.features import AdaState, FeaturePlan, init_ada_state
-from metagg.learned.lagg.model import AdaMLP, LAggConfig, ada_step
+from metagg.learned.features import FeaturePlan
+from metagg.learned.lagg.model import (
+    AdaMLP,
+    LAggConfig,
+    LocalLrState,
+    StepState,
+    accumulators,
+    ada_step,
+    init_step_state,
+)
 
 __all__ = ["LAggA", "LOptA", "LearnedAdaAggregator", "learned_ada"]
 
@@ -54,7 +63,7 @@ class LearnedAdaAggregator(Aggregator):
             plan = self._plans[layout] = FeaturePlan.from_layout(layout)
         return plan
 
-    def init(self, layout: ParamLayout, num_workers: int) -> AdaState:
+    def init(self, layout: ParamLayout, num_workers: int) -> StepState:
         """Zero accumulators for `layout`; fixes K for an untrained LAgg-A built without it."""
         cfg = self.config
         if cfg.kind == "lagg" and not cfg.general:
@@ -64,28 +73,36 @@ class LearnedAdaAggregator(Aggregator):
             elif num_workers != cfg.num_workers:
                 raise ValueError(f"lagg: this aggregator takes {cfg.num_workers} workers (its "
                                  f"input width), got {num_workers}")
-        return init_ada_state(self._plan(layout))
+        return init_step_state(self._plan(layout), self.config)
 
-    def step(self, state: AdaState, updates: torch.Tensor,
-             ctx: RoundContext) -> tuple[torch.Tensor, AdaState]:
+    def requested_local_lr(self, state: StepState, ctx: RoundContext) -> float | None:
+        """The workers' local lr this aggregator chose for the coming round (general
+        mode with `local_lr` > 0), else None (the configured one)."""
+        if isinstance(state, LocalLrState):
+            return float(torch.exp(state.log_lr))
+        return None
+
+    def step(self, state: StepState, updates: torch.Tensor,
+             ctx: RoundContext) -> tuple[torch.Tensor, StepState]:
         """Return (step [d], new state); the server applies θ ← θ − step."""
         with torch.no_grad():
             return self._step(state, updates.detach(), ctx)
 
-    def differentiable_step(self, state: AdaState, updates: torch.Tensor,
+    def differentiable_step(self, state: StepState, updates: torch.Tensor,
                             ctx: RoundContext) -> torch.Tensor | None:
         """`ada_step` is pure: the step in the autograd graph of `updates` (φ fixed)."""
         with torch.enable_grad():
             return self._step(state, updates, ctx)[0]
 
-    def _step(self, state: AdaState, updates: torch.Tensor,
-              ctx: RoundContext) -> tuple[torch.Tensor, AdaState]:
+    def _step(self, state: StepState, updates: torch.Tensor,
+              ctx: RoundContext) -> tuple[torch.Tensor, StepState]:
         self.check_updates(updates, ctx)
         if self.net is None:
             raise ValueError("lagg: call init(layout, num_workers) before step")
         d = updates.shape[1]
-        if state.m.shape[1] != d:
-            raise ValueError(f"{self.name}: state is for d={state.m.shape[1]}, updates have d={d}")
+        acc = accumulators(state)
+        if acc.m.shape[1] != d:
+            raise ValueError(f"{self.name}: state is for d={acc.m.shape[1]}, updates have d={d}")
         u = updates.to(torch.float32)
         fixed_k = self.config.kind == "lagg" and not self.config.general
         slots = self._slots(u, ctx) if fixed_k else None

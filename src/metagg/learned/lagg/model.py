@@ -47,6 +47,15 @@ cut at ±2σ, zero biases) maps each element's features to (d, g), and
     every number of workers. The inputs are normalised per tensor without the 1e-5
     floor of the reference (the floor made small updates look different from large ones).
 
+    With `local_lr` > 0 the aggregator also chooses the workers' local lr (sent with θ
+    each round; `Aggregator.requested_local_lr`): its state carries log η_t, and
+        log η_{t+1} = clip(log η_t + 0.01·(w·f_t + b), log 0.01, log 3),   η_0 = local_lr
+        α_t ← α_t · exp(κ · (log η_t − log η_0))
+    with w, b (`lr_control`, w starting at (100·local_lr_gain, 0, 0): a hypergradient-like
+    rule, the lr grows while successive mean updates agree) and κ (`lr_coupling`, from
+    0) meta-learned: the step size a task needs is then partly the workers' to take,
+    with no per-task tuning.
+
 Sign: as in learned_optimization (gradient in, p ← p − step) the inputs point like
 gradients and the server subtracts the step, so d = +(normalised ḡ) moves θ like FedAvg
 (tested). The reference feeds Δ_k = θ_k − θ; with our u_k = −Δ_k the odd channels
@@ -70,7 +79,7 @@ import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -88,6 +97,7 @@ from metagg.learned.features import (
     channel_scale,
     decays_from_offsets,
     feature_names,
+    init_ada_state,
     safe_sqrt,
     tensor_inputs,
     time_features,
@@ -103,13 +113,22 @@ __all__ = [
     "AdaMLP",
     "FlatPhi",
     "LAggConfig",
+    "LocalLrState",
+    "StepState",
+    "accumulators",
     "ada_step",
+    "init_step_state",
 ]
 
 STEP_MULT = 0.001  # step = d · exp(EXP_MULT · g) · STEP_MULT (reference)
 GENERAL_WORKER_CHANNELS = 3  # general LAgg-A: ḡ, spread, agreement
 SCHEDULE_FEATURES = 3  # general mode: cos(ḡ, m), agreement, log(1 + t) / log(1000)
 GENERAL_NORM_EPS = 1e-30  # general mode: inputs normalised without a floor
+LOCAL_LR_MIN, LOCAL_LR_MAX = 0.01, 3.0  # the range a learned local lr stays in
+# the lr controller's drift per round is LR_DRIFT · (w·f + b): an integral controller's
+# effect grows with the rounds, so φ's entries are scaled down for PES's perturbations
+# (σ = 0.01 on w moves log η by ~1e-4 a round, ~0.05 over a 500-round run)
+LR_DRIFT = 0.01
 MLP_BLOCK = 8192  # elements per block of the per-element MLP (see ada_step)
 EXP_MULT = 0.001
 
@@ -132,6 +151,10 @@ class LAggConfig(Section):
             tuned SlowMo of the spec: α/γ_local = 0.3/0.5).
         correction_scale: c, the MLP correction's size relative to rms_T(ḡ) (general
             mode: γ's initial value).
+        local_lr: 0: the workers keep their configured local lr; > 0 (general mode):
+            the aggregator sets it every round, starting from this value (the learned
+            controller in the module docstring).
+        local_lr_gain: the controller's initial gain on cos(ḡ, m) (0: it starts fixed).
     """
 
     kind: str = option("lopt", choices=KINDS)
@@ -141,13 +164,24 @@ class LAggConfig(Section):
     residual_base: str = option("mean", choices=RESIDUAL_BASES)
     residual_scale: float = option(1.0, gt=0)
     correction_scale: float = option(1.0, ge=0)
+    local_lr: float = option(0.0, ge=0)
+    local_lr_gain: float = option(0.0)
 
     def problems(self) -> list[str]:
         if self.kind == "lopt" and self.num_workers != 0:
             return [f"num_workers: must be 0 for lopt (it only sees ḡ), got {self.num_workers}"]
         if self.general and self.num_workers != 0:
             return [f"num_workers: must be 0 in general mode (any K), got {self.num_workers}"]
+        if self.local_lr > 0 and not self.general:
+            return ["local_lr: only the general step mode sets the workers' local lr"]
+        if self.local_lr > 0 and not LOCAL_LR_MIN <= self.local_lr <= LOCAL_LR_MAX:
+            return [f"local_lr: must be in [{LOCAL_LR_MIN}, {LOCAL_LR_MAX}], got {self.local_lr}"]
         return []
+
+    @property
+    def sets_local_lr(self) -> bool:
+        """Whether the aggregator chooses the workers' local lr each round."""
+        return self.local_lr > 0
 
     @property
     def general(self) -> bool:
@@ -175,7 +209,8 @@ class LAggConfig(Section):
 
 class AdaMLP(nn.Module):
     """φ: the per-element MLP (weights stored [in, out]), the decay offsets o [7], in
-    residual mode log α, and in general mode log α, log γ and the schedule [2, 3].
+    residual mode log α, and in general mode log α, log γ and the schedule [2, 3]; with
+    a learned local lr also its controller [4] and coupling [].
 
         h₁ = relu(x W₁ + b₁), h₂ = relu(h₁ W₂ + b₂), (d, g) = h₂ W₃ + b₃
     """
@@ -202,6 +237,11 @@ class AdaMLP(nn.Module):
             step = max(config.correction_scale, 1e-8)  # log(0) would be −inf
             self.log_step = nn.Parameter(torch.tensor(math.log(step)))
             self.schedule = nn.Parameter(torch.zeros(2, SCHEDULE_FEATURES))
+        if config.sets_local_lr:
+            control = torch.zeros(SCHEDULE_FEATURES + 1)
+            control[0] = config.local_lr_gain / LR_DRIFT  # on cos(ḡ, m): hypergradient-like
+            self.lr_control = nn.Parameter(control)
+            self.lr_coupling = nn.Parameter(torch.zeros(()))
 
 
 class FlatPhi:
@@ -241,15 +281,39 @@ class FlatPhi:
         return net.requires_grad_(False)
 
 
-def ada_step(phi: Mapping[str, torch.Tensor], state: AdaState, updates: torch.Tensor,
+class LocalLrState(NamedTuple):
+    """The state of a general LAgg-A / LOpt-A that sets the workers' local lr."""
+
+    acc: AdaState
+    log_lr: torch.Tensor  # [] log of the workers' local lr in the coming round
+
+
+StepState = AdaState | LocalLrState
+
+
+def init_step_state(plan: FeaturePlan, config: LAggConfig) -> StepState:
+    """A fresh run's state: zero accumulators (and the starting local lr)."""
+    acc = init_ada_state(plan)
+    if not config.sets_local_lr:
+        return acc
+    return LocalLrState(acc, torch.tensor(math.log(config.local_lr)))
+
+
+def accumulators(state: StepState) -> AdaState:
+    """The Ada accumulators inside a step state."""
+    return state.acc if isinstance(state, LocalLrState) else state
+
+
+def ada_step(phi: Mapping[str, torch.Tensor], state: StepState, updates: torch.Tensor,
              params: torch.Tensor, *, config: LAggConfig, plan: FeaturePlan,
-             slots: torch.Tensor | None = None) -> tuple[torch.Tensor, AdaState]:
-    """One LOpt-A / LAgg-A step: (step [d], new accumulators); the server does θ ← θ − step.
+             slots: torch.Tensor | None = None) -> tuple[torch.Tensor, StepState]:
+    """One LOpt-A / LAgg-A step: (step [d], new state); the server does θ ← θ − step.
 
     Args:
         phi: the meta-parameters by name (`AdaMLP`'s): w1, b1, w2, b2, w3, b3,
             decay_offsets and, in residual mode, log_scale.
-        state: the accumulators before this round.
+        state: the accumulators before this round (`LocalLrState` when the aggregator
+            sets the workers' local lr: the updates were computed with exp(log_lr)).
         updates: the round's rows [n, d] (float32); ḡ is their mean.
         params: θ [d].
         config: the architecture and step rule.
@@ -257,6 +321,8 @@ def ada_step(phi: Mapping[str, torch.Tensor], state: AdaState, updates: torch.Te
         slots: LAgg-A's K worker channels [K, d] (`worker_slots`: a missing worker's
             row is zero); None means `updates` are all K workers in order.
     """
+    lr_state = state if isinstance(state, LocalLrState) else None
+    state = accumulators(state)
     g = updates.mean(0)
     if config.general:
         first = g[None] if config.kind == "lopt" else worker_statistics(updates, g)
@@ -293,11 +359,21 @@ def ada_step(phi: Mapping[str, torch.Tensor], state: AdaState, updates: torch.Te
     f = schedule_features(g, state.m[0], updates, state.t, lopt=config.kind == "lopt")
     log_alpha, log_gamma = phi["schedule"] @ f + torch.stack([phi["log_scale"],
                                                               phi["log_step"]])
+    new_state: StepState = new
+    if lr_state is not None:
+        # the local lr: an integral controller on the schedule features, its drift
+        # starting as a hypergradient-like gain on cos(ḡ, m); the server's α may follow
+        # how far the lr has moved (lr_coupling)
+        moved = lr_state.log_lr - math.log(config.local_lr)
+        log_alpha = log_alpha + phi["lr_coupling"] * moved
+        drift = LR_DRIFT * (phi["lr_control"][:-1] @ f + phi["lr_control"][-1])
+        log_lr = (lr_state.log_lr + drift).clamp(math.log(LOCAL_LR_MIN), math.log(LOCAL_LR_MAX))
+        new_state = LocalLrState(new, log_lr)
     # RMS-normalised per tensor once the MLP's output is large (RMS ≥ 1), linear below:
     # the untrained (zero) output is exactly the baseline, and PES's small perturbations
     # of it already move the step (a pure d / rms(d) would jump from 0 to full size)
     unit = mag / per_tensor_rms(mag, plan).clamp_min(1.0)
-    return base * torch.exp(log_alpha) + torch.exp(log_gamma) * rms * unit, new
+    return base * torch.exp(log_alpha) + torch.exp(log_gamma) * rms * unit, new_state
 
 
 def per_tensor_rms(x: torch.Tensor, plan: FeaturePlan) -> torch.Tensor:

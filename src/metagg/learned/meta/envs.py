@@ -297,14 +297,18 @@ class LocalSGDEnv:
             y = y.repeat(repeat, *[1] * (y.dim() - 1))
         return x, y
 
-    def local_sgd(self, theta: torch.Tensor, xb: torch.Tensor,
-                  yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def local_sgd(self, theta: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor,
+                  lr: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Every particle's K workers' updates θ − θ_k [P, K, d] and their mean loss at θ
-        [P]; θ [P, d], batches [P, K, H, B, ...]. The simulator's `local_sgd`, batched."""
+        [P]; θ [P, d], batches [P, K, H, B, ...], `lr` each particle's local lr [P]
+        (None: cfg.local_lr). The simulator's `local_sgd`, batched."""
         p, k = xb.shape[:2]
         theta_k = theta[:, None].expand(p, k, theta.shape[1]).reshape(p * k, -1)
+        worker_lr: Any = self.cfg.local_lr
+        if lr is not None:  # one lr per particle, shared by its K workers
+            worker_lr = lr.to(theta.dtype).repeat_interleave(k)[:, None]
         updates, first = local_sgd(self.grad_fn, theta_k, xb.flatten(0, 1), yb.flatten(0, 1),
-                                   self.cfg.local_lr)
+                                   worker_lr)
         return updates.view(p, k, -1), first.view(p, k).mean(1)
 
     def round_meta_loss(self, loss: torch.Tensor) -> torch.Tensor:

@@ -75,15 +75,22 @@ def _local_sgd_runs(agg: Aggregator, env: LocalSGDEnv, seeds: Sequence[int],
     diverged = [False] * len(seeds)
     for t in range(max(horizons)):
         xb, yb = env.batches(seeds, [t] * len(seeds))
-        updates, _ = env.local_sgd(theta, xb, yb)
+        ctxs = [RoundContext(round=t, params=theta[i], layout=task.layout, num_workers=k,
+                             worker_ids=ids, mode="local_sgd", local_lr=env.cfg.local_lr,
+                             local_steps=env.cfg.local_steps) for i in range(len(seeds))]
+        # the workers' lr: the aggregator's choice per seed, as the simulator sends it
+        lrs = [agg.requested_local_lr(st, c) for st, c in zip(states, ctxs, strict=True)]
+        for c, lr in zip(ctxs, lrs, strict=True):
+            c.local_lr = c.local_lr if lr is None else lr
+        chosen = None if all(lr is None for lr in lrs) else torch.tensor([c.local_lr
+                                                                           for c in ctxs])
+        updates, _ = env.local_sgd(theta, xb, yb, chosen)
         steps = []
         for i in range(len(seeds)):
             if diverged[i]:
                 steps.append(torch.zeros_like(theta[i]))
                 continue
-            ctx = RoundContext(round=t, params=theta[i], layout=task.layout, num_workers=k,
-                               worker_ids=ids, mode="local_sgd", local_lr=env.cfg.local_lr,
-                               local_steps=env.cfg.local_steps)
+            ctx = ctxs[i]
             step, states[i] = agg.step(states[i], updates[i], ctx)
             steps.append(step)
         theta = theta - torch.stack(steps)

@@ -31,12 +31,14 @@ Two layers:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch.func import vmap
+from torch.utils._pytree import tree_map
 
 from metagg.aggregators import optimizers as opt
 from metagg.aggregators.base import Aggregator
@@ -44,8 +46,9 @@ from metagg.aggregators.registry import build_aggregator
 from metagg.compiling import compile_or_eager
 from metagg.config.meta import MetaTrainPESConfig
 from metagg.data import Dataset
-from metagg.learned.features import AdaState, FeaturePlan, init_ada_state
+from metagg.learned.features import FeaturePlan
 from metagg.learned.lagg import (
+    AdaMLP,
     FlatPhi,
     LAggConfig,
     LearnedAdaAggregator,
@@ -53,6 +56,7 @@ from metagg.learned.lagg import (
     learned_ada,
     save_lagg,
 )
+from metagg.learned.lagg.model import LocalLrState, StepState, init_step_state
 from metagg.learned.meta.envs import LocalSGDEnv
 from metagg.learned.meta.estimators import Estimate, validation_seeds
 from metagg.learned.meta.evaluate import evaluate_aggregator, record, score
@@ -137,7 +141,7 @@ class InnerState(NamedTuple):
     """The P = 2N particles' inner runs (pair i: particles i and N + i)."""
 
     theta: torch.Tensor  # [P, d] model parameters
-    acc: AdaState  # fields with a leading [P]
+    acc: StepState  # fields with a leading [P]
     round: torch.Tensor  # [N] int64 rounds done in the pair's current inner run
     length: torch.Tensor  # [N] int64 rounds the run lasts before it is reset
     seed: torch.Tensor  # [N] int64 the run's model-init and minibatch seed
@@ -157,7 +161,9 @@ def lagg_config(cfg: MetaTrainPESConfig) -> LAggConfig:
     return LAggConfig(kind=cfg.kind, num_workers=cfg.num_workers if fixed_k else 0,
                       hidden=cfg.hidden, step_mode=cfg.step_mode,
                       residual_base=cfg.residual_base, residual_scale=cfg.residual_scale,
-                      correction_scale=cfg.correction_scale)
+                      correction_scale=cfg.correction_scale,
+                      local_lr=cfg.local_lr if cfg.learned_local_lr else 0.0,
+                      local_lr_gain=cfg.local_lr_gain if cfg.learned_local_lr else 0.0)
 
 
 class FlatPhiEstimator:
@@ -169,7 +175,17 @@ class FlatPhiEstimator:
         return self.phi.init(seed)
 
     def phi_of(self, agg: Aggregator) -> torch.Tensor:
-        if not isinstance(agg, LearnedAdaAggregator) or agg.config != self.phi.config:
+        mine = self.phi.config
+        if (isinstance(agg, LearnedAdaAggregator) and agg.net is not None
+                and agg.config == dataclasses.replace(mine, local_lr=0.0, local_lr_gain=0.0)
+                and mine.sets_local_lr):
+            # a fixed-lr φ continued with a learned local lr: the controller starts at
+            # its initial values, everything else is the given φ
+            net = AdaMLP(mine)
+            missing, unexpected = net.load_state_dict(agg.net.state_dict(), strict=False)
+            assert not unexpected and set(missing) == {"lr_control", "lr_coupling"}
+            return self.phi.of(net)
+        if not isinstance(agg, LearnedAdaAggregator) or agg.config != mine:
             raise ValueError(f"{agg!r} holds {getattr(agg, 'config', None)}, but this run "
                              f"trains {self.phi.config}")
         return self.phi.of(agg.net)
@@ -209,13 +225,18 @@ class PES(FlatPhiEstimator):
             self._agg_step = compile_or_eager(self._agg_step)
         self.seeds = validation_seeds(cfg.seed, MetaStream.VALID_INIT, cfg.validation_seeds)
 
-    def _particle_step(self, phi: torch.Tensor, acc: AdaState, theta: torch.Tensor,
-                       updates: torch.Tensor) -> tuple[torch.Tensor, AdaState]:
+    def _particle_step(self, phi: torch.Tensor, acc: StepState, theta: torch.Tensor,
+                       updates: torch.Tensor) -> tuple[torch.Tensor, StepState]:
         """One particle's server step (vmapped over particles): φ [n_meta], θ [d], [K, d]."""
         return ada_step(self.phi.unflatten(phi), acc, updates, theta, config=self.phi.config,
                         plan=self.plan)
 
     # ------------------------------------------------------------------ inner runs
+    def fresh_states(self, p: int) -> StepState:
+        """A fresh run's aggregator state for each of p particles (leading [p])."""
+        return tree_map(lambda x: x.expand(p, *x.shape).clone(),
+                        init_step_state(self.plan, self.phi.config))
+
     def run_length(self, run: int) -> int:
         """Rounds of inner run number `run`: log-uniform in [min_inner, max_inner], rounded
         up to whole truncations so a reset always falls between two truncations."""
@@ -232,7 +253,7 @@ class PES(FlatPhiEstimator):
         seeds = [derive_seed(self.cfg.seed, MetaStream.TRAIN_INIT, r) for r in runs]
         theta = torch.stack([self.env.task.init_params(s) for s in seeds])
         n = len(runs)
-        acc = AdaState(*(x.expand(2 * n, *x.shape).clone() for x in init_ada_state(self.plan)))
+        acc = self.fresh_states(2 * n)
         return InnerState(torch.cat([theta, theta]), acc, torch.zeros(n, dtype=torch.int64),
                           torch.tensor([self.run_length(r) for r in runs], dtype=torch.int64),
                           torch.tensor(seeds, dtype=torch.int64))
@@ -245,17 +266,16 @@ class PES(FlatPhiEstimator):
             return inner
         fresh = self.fresh_inner(runs)
         pidx = torch.cat([idx, idx + len(done)])
-        acc = AdaState(*(a.index_copy(0, pidx, f) for a, f in zip(inner.acc, fresh.acc,
-                                                                   strict=True)))
+        acc = tree_map(lambda a, f: a.index_copy(0, pidx, f), inner.acc, fresh.acc)
         return InnerState(inner.theta.index_copy(0, pidx, fresh.theta), acc,
                           inner.round.index_copy(0, idx, fresh.round),
                           inner.length.index_copy(0, idx, fresh.length),
                           inner.seed.index_copy(0, idx, fresh.seed))
 
-    def run_rounds(self, phi: torch.Tensor, theta: torch.Tensor, acc: AdaState,
+    def run_rounds(self, phi: torch.Tensor, theta: torch.Tensor, acc: StepState,
                    seeds: Sequence[int], start: Sequence[int], rounds: int,
                    after: Callable[[int, torch.Tensor], None] | None = None,
-                   ) -> tuple[torch.Tensor, AdaState, torch.Tensor]:
+                   ) -> tuple[torch.Tensor, StepState, torch.Tensor]:
         """`rounds` rounds for P particles: φ [P, n], θ [P, d], acc [P, ...]; particle i
         uses the minibatches of run seeds[i % len(seeds)] from round start[...]. Returns
         (θ, acc, per-round meta-loss [rounds, P]: `LocalSGDEnv.round_meta_loss`).
@@ -266,7 +286,9 @@ class PES(FlatPhiEstimator):
             for r in range(rounds):
                 # both particles of a pair see the same minibatches
                 xb, yb = self.env.batches(seeds, [t + r for t in start], rep)
-                updates, loss = self.env.local_sgd(theta, xb, yb)
+                # the workers' local lr: each particle's own where φ chooses it
+                lr = torch.exp(acc.log_lr) if isinstance(acc, LocalLrState) else None
+                updates, loss = self.env.local_sgd(theta, xb, yb, lr)
                 step, acc = self._agg_step(phi, acc, theta, updates)
                 theta = theta - step
                 losses.append(self.env.round_meta_loss(loss))
@@ -333,7 +355,7 @@ class PES(FlatPhiEstimator):
                     record(out, t, task, self.env.data, theta[i], False)
 
         theta = torch.stack([task.init_params(s) for s in seeds])
-        acc = AdaState(*(x.expand(p, *x.shape).clone() for x in init_ada_state(self.plan)))
+        acc = self.fresh_states(p)
         self.run_rounds(phi.expand(p, -1), theta, acc, seeds, [0] * p, max(horizons), after)
         return out
 
