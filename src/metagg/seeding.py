@@ -51,6 +51,7 @@ class MetaStream(IntEnum):
     RUN_LENGTH = 3  # the length of a PES inner run
     TASK_SAMPLE = 4  # which task of a task family an inner problem runs on
     VALID_TASKS = 5  # the tasks multi-task meta-training validates on
+    LR_AUGMENT = 6  # a PES inner run's task augmentation (its workers' lr factor), by run seed
     HETERO_TRAIN_INIT = 10  # heterogeneous-worker meta-training (apart from the above, so
     HETERO_VALID_INIT = 11  # that its seeds never collide with a homogeneous run's)
     HETERO_GROUP_INIT = 17  # a worker group's private coordinates, indexed by group

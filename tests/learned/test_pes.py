@@ -249,10 +249,13 @@ def looped_unroll(trainer: PES, phi_batch: torch.Tensor, inner: mp.InnerState):
                           mode="local_sgd", local_steps=cfg.local_steps,
                           local_lr=cfg.local_lr, seed=int(inner.seed[i % pairs]))
         start, total = int(inner.round[i % pairs]), 0.0
+        factor = (float(trainer.lr_factors([int(inner.seed[i % pairs])])[0])
+                  if cfg.lr_augment > 1 else 1.0)
         for t in range(start, start + cfg.unroll):
             ctx = RoundContext(round=t, params=theta, layout=env.task.layout,
                                num_workers=cfg.num_workers, worker_ids=torch.arange(3))
-            out = cluster.compute(theta, t, lr=agg.requested_local_lr(state, ctx))
+            lr = agg.requested_local_lr(state, ctx)
+            out = cluster.compute(theta, t, lr=(cfg.local_lr if lr is None else lr) * factor)
             total += float(env.clip_loss(out.losses.mean()))
             step, state = agg.step(state, out.updates, ctx)
             theta = theta - step
@@ -268,7 +271,9 @@ def looped_unroll(trainer: PES, phi_batch: torch.Tensor, inner: mp.InnerState):
     ("lagg", {"step_mode": "reference"}), ("lopt", {"step_mode": "reference"}),
     # general LAgg-A choosing each particle's local lr (a controller that moves it)
     ("lagg", {"step_mode": "general", "learned_local_lr": True, "local_lr_gain": 0.3}),
-], ids=["lagg", "lopt", "general-lagg-local-lr"])
+    # task augmentation: each run's workers' lr times its own factor
+    ("lopt", {"step_mode": "general", "lr_augment": 3.0}),
+], ids=["lagg", "lopt", "general-lagg-local-lr", "general-lopt-lr-augment"])
 def test_vmapped_pes_step_equals_looped(digits, kind, options):
     cfg = tiny_config(kind=kind, **options)
     trainer = PES(cfg, digits)
@@ -448,3 +453,15 @@ def test_resume_does_not_need_init_from_any_more(tmp_path, digits):
     shutil.rmtree(tmp_path / "a")
     assert meta_train_pes(cfg, tmp_path / "b", progress=False, resume=True,
                           data=digits).summary["steps_done"] == 2
+
+
+def test_lr_augmentation_factors_are_per_run_deterministic_and_in_range(digits):
+    trainer = PES(tiny_config(step_mode="general", lr_augment=4.0), digits)
+    seeds = list(range(200))
+    c = trainer.lr_factors(seeds)
+    assert torch.equal(c, trainer.lr_factors(seeds))  # a function of the run's seed
+    assert float(c.min()) >= 0.25 and float(c.max()) <= 4.0
+    assert float(c.min()) < 0.35 and float(c.max()) > 3.0  # the range is used
+    assert abs(float(c.log().mean())) < 0.2  # log-uniform around 1
+    with pytest.raises(ValueError, match="lr_augment"):
+        tiny_config(lr_augment=0.5)

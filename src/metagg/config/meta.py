@@ -175,6 +175,9 @@ class MetaTrainPESConfig(Section):
     # general mode: the aggregator sets the workers' local lr (starting at local_lr)
     learned_local_lr: bool = False
     local_lr_gain: float = 0.0  # the lr controller's initial gain on cos(ḡ, m)
+    # task augmentation: each inner run's workers' lr (= their gradients' scale) times a
+    # factor log-uniform in [1/lr_augment, lr_augment]; 1 = none
+    lr_augment: float = option(1.0, ge=1)
     # PES
     unroll: int = option(50, ge=1)  # rounds per truncation
     sigma: float = option(0.01, gt=0)

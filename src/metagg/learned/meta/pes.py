@@ -272,15 +272,28 @@ class PES(FlatPhiEstimator):
                           inner.length.index_copy(0, idx, fresh.length),
                           inner.seed.index_copy(0, idx, fresh.seed))
 
+    def lr_factors(self, seeds: Sequence[int]) -> torch.Tensor:
+        """Task augmentation, one factor per inner run (by its seed) [n]: the run's workers
+        train with their lr times c, log-uniform in [1/a, a] (a = cfg.lr_augment). For SGD
+        that is the same as scaling the task's gradients by c: the step size a task needs
+        varies, and a fixed φ cannot fit them all (Celo's task augmentation, on the scale
+        the workers' step sees)."""
+        a = self.cfg.lr_augment
+        u = torch.tensor([float(torch.rand((), generator=derive_generator(
+            self.cfg.seed, MetaStream.LR_AUGMENT, s))) for s in seeds])
+        return torch.exp((2.0 * u - 1.0) * math.log(a))
+
     def run_rounds(self, phi: torch.Tensor, theta: torch.Tensor, acc: StepState,
                    seeds: Sequence[int], start: Sequence[int], rounds: int,
-                   after: Callable[[int, torch.Tensor], None] | None = None,
-                   ) -> tuple[torch.Tensor, StepState, torch.Tensor]:
+                   after: Callable[[int, torch.Tensor], None] | None = None, *,
+                   augment: bool = False) -> tuple[torch.Tensor, StepState, torch.Tensor]:
         """`rounds` rounds for P particles: φ [P, n], θ [P, d], acc [P, ...]; particle i
         uses the minibatches of run seeds[i % len(seeds)] from round start[...]. Returns
         (θ, acc, per-round meta-loss [rounds, P]: `LocalSGDEnv.round_meta_loss`).
-        `after(r, θ)` after each round."""
+        `after(r, θ)` after each round; `augment`: the runs' `lr_factors` (training)."""
         rep = theta.shape[0] // len(seeds)
+        factors = (self.lr_factors(seeds).repeat(rep)
+                   if augment and self.cfg.lr_augment > 1 else None)
         losses = []
         with torch.no_grad():
             for r in range(rounds):
@@ -288,6 +301,8 @@ class PES(FlatPhiEstimator):
                 xb, yb = self.env.batches(seeds, [t + r for t in start], rep)
                 # the workers' local lr: each particle's own where φ chooses it
                 lr = torch.exp(acc.log_lr) if isinstance(acc, LocalLrState) else None
+                if factors is not None:
+                    lr = (lr if lr is not None else self.cfg.local_lr) * factors
                 updates, loss = self.env.local_sgd(theta, xb, yb, lr)
                 step, acc = self._agg_step(phi, acc, theta, updates)
                 theta = theta - step
@@ -301,7 +316,7 @@ class PES(FlatPhiEstimator):
         """One truncation (`cfg.unroll` rounds) of every particle: (meta-loss [P], inner)."""
         theta, acc, losses = self.run_rounds(phi_batch, inner.theta, inner.acc,
                                              inner.seed.tolist(), inner.round.tolist(),
-                                             self.cfg.unroll)
+                                             self.cfg.unroll, augment=True)
         return losses.mean(0), inner._replace(theta=theta, acc=acc,
                                               round=inner.round + self.cfg.unroll)
 
