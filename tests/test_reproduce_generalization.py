@@ -15,6 +15,7 @@ from metagg.experiments.generalization import (
     SCALES,
     _aggregate,
     _iqm,
+    final_local_lr,
     learned_local_lr,
     reproduce_generalization,
     summarize_task,
@@ -48,6 +49,10 @@ def test_task_summary_speedup_ratios_and_spread():
     assert agg["geomean_speedup"] == pytest.approx(1.0) and agg["unreached"] == 1
     assert agg["worse_at_R"] == 1 and agg["worse_at_end"] == 1
     assert _iqm([1, 2, 3, 100]) == 2.5
+    assert rows["learned"]["local_lr_at_end"] is None  # no lr recorded
+    chosen = [curve([2, 1.0]), curve([2, 1.0])]
+    chosen[0][-1]["local_lr"], chosen[1][-1]["local_lr"] = 0.4, 0.8
+    assert final_local_lr(chosen) == pytest.approx(0.6)  # mean over seeds
 
 
 def test_scales_only_use_held_out_tasks():

@@ -166,8 +166,15 @@ def summarize_task(curves: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]],
             "rounds_to_target": hit, "speedup": rounds / hit if hit else None,
             "spread_ratio": (spread(runs) / spread(curves[best]) if spread(curves[best]) > 0
                              else math.nan),
+            "local_lr_at_end": final_local_lr(runs),
         })
     return rows
+
+
+def final_local_lr(runs: Sequence[Sequence[Mapping[str, Any]]]) -> float | None:
+    """The workers' local lr at the end, mean over seeds (None where not recorded)."""
+    last = [run[-1].get("local_lr") for run in runs]
+    return statistics.fmean(last) if last and None not in last else None
 
 
 def _iqm(values: Sequence[float]) -> float:
@@ -300,7 +307,8 @@ def _write_report(path: Path, s: Mapping[str, Any], sc: GeneralizationScale) -> 
         f"{s['seeds'][0]}..{s['seeds'][-1]}. Baselines ({', '.join(s['baselines'])}) tuned "
         f"on each task at R on seed {TUNING_SEED}; the learned aggregators "
         f"({', '.join(f'{k}: `{v}`' for k, v in s['learned'].items())}) with **no per-task "
-        f"tuning** (their workers' local lr is the one they were meta-trained with). "
+        f"tuning** (their workers' local lr is the one they were meta-trained with, or "
+        f"their own choice each round where they set it: last column). "
         f"Wall time {s['wall_s']:.0f} s.",
         "",
         "## Over tasks",
@@ -319,11 +327,13 @@ def _write_report(path: Path, s: Mapping[str, Any], sc: GeneralizationScale) -> 
         "",
         format_table(
             ["task", "method", f"loss @ {s['rounds']}", "ratio to best", f"loss @ {end}",
-             "ratio to best", "rounds to target", "speed-up", "spread ratio"],
+             "ratio to best", "rounds to target", "speed-up", "spread ratio",
+             "local lr @ end"],
             [[r["task"], r["method"] + (" (best)" if r["method"] == r["best_baseline"] else ""),
               _fmt(r["loss_at_R"], 4), _fmt(r["ratio_at_R"]), _fmt(r["loss_at_end"], 4),
               _fmt(r["ratio_at_end"]), str(r["rounds_to_target"] or f"> {end}"),
-              _fmt(r["speedup"], 2), _fmt(r["spread_ratio"], 2)] for r in s["rows"]]),
+              _fmt(r["speedup"], 2), _fmt(r["spread_ratio"], 2),
+              _fmt(r.get("local_lr_at_end"), 3)] for r in s["rows"]]),
         "Ratios are to the best tuned baseline (at R: the one with the lowest loss at R; at "
         f"{end}: the lowest of the baselines there). Spread ratio: the std over seeds of "
         "log(loss at R) relative to the best baseline's.",

@@ -90,14 +90,22 @@ def merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def run_curve(cfg: RunConfig, dataset: Dataset, evals: int) -> list[dict[str, Any]]:
-    """Train for cfg.rounds; the training loss and test accuracy at `evals` points."""
+    """Train for cfg.rounds; the training loss and test accuracy at `evals` points (and,
+    in local-SGD mode, the workers' local lr for the next round: an aggregator may set it)."""
     sim = Simulation(cfg, dataset=dataset)
     every = max(1, cfg.rounds // evals)
-    rows = [{"round": 0, **sim.evaluate()}]
+
+    def row() -> dict[str, Any]:
+        out = {"round": sim.round, **sim.evaluate()}
+        if cfg.workers.mode == "local_sgd":
+            out["local_lr"] = sim.server.round_local_lr()
+        return out
+
+    rows = [row()]
     while sim.round < cfg.rounds:
         sim.step()
         if sim.round % every == 0 or sim.round == cfg.rounds:
-            rows.append({"round": sim.round, **sim.evaluate()})
+            rows.append(row())
     return rows
 
 
