@@ -465,3 +465,22 @@ def test_lr_augmentation_factors_are_per_run_deterministic_and_in_range(digits):
     assert abs(float(c.log().mean())) < 0.2  # log-uniform around 1
     with pytest.raises(ValueError, match="lr_augment"):
         tiny_config(lr_augment=0.5)
+
+
+def test_trainable_subset_moves_only_those_entries(tmp_path, digits):
+    cfg = tiny_config(step_mode="general", learned_local_lr=True, weight_decay=0.0,
+                      trainable="schedule,lr_control", steps=3, validate_every=3)
+    trainer = PES(cfg, digits)
+    mask = mp.trainable_mask(trainer.phi, cfg.trainable)
+    assert int(mask.sum()) == 2 * 3 + 4  # schedule [2, 3], lr_control [4]
+    eps = trainer.perturbations(0)
+    assert torch.equal(eps * (1 - mask), torch.zeros_like(eps)) and bool((eps * mask).any())
+    start = trainer.phi.init(cfg.seed)
+    meta_train_pes(cfg, tmp_path / "run", progress=False, data=digits)
+    phi = trainer.phi.of(load_lagg(tmp_path / "run").net)
+    frozen = mask == 0
+    assert torch.equal(phi[frozen], start[frozen]) and not torch.equal(phi, start)
+    with pytest.raises(ValueError, match="weight_decay=0"):
+        tiny_config(trainable="schedule")
+    with pytest.raises(ValueError, match=r"trainable: \['nope'\] are not in φ"):
+        PES(tiny_config(trainable="nope", weight_decay=0.0), digits)

@@ -178,6 +178,10 @@ class MetaTrainPESConfig(Section):
     # task augmentation: each inner run's workers' lr (= their gradients' scale) times a
     # factor log-uniform in [1/lr_augment, lr_augment]; 1 = none
     lr_augment: float = option(1.0, ge=1)
+    # meta-train only these entries of φ (comma-separated names, e.g. "schedule,lr_control");
+    # None: all. Fewer perturbed dimensions, a less noisy PES estimate.
+    trainable: str | None = option(None, check=lambda v: None if v and v.strip() else
+                                   "name at least one entry of φ")
     # PES
     unroll: int = option(50, ge=1)  # rounds per truncation
     sigma: float = option(0.01, gt=0)
@@ -230,6 +234,8 @@ class MetaTrainPESConfig(Section):
                         f"got {self.pairs}"]
         if self.max_inner < self.min_inner:
             return [f"max_inner: must be >= min_inner ({self.min_inner}), got {self.max_inner}"]
+        if self.trainable is not None and self.weight_decay != 0:
+            return ["trainable: set weight_decay=0 (decay would move the frozen entries of φ)"]
         if self.learned_local_lr and self.step_mode != "general":
             return ["learned_local_lr: only step_mode general sets the workers' local lr"]
         if self.kind == "lagg" and self.num_workers < 1:

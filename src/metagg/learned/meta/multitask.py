@@ -43,12 +43,12 @@ from metagg.learned.meta.pes import (
     PES,
     FlatPhiEstimator,
     InnerState,
-    antithetic_noise,
     lagg_config,
     pes_gradient,
     reset_pairs,
+    trainable_mask,
 )
-from metagg.seeding import MetaStream, derive_generator, derive_seed
+from metagg.seeding import MetaStream, derive_seed
 from metagg.tasks.families import TaskSpec, sample_tasks
 
 __all__ = ["MultiTaskPES", "MultiTaskState", "task_families"]
@@ -86,6 +86,8 @@ class MultiTaskPES(FlatPhiEstimator):
         self.data_dir = data_dir if data_dir is not None else cfg.data_dir
         self.phi = FlatPhi(lagg_config(cfg))
         self.dim = self.phi.dim
+        if cfg.trainable is not None:
+            trainable_mask(self.phi, cfg.trainable)  # unknown names fail now
         self.per_group = cfg.pairs // cfg.task_groups
         self._runners: OrderedDict[str, PES] = OrderedDict()
         self._data: OrderedDict[tuple, Dataset] = OrderedDict()
@@ -159,8 +161,7 @@ class MultiTaskPES(FlatPhiEstimator):
     # ------------------------------------------------------------------ one step
     def estimate(self, phi: torch.Tensor, state: MultiTaskState, step: int) -> Estimate:
         cfg, n = self.cfg, self.per_group
-        noise = derive_generator(cfg.seed, MetaStream.PES_NOISE, step)
-        eps = antithetic_noise(cfg.pairs, self.dim, cfg.sigma, noise)
+        eps = self.perturbations(step)
         pos, neg, groups = [], [], []
         tasks = state.task.tolist()
         for g, inner in enumerate(state.groups):

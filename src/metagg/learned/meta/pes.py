@@ -155,6 +155,20 @@ class PESState(NamedTuple):
     runs_started: torch.Tensor  # [] int64 inner runs drawn so far (numbers the next ones)
 
 
+def trainable_mask(phi: FlatPhi, names: str) -> torch.Tensor:
+    """1 on the entries of the named tensors of φ, 0 elsewhere, [n]."""
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    known = [s.name for s in phi.layout]
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise ValueError(f"trainable: {unknown} are not in φ; its entries are {known}")
+    mask = torch.zeros(phi.dim)
+    for spec in phi.layout:
+        if spec.name in wanted:
+            mask[spec.slice] = 1.0
+    return mask
+
+
 def lagg_config(cfg: MetaTrainPESConfig) -> LAggConfig:
     """The architecture a PES run trains."""
     fixed_k = cfg.kind == "lagg" and cfg.step_mode != "general"
@@ -170,6 +184,17 @@ class FlatPhiEstimator:
     """What the estimators of LAgg-A / LOpt-A share: φ as the flat vector of `self.phi`."""
 
     phi: FlatPhi
+    cfg: MetaTrainPESConfig
+
+    def perturbations(self, step: int) -> torch.Tensor:
+        """This step's ε [N, n] (`antithetic_noise`), zero outside `cfg.trainable`: the
+        estimate, and so the update, then leaves those entries of φ as they are."""
+        cfg = self.cfg
+        eps = antithetic_noise(cfg.pairs, self.phi.dim, cfg.sigma,
+                               derive_generator(cfg.seed, MetaStream.PES_NOISE, step))
+        if cfg.trainable is None:
+            return eps
+        return eps * trainable_mask(self.phi, cfg.trainable)
 
     def init_phi(self, seed: int) -> torch.Tensor:
         return self.phi.init(seed)
@@ -218,6 +243,8 @@ class PES(FlatPhiEstimator):
         self.env = env if env is not None else LocalSGDEnv(cfg, data)
         self.phi = FlatPhi(lagg_config(cfg))
         self.dim = self.phi.dim
+        if cfg.trainable is not None:
+            trainable_mask(self.phi, cfg.trainable)  # unknown names fail now
         self.plan = FeaturePlan.from_layout(self.env.task.layout)
         self._agg_step = vmap(self._particle_step)
         if compile:
@@ -340,8 +367,7 @@ class PES(FlatPhiEstimator):
 
     def estimate(self, phi: torch.Tensor, state: PESState, step: int) -> Estimate:
         cfg = self.cfg
-        noise = derive_generator(cfg.seed, MetaStream.PES_NOISE, step)
-        eps = antithetic_noise(cfg.pairs, self.dim, cfg.sigma, noise)
+        eps = self.perturbations(step)
         res = pes_step(self.unroll, phi, state.accum, state.inner, eps, sigma=cfg.sigma)
         done = res.inner.round >= res.inner.length
         k, started = int(done.sum()), int(state.runs_started)
