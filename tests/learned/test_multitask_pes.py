@@ -95,3 +95,20 @@ def test_cli_meta_trains_on_task_families(tmp_path, capsys):
     agg = load_lagg(tmp_path / "g")
     assert agg.config.kind == "lopt" and agg.config.step_mode == "general"
     assert "lopt:" in capsys.readouterr().out
+
+
+def test_augmented_validation_scores_every_lr_factor_against_slowmo_at_that_factor():
+    """With lr_augment, validation runs each task at the workers' lr × (1/a, 1, a); SlowMo
+    itself (the untrained step with α 0.6 and the controller off) scores 0 at each."""
+    est = MultiTaskPES(tiny(residual_base="momentum", learned_local_lr=True,
+                            local_lr_gain=0.1, lr_augment=2.0))
+    assert est.validation_factors == (0.5, 1.0, 2.0)
+    slowmo = est._slowmo_phi()
+    for c in (0.5, 2.0):  # the φ path is SlowMo: scores 0 against itself
+        runner = est.runner(est.validation_tasks[0])
+        assert est._relative(0, runner.validation_runs(slowmo, lr_factor=c), c) == 0.0
+    score, means = est.validate(est.init_phi(0))  # gain 0.1: the lr moves, the score too
+    assert math.isfinite(score) and score != 0.0
+    assert {"task0@x0.5/mean_loss@10", "task0/mean_loss@10", "task0@x2/mean_loss@10"} <= set(means)
+    with pytest.raises(ValueError, match="residual_base momentum"):
+        MultiTaskPES(tiny(residual_base="mean", lr_augment=2.0))

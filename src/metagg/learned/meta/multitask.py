@@ -19,7 +19,10 @@ on K or the model), which is what lets one estimate average over tasks. Validati
 φ on `validation_tasks` further draws from the same families (never a held-out task) from
 held-out model seeds; the score is the mean over those tasks of the mean log(loss / SlowMo's
 loss) at the validation horizons (SlowMo α 0.6, β 0.9 on the same seeds): 0 is SlowMo's
-level, negative is better.
+level, negative is better. With task augmentation (`lr_augment` = a > 1) every validation
+task also runs with the workers' lr times 1/a and a, each against SlowMo at the same
+factor (there computed as the untrained general step, which is SlowMo, tested), so the
+best φ is the one that copes with the scales it was trained on, not only with c = 1.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from metagg.aggregators import optimizers as opt
 from metagg.aggregators.registry import build_aggregator
 from metagg.config.meta import MetaTrainPESConfig
 from metagg.data import Dataset
-from metagg.learned.lagg import FlatPhi, save_lagg
+from metagg.learned.lagg import AdaMLP, FlatPhi, save_lagg
 from metagg.learned.meta.envs import LocalSGDEnv
 from metagg.learned.meta.estimators import Estimate
 from metagg.learned.meta.evaluate import evaluate_aggregator
@@ -74,8 +77,10 @@ class MultiTaskPES(FlatPhiEstimator):
     """Truncated PES over a task distribution (see the module docstring)."""
 
     name = "multitask_pes"
-    score_definition = ("mean over validation tasks of the mean over seeds and horizons of "
-                        "log(train loss / SlowMo's train loss), losses floored at 1e-4·ln C")
+    score_definition = ("mean over validation tasks (and, with lr_augment a, the workers' lr "
+                        "factors 1/a, 1, a) of the mean over seeds and horizons of "
+                        "log(train loss / SlowMo's train loss at the same factor), losses "
+                        "floored at 1e-4·ln C; the baselines' scores are at factor 1")
 
     def __init__(self, cfg: MetaTrainPESConfig, *, data_dir: str | None = None):
         if cfg.tasks is None:
@@ -93,7 +98,12 @@ class MultiTaskPES(FlatPhiEstimator):
         self._data: OrderedDict[tuple, Dataset] = OrderedDict()
         valid_seed = derive_seed(cfg.seed, MetaStream.VALID_TASKS, 0)
         self.validation_tasks = sample_tasks(self.families, cfg.validation_tasks, valid_seed)
-        self._references: dict[int, dict[str, list[float]]] = {}
+        self._references: dict[tuple[int, float], dict[str, list[float]]] = {}
+        a = cfg.lr_augment
+        self.validation_factors = (1.0,) if a == 1 else (1.0 / a, 1.0, a)
+        if a > 1 and cfg.residual_base != "momentum":
+            raise ValueError("lr_augment: the augmented validation compares with SlowMo, "
+                             "which needs residual_base momentum")
 
     # ------------------------------------------------------------------ tasks
     def task(self, number: int) -> TaskSpec:
@@ -192,20 +202,36 @@ class MultiTaskPES(FlatPhiEstimator):
         return Estimate(grad, new, {"meta_loss": meta_loss, "resets": int(done.sum()) // n})
 
     # ------------------------------------------------------------------ validation, files
-    def _reference(self, i: int) -> dict[str, list[float]]:
-        """SlowMo's per-seed results on validation task i (computed once; deterministic)."""
-        if i not in self._references:
+    def _reference(self, i: int, factor: float = 1.0) -> dict[str, list[float]]:
+        """SlowMo's per-seed results on validation task i with the workers' lr times
+        `factor` (computed once; deterministic)."""
+        if (i, factor) not in self._references:
             runner = self.runner(self.validation_tasks[i])
-            agg = build_aggregator("mean", optimizer=opt.slowmo(0.6, 0.9,
-                                                                local_lr=runner.cfg.local_lr))
-            self._references[i] = evaluate_aggregator(agg, runner.env, runner.seeds,
-                                                      self.cfg.validation_rounds)
-        return self._references[i]
+            if factor == 1.0:
+                agg = build_aggregator("mean", optimizer=opt.slowmo(
+                    0.6, 0.9, local_lr=runner.cfg.local_lr))
+                res = evaluate_aggregator(agg, runner.env, runner.seeds,
+                                          self.cfg.validation_rounds)
+            else:
+                res = runner.validation_runs(self._slowmo_phi(), lr_factor=factor)
+            self._references[(i, factor)] = res
+        return self._references[(i, factor)]
 
-    def _relative(self, i: int, res: dict[str, Any]) -> float:
+    def _slowmo_phi(self) -> torch.Tensor:
+        """The general step that is SlowMo (α 0.6, β 0.9, the workers' lr fixed): zero
+        output layer, α = 0.6, the lr controller off."""
+        net = AdaMLP(self.phi.config)
+        with torch.no_grad():
+            net.log_scale.fill_(math.log(0.6))
+            if self.phi.config.sets_local_lr:
+                net.lr_control.zero_()
+        return self.phi.of(net)
+
+    def _relative(self, i: int, res: dict[str, Any], factor: float = 1.0) -> float:
         """Mean over seeds and horizons of log(loss / SlowMo's loss) on validation task i
         (losses floored at 1e-4·ln C: a task learnt to ~0 loss must not dominate)."""
-        ref, floor = self._reference(i), 1e-4 * self.runner(self.validation_tasks[i]).env.loss_scale
+        ref = self._reference(i, factor)
+        floor = 1e-4 * self.runner(self.validation_tasks[i]).env.loss_scale
         logs = [math.log(max(a, floor) / max(b, floor))
                 for h in self.cfg.validation_rounds
                 for a, b in zip(res[f"loss@{h}"], ref[f"loss@{h}"], strict=True)]
@@ -216,9 +242,11 @@ class MultiTaskPES(FlatPhiEstimator):
         `_relative` — 0 is SlowMo's level, −0.1 about 10 % lower losses."""
         scores, means = [], {}
         for i, spec in enumerate(self.validation_tasks):
-            res = self.runner(spec).validation_runs(phi)  # batched over the seeds
-            scores.append(self._relative(i, res))
-            means.update({f"task{i}/mean_{k}": sum(v) / len(v) for k, v in res.items()})
+            for c in self.validation_factors:
+                res = self.runner(spec).validation_runs(phi, lr_factor=c)  # batched over seeds
+                scores.append(self._relative(i, res, c))
+                at = "" if c == 1.0 else f"@x{c:.3g}"
+                means.update({f"task{i}{at}/mean_{k}": sum(v) / len(v) for k, v in res.items()})
         return sum(scores) / len(scores), means
 
     def baselines(self) -> dict[str, dict[str, Any]]:

@@ -313,14 +313,15 @@ class PES(FlatPhiEstimator):
     def run_rounds(self, phi: torch.Tensor, theta: torch.Tensor, acc: StepState,
                    seeds: Sequence[int], start: Sequence[int], rounds: int,
                    after: Callable[[int, torch.Tensor], None] | None = None, *,
-                   augment: bool = False) -> tuple[torch.Tensor, StepState, torch.Tensor]:
+                   lr_factor: torch.Tensor | None = None,
+                   ) -> tuple[torch.Tensor, StepState, torch.Tensor]:
         """`rounds` rounds for P particles: φ [P, n], θ [P, d], acc [P, ...]; particle i
         uses the minibatches of run seeds[i % len(seeds)] from round start[...]. Returns
         (θ, acc, per-round meta-loss [rounds, P]: `LocalSGDEnv.round_meta_loss`).
-        `after(r, θ)` after each round; `augment`: the runs' `lr_factors` (training)."""
+        `after(r, θ)` after each round; `lr_factor` [len(seeds)]: each run's workers' lr
+        factor (task augmentation; None: 1)."""
         rep = theta.shape[0] // len(seeds)
-        factors = (self.lr_factors(seeds).repeat(rep)
-                   if augment and self.cfg.lr_augment > 1 else None)
+        factors = None if lr_factor is None else lr_factor.repeat(rep)
         losses = []
         with torch.no_grad():
             for r in range(rounds):
@@ -341,9 +342,11 @@ class PES(FlatPhiEstimator):
     def unroll(self, phi_batch: torch.Tensor, inner: InnerState) -> tuple[torch.Tensor,
                                                                          InnerState]:
         """One truncation (`cfg.unroll` rounds) of every particle: (meta-loss [P], inner)."""
-        theta, acc, losses = self.run_rounds(phi_batch, inner.theta, inner.acc,
-                                             inner.seed.tolist(), inner.round.tolist(),
-                                             self.cfg.unroll, augment=True)
+        seeds = inner.seed.tolist()
+        factor = self.lr_factors(seeds) if self.cfg.lr_augment > 1 else None
+        theta, acc, losses = self.run_rounds(phi_batch, inner.theta, inner.acc, seeds,
+                                             inner.round.tolist(), self.cfg.unroll,
+                                             lr_factor=factor)
         return losses.mean(0), inner._replace(theta=theta, acc=acc,
                                               round=inner.round + self.cfg.unroll)
 
@@ -384,8 +387,10 @@ class PES(FlatPhiEstimator):
         means = {f"mean_{k}": sum(v) / len(v) for k, v in out.items()}
         return score(out, self.cfg.validation_rounds), means
 
-    def validation_runs(self, phi: torch.Tensor) -> dict[str, list[float]]:
-        """Per-seed `loss@T` / `acc@T` of φ from every held-out seed (batched)."""
+    def validation_runs(self, phi: torch.Tensor,
+                        lr_factor: float = 1.0) -> dict[str, list[float]]:
+        """Per-seed `loss@T` / `acc@T` of φ from every held-out seed (batched); the
+        workers' lr times `lr_factor` (task augmentation)."""
         task, seeds, horizons = self.env.task, self.seeds, self.cfg.validation_rounds
         p = len(seeds)
         out: dict[str, Any] = {f"{k}@{h}": [] for h in horizons for k in ("loss", "acc")}
@@ -397,7 +402,9 @@ class PES(FlatPhiEstimator):
 
         theta = torch.stack([task.init_params(s) for s in seeds])
         acc = self.fresh_states(p)
-        self.run_rounds(phi.expand(p, -1), theta, acc, seeds, [0] * p, max(horizons), after)
+        factor = None if lr_factor == 1.0 else torch.full((p,), float(lr_factor))
+        self.run_rounds(phi.expand(p, -1), theta, acc, seeds, [0] * p, max(horizons), after,
+                        lr_factor=factor)
         return out
 
     def baselines(self) -> dict[str, dict[str, Any]]:
