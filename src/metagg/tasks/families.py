@@ -190,6 +190,12 @@ FAMILIES: dict[str, TaskFamily] = {f.name: f for f in (
         datasets=("text@16", "text@24"),
         models=("transformer:1:16:2", "transformer:1:24:3", "transformer:1:32:4"),
         batch_sizes=(16, 32)),
+    TaskFamily(
+        "image-mlp-wide", "Fashion-MNIST at 12x12 and 16x16, random class subsets, "
+        "width-128 MLPs (the scale of models image-mlp lacks)",
+        datasets=("fashion_mnist@12", "fashion_mnist@16"), class_subsets=True,
+        models=_mlps((128,), (1, 2), ("relu", "tanh")),
+        partitions=("iid", "dirichlet")),
 )}
 
 # The original LAgg-A / LOpt-A task (Joseph et al. 2025): in the image-mlp family.
