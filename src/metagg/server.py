@@ -102,6 +102,7 @@ class Server:
         self.params = params
         self.agg_state = self.aggregator.init(self.layout, self.num_workers)
         self.round = 0
+        self._round_lr: float | None = None  # round_local_lr's answer for this round
         self.dropped_updates = 0
         self.skipped_rounds = 0
         self.missing_updates = 0
@@ -128,17 +129,19 @@ class Server:
 
     def round_local_lr(self) -> float:
         """The workers' local lr in the coming round: the aggregator's
-        `requested_local_lr` (local-SGD mode), else the configured one."""
+        `requested_local_lr` (local-SGD mode), else the configured one. Asked once a round
+        (contexts are built several times a round; the answer may need a device sync)."""
         if self.mode != "local_sgd":
             return self.local_lr
+        if self._round_lr is not None:
+            return self._round_lr
         ctx = self._context(torch.zeros(0, dtype=torch.int64), None, None, self.local_lr)
         lr = self.aggregator.requested_local_lr(self.agg_state, ctx)
-        if lr is None:
-            return self.local_lr
-        lr = float(lr)
+        lr = self.local_lr if lr is None else float(lr)
         if not (math.isfinite(lr) and lr > 0):
             raise ValueError(f"{self.aggregator.name} asked the workers for local lr {lr}; "
                              "it must be finite and > 0")
+        self._round_lr = lr
         return lr
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -171,6 +174,7 @@ class Server:
             self.momentum_started = started.bool()
         self.params, self.agg_state = params, agg_state
         self.round = int(counters["round"])
+        self._round_lr = None
         self.dropped_updates = int(counters["dropped_updates"])
         self.skipped_rounds = int(counters["skipped_rounds"])
         self.missing_updates = int(counters.get("missing_updates", 0))
@@ -195,15 +199,18 @@ class Server:
             log.warning("round %d skipped: %s", t, exc)
             self.skipped_rounds += 1
             self.round += 1
+            self._round_lr = None
             return
         if not bool(torch.isfinite(step.sum())):
             log.warning("round %d skipped: %s produced a non-finite step", t, self.aggregator.name)
             self.skipped_rounds += 1
             self.round += 1
+            self._round_lr = None
             return
         self.params = self.params - step
         self.agg_state = new_state
         self.round += 1
+        self._round_lr = None
 
     def receive(self, updates: torch.Tensor, present: torch.Tensor, losses: torch.Tensor,
                 received: torch.Tensor | None = None, *, round: int | None = None,
