@@ -165,3 +165,18 @@ def test_run_writes_all_outputs(digits, tmp_path):
     for key in ("final_test_accuracy", "final_test_loss", "final_train_loss", "rounds", "wall_s",
                 "seed"):
         assert saved[key] == summary[key]
+
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 0.0, -0.1, float("inf")])
+def test_an_aggregator_asking_for_a_bad_local_lr_is_a_clear_error(digits, bad):
+    cfg = config_from_dict({"model": "mlp:8:relu", "rounds": 2,
+                            "workers": {"num_workers": 3, "mode": "local_sgd",
+                                        "local_steps": 2, "local_lr": 0.3}})
+    sim = Simulation(cfg, dataset=digits)
+    sim.server.aggregator.requested_local_lr = lambda state, ctx: bad
+    with pytest.raises(ValueError, match=r"asked the workers for local lr .*finite and > 0"):
+        sim.step()
+    sim.server.aggregator.requested_local_lr = lambda state, ctx: 0.7
+    sim.server.reset(sim.params)
+    assert sim.server.round_local_lr() == 0.7 and sim.context(torch.arange(3)).local_lr == 0.7

@@ -28,12 +28,11 @@ graph of the meta-gradient.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import torch
 
-from metagg.aggregators.base import Aggregator, RoundContext, TooFewUpdates
+from metagg.aggregators.base import Aggregator, RoundContext, TooFewUpdates, chosen_local_lr
 from metagg.attacks import Attack, Defence, make_attack
 from metagg.checkpoint import CheckpointError, flatten_state, unflatten_state
 from metagg.layout import ParamLayout
@@ -136,13 +135,9 @@ class Server:
         if self._round_lr is not None:
             return self._round_lr
         ctx = self._context(torch.zeros(0, dtype=torch.int64), None, None, self.local_lr)
-        lr = self.aggregator.requested_local_lr(self.agg_state, ctx)
-        lr = self.local_lr if lr is None else float(lr)
-        if not (math.isfinite(lr) and lr > 0):
-            raise ValueError(f"{self.aggregator.name} asked the workers for local lr {lr}; "
-                             "it must be finite and > 0")
-        self._round_lr = lr
-        return lr
+        lr = chosen_local_lr(self.aggregator, self.agg_state, ctx)
+        self._round_lr = self.local_lr if lr is None else lr
+        return self._round_lr
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The state's tensors for a checkpoint (θ, aggregator state, worker momenta)."""

@@ -14,6 +14,7 @@ Nothing here knows where it runs.
 from __future__ import annotations
 
 import inspect
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ __all__ = [
     "RuleAggState",
     "RuleAggregator",
     "TooFewUpdates",
+    "chosen_local_lr",
     "worker_slots",
 ]
 
@@ -140,6 +142,19 @@ class Aggregator(ABC):
             )
         if self.uses_trusted_data and ctx.trusted is None:
             raise ValueError(f"{self.name} needs the server's trusted data (set trusted_samples)")
+
+
+def chosen_local_lr(aggregator: Aggregator, state: State, ctx: RoundContext) -> float | None:
+    """`aggregator.requested_local_lr(state, ctx)` as a float, checked: None (keep the
+    configured lr) or finite and > 0, else a ValueError naming the aggregator."""
+    lr = aggregator.requested_local_lr(state, ctx)
+    if lr is None:
+        return None
+    lr = float(lr)
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"{aggregator.name} asked the workers for local lr {lr}; it must be "
+                         "finite and > 0")
+    return lr
 
 
 class Rule(Protocol):

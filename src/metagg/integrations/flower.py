@@ -85,7 +85,7 @@ except ImportError as exc:  # pragma: no cover - exercised by monkeypatching sys
         "pip install 'metagg[flower]'"
     ) from exc
 
-from metagg.aggregators.base import Aggregator, RoundContext, TooFewUpdates
+from metagg.aggregators.base import Aggregator, RoundContext, TooFewUpdates, chosen_local_lr
 from metagg.aggregators.optimizers import ServerOptimizer
 from metagg.checkpoint import (
     CheckpointError,
@@ -264,12 +264,9 @@ class AggregatorStrategy(FedAvg):
                            worker_ids=torch.zeros(0, dtype=torch.int64), trusted=self.trusted,
                            mode="local_sgd", local_lr=self.local_lr,
                            local_steps=self.local_steps)
-        lr = self.aggregator.requested_local_lr(self.state, ctx)
-        if lr is None:
-            self._round_lr = self.local_lr
-            return None
-        self._round_lr = float(lr)
-        return self._round_lr
+        lr = chosen_local_lr(self.aggregator, self.state, ctx)
+        self._round_lr = self.local_lr if lr is None else lr
+        return lr
 
     def aggregate_fit(
         self,
