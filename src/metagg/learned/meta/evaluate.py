@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from metagg.aggregators.base import Aggregator, RoundContext
+from metagg.aggregators.base import Aggregator, RoundContext, chosen_local_lr
 from metagg.data import Dataset
 from metagg.learned.meta.envs import LocalSGDEnv, MetaEnv
 from metagg.tasks import Task
@@ -78,12 +78,12 @@ def _local_sgd_runs(agg: Aggregator, env: LocalSGDEnv, seeds: Sequence[int],
         ctxs = [RoundContext(round=t, params=theta[i], layout=task.layout, num_workers=k,
                              worker_ids=ids, mode="local_sgd", local_lr=env.cfg.local_lr,
                              local_steps=env.cfg.local_steps) for i in range(len(seeds))]
-        # the workers' lr: the aggregator's choice per seed, as the simulator sends it
-        lrs = [agg.requested_local_lr(st, c) for st, c in zip(states, ctxs, strict=True)]
+        # the workers' lr: the aggregator's choice per seed, checked as the server does
+        lrs = [chosen_local_lr(agg, st, c) for st, c in zip(states, ctxs, strict=True)]
         for c, lr in zip(ctxs, lrs, strict=True):
             c.local_lr = c.local_lr if lr is None else lr
-        chosen = None if all(lr is None for lr in lrs) else torch.tensor([c.local_lr
-                                                                           for c in ctxs])
+        chosen = (None if all(lr is None for lr in lrs)
+                  else torch.tensor([c.local_lr for c in ctxs]))
         updates, _ = env.local_sgd(theta, xb, yb, chosen)
         steps = []
         for i in range(len(seeds)):
