@@ -229,6 +229,20 @@ def test_controller_raises_the_lr_while_updates_agree_and_stops_at_the_cap():
     assert lrs[2] == pytest.approx(0.5 * math.exp(-0.4), rel=1e-5)  # a negative gain lowers it
 
 
+def test_a_relative_range_keeps_the_lr_within_a_factor_of_its_start():
+    u = draws(1, 3)[0]
+    _, up = lr_rounds(agg_of("lopt", local_lr=0.5, local_lr_gain=0.4, local_lr_range=2.0),
+                      [u] * 8, 3)
+    assert max(up) == pytest.approx(1.0) and up[-1] == pytest.approx(1.0)
+    _, down = lr_rounds(agg_of("lopt", local_lr=0.5, local_lr_gain=-0.4,
+                               local_lr_range=2.0), [u] * 8, 3)
+    assert min(down) == pytest.approx(0.25) and down[-1] == pytest.approx(0.25)
+    # the absolute range still holds inside a wide relative one
+    _, capped = lr_rounds(agg_of("lopt", local_lr=2.0, local_lr_gain=0.4, local_lr_range=10.0),
+                          [u] * 8, 3)
+    assert max(capped) == pytest.approx(3.0)
+
+
 def test_coupling_scales_the_server_step_with_the_lr_it_moved():
     u = draws(1, 3)[0]
     plain = agg_of("lopt", local_lr=0.5, local_lr_gain=0.4)
@@ -245,6 +259,10 @@ def test_local_lr_config_rules(tmp_path):
         LAggConfig(kind="lopt", step_mode="residual", local_lr=0.5)
     with pytest.raises(ValueError, match=r"local_lr: must be in \[0.01, 3.0\]"):
         general("lopt", local_lr=5.0)
+    with pytest.raises(ValueError, match="local_lr_range: must be 0"):
+        general("lopt", local_lr=0.5, local_lr_range=0.5)
+    with pytest.raises(ValueError, match="local_lr_range: needs local_lr > 0"):
+        general("lopt", local_lr_range=4.0)
     agg = agg_of("lagg", local_lr=0.3, local_lr_gain=0.2)
     save_lagg(tmp_path / "g", agg, trained_on={})
     loaded = load_lagg(tmp_path / "g")

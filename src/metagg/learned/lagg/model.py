@@ -49,7 +49,8 @@ cut at ±2σ, zero biases) maps each element's features to (d, g), and
 
     With `local_lr` > 0 the aggregator also chooses the workers' local lr (sent with θ
     each round; `Aggregator.requested_local_lr`): its state carries log η_t, and
-        log η_{t+1} = clip(log η_t + 0.01·(w·f_t + b), log 0.01, log 3),   η_0 = local_lr
+        log η_{t+1} = clip(log η_t + 0.01·(w·f_t + b), log η_min, log η_max),   η_0 = local_lr
+    ([η_min, η_max] = [0.01, 3], or [η_0 / k, η_0 · k] within it with `local_lr_range` = k)
         α_t ← α_t · exp(κ · (log η_t − log η_0))
     with w, b (`lr_control`, w starting at (100·local_lr_gain, 0, 0): a hypergradient-like
     rule, the lr grows while successive mean updates agree) and κ (`lr_coupling`, from
@@ -155,6 +156,8 @@ class LAggConfig(Section):
             the aggregator sets it every round, starting from this value (the learned
             controller in the module docstring).
         local_lr_gain: the controller's initial gain on cos(ḡ, m) (0: it starts fixed).
+        local_lr_range: k > 1 keeps the chosen lr within [local_lr / k, local_lr · k]
+            (and always within [0.01, 3]); 0: only the absolute range.
     """
 
     kind: str = option("lopt", choices=KINDS)
@@ -166,6 +169,7 @@ class LAggConfig(Section):
     correction_scale: float = option(1.0, ge=0)
     local_lr: float = option(0.0, ge=0)
     local_lr_gain: float = option(0.0)
+    local_lr_range: float = option(0.0, ge=0)
 
     def problems(self) -> list[str]:
         if self.kind == "lopt" and self.num_workers != 0:
@@ -176,7 +180,20 @@ class LAggConfig(Section):
             return ["local_lr: only the general step mode sets the workers' local lr"]
         if self.local_lr > 0 and not LOCAL_LR_MIN <= self.local_lr <= LOCAL_LR_MAX:
             return [f"local_lr: must be in [{LOCAL_LR_MIN}, {LOCAL_LR_MAX}], got {self.local_lr}"]
+        if 0 < self.local_lr_range <= 1:
+            return [f"local_lr_range: must be 0 (absolute bounds only) or > 1, got "
+                    f"{self.local_lr_range}"]
+        if self.local_lr_range and not self.sets_local_lr:
+            return ["local_lr_range: needs local_lr > 0 (the aggregator choosing the lr)"]
         return []
+
+    @property
+    def local_lr_bounds(self) -> tuple[float, float]:
+        """(lowest, highest) local lr the controller may choose."""
+        k = self.local_lr_range
+        if not k:
+            return LOCAL_LR_MIN, LOCAL_LR_MAX
+        return max(LOCAL_LR_MIN, self.local_lr / k), min(LOCAL_LR_MAX, self.local_lr * k)
 
     @property
     def sets_local_lr(self) -> bool:
@@ -367,7 +384,8 @@ def ada_step(phi: Mapping[str, torch.Tensor], state: StepState, updates: torch.T
         moved = lr_state.log_lr - math.log(config.local_lr)
         log_alpha = log_alpha + phi["lr_coupling"] * moved
         drift = LR_DRIFT * (phi["lr_control"][:-1] @ f + phi["lr_control"][-1])
-        log_lr = (lr_state.log_lr + drift).clamp(math.log(LOCAL_LR_MIN), math.log(LOCAL_LR_MAX))
+        low, high = config.local_lr_bounds
+        log_lr = (lr_state.log_lr + drift).clamp(math.log(low), math.log(high))
         new_state = LocalLrState(new, log_lr)
     # RMS-normalised per tensor once the MLP's output is large (RMS ≥ 1), linear below:
     # the untrained (zero) output is exactly the baseline, and PES's small perturbations

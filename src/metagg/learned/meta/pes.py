@@ -177,7 +177,8 @@ def lagg_config(cfg: MetaTrainPESConfig) -> LAggConfig:
                       residual_base=cfg.residual_base, residual_scale=cfg.residual_scale,
                       correction_scale=cfg.correction_scale,
                       local_lr=cfg.local_lr if cfg.learned_local_lr else 0.0,
-                      local_lr_gain=cfg.local_lr_gain if cfg.learned_local_lr else 0.0)
+                      local_lr_gain=cfg.local_lr_gain if cfg.learned_local_lr else 0.0,
+                      local_lr_range=cfg.local_lr_range if cfg.learned_local_lr else 0.0)
 
 
 class FlatPhiEstimator:
@@ -202,7 +203,8 @@ class FlatPhiEstimator:
     def phi_of(self, agg: Aggregator) -> torch.Tensor:
         mine = self.phi.config
         if (isinstance(agg, LearnedAdaAggregator) and agg.net is not None
-                and agg.config == dataclasses.replace(mine, local_lr=0.0, local_lr_gain=0.0)
+                and agg.config == dataclasses.replace(mine, local_lr=0.0, local_lr_gain=0.0,
+                                                       local_lr_range=0.0)
                 and mine.sets_local_lr):
             # a fixed-lr φ continued with a learned local lr: the controller starts at
             # its initial values, everything else is the given φ
