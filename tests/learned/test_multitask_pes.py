@@ -112,3 +112,17 @@ def test_augmented_validation_scores_every_lr_factor_against_slowmo_at_that_fact
     assert {"task0@x0.5/mean_loss@10", "task0/mean_loss@10", "task0@x2/mean_loss@10"} <= set(means)
     with pytest.raises(ValueError, match="residual_base momentum"):
         MultiTaskPES(tiny(residual_base="mean", lr_augment=2.0))
+
+
+def test_a_diverged_run_costs_the_loss_cap_not_an_infinite_score():
+    """Validation losses are bounded to [1e-4·ln C, loss cap] (NaN/inf = the cap): one
+    diverged run, the φ's or the reference's, moves the score by a finite amount."""
+    est = MultiTaskPES(tiny(residual_base="momentum"))
+    ref = est._reference(0)
+    env = est.runner(est.validation_tasks[0]).env
+    cap = env.loss_max
+    diverged = {k: [math.nan, *v[1:]] for k, v in ref.items() if k.startswith("loss@")}
+    first = ref["loss@10"][0]
+    want = math.log(cap / max(first, 1e-4 * env.loss_scale)) / len(ref["loss@10"])
+    assert est._relative(0, diverged) == pytest.approx(want)
+    assert est._relative(0, ref) == 0.0

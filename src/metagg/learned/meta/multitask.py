@@ -228,14 +228,23 @@ class MultiTaskPES(FlatPhiEstimator):
         return self.phi.of(net)
 
     def _relative(self, i: int, res: dict[str, Any], factor: float = 1.0) -> float:
-        """Mean over seeds and horizons of log(loss / SlowMo's loss) on validation task i
-        (losses floored at 1e-4·ln C: a task learnt to ~0 loss must not dominate)."""
+        """Mean over seeds and horizons of log(loss / SlowMo's loss) on validation task i.
+
+        Losses are floored at 1e-4·ln C (a task learnt to ~0 loss must not dominate) and
+        capped at the meta-loss clip (`loss_clip`·ln C; NaN/inf count as the cap): a
+        diverged run costs a large but finite amount, and a diverged reference run (SlowMo
+        at a large lr factor) does not make every φ's score infinite."""
         ref = self._reference(i, factor)
-        floor = 1e-4 * self.runner(self.validation_tasks[i]).env.loss_scale
-        logs = [math.log(max(a, floor) / max(b, floor))
+        env = self.runner(self.validation_tasks[i]).env
+        floor, cap = 1e-4 * env.loss_scale, env.loss_max
+
+        def bounded(x: float) -> float:
+            return cap if not math.isfinite(x) else min(max(x, floor), cap)
+
+        logs = [math.log(bounded(a) / bounded(b))
                 for h in self.cfg.validation_rounds
                 for a, b in zip(res[f"loss@{h}"], ref[f"loss@{h}"], strict=True)]
-        return sum(logs) / len(logs) if all(math.isfinite(v) for v in logs) else math.inf
+        return sum(logs) / len(logs)
 
     def validate(self, phi: torch.Tensor) -> tuple[float, dict[str, Any]]:
         """(score, per-task means): the score is the mean over the validation tasks of
