@@ -124,6 +124,25 @@ def test_a_budget_gates_only_the_ceil_kappa_f_worst_rows(round_inputs):
         TrustConfig(budget=True)
 
 
+def test_a_reference_share_mixes_in_the_servers_update_only_for_an_honest_minority(round_inputs):
+    rows, ctx = round_inputs
+    config = TrustConfig(budget=2.0)
+    shared = TrustConfig(budget=2.0, reference_share=0.25)
+    phi = initial_phi(config, 0)
+    reference = ctx.trusted.grad(ctx.params)  # no worker momentum: r is the trusted gradient
+    for f in (1, 3, 4, 6):
+        plain, mixed = TrustRule(config, phi, f=f), TrustRule(shared, phi, f=f)
+        a, _ = plain(plain.init(ctx.layout, 8), rows, ctx)
+        b, _ = mixed(mixed.init(ctx.layout, 8), rows, ctx)
+        if 2 * f < 8:
+            torch.testing.assert_close(b, a)
+        else:  # 2f ≥ n: (1 − λ)·(the rows' direction) + λ·r
+            torch.testing.assert_close(b, 0.75 * a + 0.25 * reference.to(a.dtype))
+    for bad in (-0.1, 1.5, True, "0.5"):
+        with pytest.raises(ValueError, match="reference_share"):
+            TrustConfig(reference_share=bad)
+
+
 def test_the_registry_and_the_loader_tell_the_rule_f():
     agg = build_aggregator("trust", f=3, options={"init": True, "budget": 2})
     assert agg.rule.f == 3 and agg.rule.config.budget == 2

@@ -70,6 +70,11 @@ class TrustConfig:
     # rows may then be the attackers' (measured: min-max 7/10 on Dirichlet Fashion-MNIST
     # fell from 67 % to 10 % when the best three were trusted).
     budget: float | None = None
+    # λ: while 2f ≥ n (an honest minority assumed) the server's own update r takes a share
+    # λ of the direction, (1 − λ) Σ w_i clip_i u_i + λ r, as one more honest row would:
+    # three honest rows on skewed (Dirichlet) shards miss whole classes that the trusted
+    # sample has. 0: the rows only (the first shipped weights).
+    reference_share: float = 0.0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.hidden, int) and self.hidden >= 1):
@@ -80,6 +85,9 @@ class TrustConfig:
                                             and not isinstance(self.budget, bool)
                                             and self.budget >= 1):
             raise ValueError(f"budget must be a number >= 1 or null, got {self.budget!r}")
+        share = self.reference_share
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 1:
+            raise ValueError(f"reference_share must be a number in [0, 1], got {share!r}")
 
     @property
     def layout(self) -> ParamLayout:
@@ -186,5 +194,8 @@ class TrustRule:
         u = updates.to(ctx.params.dtype)
         clip = (p["log_clip"].exp() * reference.norm() / _norms(u).clamp_min(1e-12)).clamp(max=1)
         direction = (weights * clip) @ u
+        share = self.config.reference_share
+        if share and 2 * self.f >= len(u):
+            direction = (1 - share) * direction + share * reference
         return direction.to(updates.dtype), state
 
