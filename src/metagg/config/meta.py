@@ -306,6 +306,8 @@ class MetaTrainTrustConfig(Section):
     hidden: int = option(8, ge=1)
     probe: float = option(0.1, gt=0)
     budget: float | None = option(None)  # TrustConfig.budget κ: gate only the ⌈κf⌉ worst rows
+    # TrustConfig.reference_share λ: the server's own update's share when 2f ≥ n
+    reference_share: float = option(0.0, ge=0, le=1)
     pairs: int = option(6, ge=1)
     sigma: float = option(0.1, gt=0)
     loss_cap: float = option(10.0, gt=0)  # a diverged run counts as this loss
