@@ -40,3 +40,31 @@ def test_an_interrupted_table_resumes_to_the_same_results(digits, tmp_path, monk
     other = config_from_dict({**BASE, "rounds": 20, "optimizer": {"lr": 0.5}})
     with pytest.raises(CheckpointError, match="different config"):
         compare(other, ["mean"], out_dir=tmp_path / "b", resume=True, **kw)
+
+
+def test_a_resumed_table_runs_again_a_learned_aggregator_whose_weights_changed(digits, tmp_path):
+    """Same name, other weights (e.g. a re-shipped pretrained rule): the finished runs of the
+    old weights are not reused; the simulation alone refuses to resume them."""
+    from metagg.learned.trust import TrustConfig, initial_phi, save_trust
+    from metagg.simulation import WeightsChangedError
+
+    cfg = config_from_dict({**BASE, "trusted_samples": 50})
+    kw = dict(seeds=1, attacks=["sign_flip:2"], dataset=digits)  # 2f ≥ n: the share acts
+    weights, name = tmp_path / "w", f"trust:{tmp_path / 'w'}"
+
+    def ship(share):
+        config = TrustConfig(budget=2.0, reference_share=share)
+        save_trust(weights, config, initial_phi(config, 0), trained_on={}, validation={})
+
+    ship(0.0)
+    old = compare(cfg, [name], out_dir=tmp_path / "table", **kw)
+    ship(0.5)
+    want = compare(cfg, [name], out_dir=tmp_path / "fresh", **kw)
+    assert strip(want) != strip(old)
+    got = compare(cfg, [name], out_dir=tmp_path / "table", resume=True, **kw)
+    assert strip(got) == strip(want)
+    ship(0.0)
+    run_dir = tmp_path / "table" / _safe("sign_flip 2/4") / _safe(name) / "seed0"
+    with pytest.raises(WeightsChangedError, match="other weights"):
+        Simulation(_configure(cfg, name, ("sign_flip", 2, {}), 0, False, {}),
+                   dataset=digits).run(run_dir, resume=True)

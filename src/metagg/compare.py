@@ -24,7 +24,7 @@ import yaml
 from metagg.config import ConfigError, RunConfig, config_from_dict, config_to_dict
 from metagg.data import Dataset
 from metagg.plots import plot_overlay
-from metagg.simulation import Simulation, load_run_dataset, read_metrics
+from metagg.simulation import Simulation, WeightsChangedError, load_run_dataset, read_metrics
 
 __all__ = ["compare", "format_table", "mean_std", "parse_attack_setting"]
 
@@ -126,7 +126,8 @@ def compare(
     that cannot run at all is reported as n/a. `aggregator_options` maps an
     aggregator name to extra options for it (e.g. {"centered_clip": {"tau": 0.3}}).
     With `resume`, each run with a checkpoint in `out_dir` continues from it (a finished
-    one is not run again; a different config is an error), so a killed table picks up
+    one is not run again; a different config is an error; a learned aggregator whose
+    weights file changed since is run again from the start), so a killed table picks up
     where it stopped with the same numbers. Returns every run's summary.
     """
     aggregator_options = aggregator_options or {}
@@ -154,7 +155,12 @@ def compare(
                     continue
                 run_dir = out / _safe(label) / _safe(agg) / f"seed{seed}"
                 started = resume and (run_dir / "checkpoint.json").exists()
-                summary = sim.run(run_dir, progress=False, resume=started)
+                try:
+                    summary = sim.run(run_dir, progress=False, resume=started)
+                except WeightsChangedError:
+                    # the weights behind a learned aggregator's name changed: the old
+                    # run measured other weights, so it is run again from round 0
+                    summary = sim.run(run_dir, progress=False, resume=False)
                 curves.setdefault(label, {}).setdefault(agg, []).append(
                     read_metrics(run_dir / "metrics.jsonl"))
                 results.append({**summary, **base, "unsafe": unsafe})

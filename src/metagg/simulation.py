@@ -52,7 +52,8 @@ from metagg.server import Server
 from metagg.tasks import Task, TrustedData
 from metagg.threads import tick as threads_tick
 
-__all__ = ["Simulation", "Workers", "build_workers", "byzantine_ids", "load_run_dataset"]
+__all__ = ["Simulation", "WeightsChangedError", "Workers", "build_workers", "byzantine_ids",
+           "load_run_dataset"]
 
 log = logging.getLogger("metagg")
 
@@ -77,6 +78,17 @@ def load_run_dataset(cfg: RunConfig) -> Dataset:
     d = cfg.data
     return load_dataset(d.name, data_dir=d.data_dir, path=d.path, classes=d.classes,
                         image_size=d.image_size, seq_len=d.seq_len, num_classes=d.num_classes)
+
+
+class WeightsChangedError(CheckpointError):
+    """A checkpoint of a learned aggregator's run whose weights file has changed since."""
+
+
+def _weights_sha256(aggregator: str) -> str | None:
+    # imported here: metagg.learned's meta-training imports this module
+    from metagg.learned.store import weights_sha256
+
+    return weights_sha256(aggregator)
 
 
 @dataclass
@@ -214,6 +226,7 @@ class Simulation:
             "config": config_to_dict(self.cfg),
             "layout": self.task.layout.to_json(),
             "aggregator": self.aggregator.name,
+            "aggregator_weights": _weights_sha256(self.cfg.aggregator.name),
         }
 
     def save(self, path: str | Path, wall_s: float = 0.0) -> None:
@@ -234,6 +247,13 @@ class Simulation:
             diff = sorted(k for k in mine if saved.get(k) != mine[k])
             raise CheckpointError(f"checkpoint {path} is from a different config (differs in: "
                                   f"{', '.join(diff)})")
+        saved_weights = meta.get("aggregator_weights")  # absent in older checkpoints
+        weights = _weights_sha256(self.cfg.aggregator.name)
+        if saved_weights and weights and saved_weights != weights:
+            raise WeightsChangedError(
+                f"checkpoint {path} was written with other weights for aggregator "
+                f"{self.cfg.aggregator.name!r} (sha256 {saved_weights[:12]}…, now "
+                f"{weights[:12]}…): start the run afresh or give it another out dir")
         if int(meta["round"]) > self.cfg.rounds:
             raise CheckpointError(f"checkpoint {path} is at round {meta['round']}, beyond "
                                   f"rounds={self.cfg.rounds}: a resumed run can be extended, "

@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from metagg.checkpoint import CheckpointError
 from metagg.config import ConfigError, RunConfig, config_from_dict, config_to_dict
 from metagg.data import Dataset
+from metagg.learned.store import weights_sha256 as weights_id
 from metagg.simulation import Simulation, load_run_dataset
 
 __all__ = [
@@ -107,21 +107,6 @@ def run_curve(cfg: RunConfig, dataset: Dataset, evals: int) -> list[dict[str, An
         if sim.round % every == 0 or sim.round == cfg.rounds:
             rows.append(row())
     return rows
-
-
-def weights_id(name: str) -> str | None:
-    """The sha256 of a saved learned aggregator's weights ("lagg:PATH"), so that a resume
-    does not reuse runs of different weights saved under the same name."""
-    kind, _, arg = name.partition(":")
-    if kind not in ("lagg", "lopt") or not arg:
-        return None
-    from metagg.learned.store import resolve_path
-
-    try:
-        meta = json.loads(resolve_path(arg).with_suffix(".json").read_text())
-    except (OSError, ValueError, CheckpointError):
-        return None
-    return meta.get("sha256")
 
 
 def slug(text: str) -> str:

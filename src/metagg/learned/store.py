@@ -15,6 +15,7 @@ file is caught on load, and each kind's loader (`metagg.learned.rnn.io`,
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,13 @@ __all__ = [
     "read_aggregator_info",
     "resolve_path",
     "save_learned_files",
+    "weights_sha256",
 ]
 
 STEM = "aggregator"
 ZOO_DIR = Path(__file__).resolve().parents[1] / "zoo"
 PRETRAINED_PREFIX = "pretrained/"
+LEARNED_KINDS = ("rnn", "arnn", "lagg", "lopt", "trust")  # aggregators named KIND:PATH
 
 
 def pretrained_names() -> list[str]:
@@ -123,3 +126,17 @@ def builder_options(kind: str, arg: str | None, options: dict[str, Any]) -> tupl
         raise ValueError(f"aggregator {kind!r}: a saved one ({kind}:{arg}) takes no options, "
                          f"got {sorted(['init', *options] if init else options)}")
     return init, options
+
+
+def weights_sha256(aggregator: str) -> str | None:
+    """The sha256 recorded with the weights of a saved learned aggregator named
+    "KIND:PATH" (None for any other name, or where the files cannot be read), so that a
+    resumed run can tell that the weights behind the same name have changed."""
+    kind, _, arg = aggregator.partition(":")
+    if kind not in LEARNED_KINDS or not arg:
+        return None
+    try:
+        meta = json.loads(resolve_path(arg).with_suffix(".json").read_text())
+    except (OSError, ValueError, CheckpointError):
+        return None
+    return meta.get("sha256") if isinstance(meta, dict) else None
