@@ -32,6 +32,11 @@ best-scored rows get gate 1 and only the rest their learned gate; with f = 0 it 
 mean (no row clipped either). Without it the gates kept about half of ten honest rows (an
 effective 5 of 10), which cost 1.4 points of accuracy on IID digits and 8 with Dirichlet
 data (measured against uniform weights on the same clipped rows).
+With a reference share λ (`TrustConfig.reference_share`) and an assumed Byzantine
+majority (2f ≥ n) the server's own update r takes a share λ of the direction, as one more
+honest row would: three honest rows on skewed shards miss classes the trusted sample has,
+and where the gates let colluding rows in (label flip, min-max at 7/10) r keeps the step
+downhill (the shipped rule: λ = 0.5).
 Everything is differentiable in the updates (the white-box attack descends through it);
 the rank is piecewise constant. φ is meta-trained by antithetic evolution strategies over
 a mixture of attacks (`metagg.learned.meta.robust`).
