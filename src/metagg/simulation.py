@@ -85,7 +85,10 @@ class WeightsChangedError(CheckpointError):
 
 
 def _weights_sha256(aggregator: str) -> str | None:
-    # imported here: metagg.learned's meta-training imports this module
+    if ":" not in aggregator:  # not KIND:PATH, so no weights file (and no import below)
+        return None
+    # imported here: metagg.learned's meta-training imports this module, and importing it
+    # mid-run (at the first checkpoint) stalled a torch.distributed server for seconds
     from metagg.learned.store import weights_sha256
 
     return weights_sha256(aggregator)
