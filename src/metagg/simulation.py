@@ -85,10 +85,10 @@ class WeightsChangedError(CheckpointError):
 
 
 def _weights_sha256(aggregator: str) -> str | None:
-    if ":" not in aggregator:  # not KIND:PATH, so no weights file (and no import below)
+    if ":" not in aggregator:  # not KIND:PATH: no weights file (and no import below)
         return None
-    # imported here: metagg.learned's meta-training imports this module, and importing it
-    # mid-run (at the first checkpoint) stalled a torch.distributed server for seconds
+    # imported here: metagg.learned's meta-training imports this module (and an import
+    # in the middle of a torch.distributed run stalled its server for seconds)
     from metagg.learned.store import weights_sha256
 
     return weights_sha256(aggregator)
@@ -156,6 +156,9 @@ class Simulation:
         self.aggregator = build_aggregator(
             cfg.aggregator.name, f=f, options=cfg.aggregator.options, seed=cfg.seed,
             optimizer=build_optimizer(**dataclasses.asdict(cfg.optimizer)))
+        # the weights it was built from, when it is a saved learned aggregator: a resume
+        # must not continue a run of other weights saved under the same name since
+        self.aggregator_weights = _weights_sha256(cfg.aggregator.name)
         self._check_enough_workers(f)
         gen = server_sample_generator(cfg.seed)
         self.trusted = None
@@ -229,7 +232,7 @@ class Simulation:
             "config": config_to_dict(self.cfg),
             "layout": self.task.layout.to_json(),
             "aggregator": self.aggregator.name,
-            "aggregator_weights": _weights_sha256(self.cfg.aggregator.name),
+            "aggregator_weights": self.aggregator_weights,
         }
 
     def save(self, path: str | Path, wall_s: float = 0.0) -> None:
@@ -251,7 +254,7 @@ class Simulation:
             raise CheckpointError(f"checkpoint {path} is from a different config (differs in: "
                                   f"{', '.join(diff)})")
         saved_weights = meta.get("aggregator_weights")  # absent in older checkpoints
-        weights = _weights_sha256(self.cfg.aggregator.name)
+        weights = self.aggregator_weights
         if saved_weights and weights and saved_weights != weights:
             raise WeightsChangedError(
                 f"checkpoint {path} was written with other weights for aggregator "
