@@ -42,7 +42,8 @@ def test_an_interrupted_table_resumes_to_the_same_results(digits, tmp_path, monk
         compare(other, ["mean"], out_dir=tmp_path / "b", resume=True, **kw)
 
 
-def test_a_resumed_table_runs_again_a_learned_aggregator_whose_weights_changed(digits, tmp_path):
+def test_a_resumed_table_runs_again_a_learned_aggregator_whose_weights_changed(digits, tmp_path,
+                                                                              caplog):
     """Same name, other weights (e.g. a re-shipped pretrained rule): the finished runs of the
     old weights are not reused; the simulation alone refuses to resume them."""
     from metagg.learned.trust import TrustConfig, initial_phi, save_trust
@@ -61,8 +62,10 @@ def test_a_resumed_table_runs_again_a_learned_aggregator_whose_weights_changed(d
     ship(0.5)
     want = compare(cfg, [name], out_dir=tmp_path / "fresh", **kw)
     assert strip(want) != strip(old)
-    got = compare(cfg, [name], out_dir=tmp_path / "table", resume=True, **kw)
+    with caplog.at_level("WARNING", logger="metagg"):
+        got = compare(cfg, [name], out_dir=tmp_path / "table", resume=True, **kw)
     assert strip(got) == strip(want)
+    assert "changed since this run" in caplog.text
     ship(0.0)
     run_dir = tmp_path / "table" / _safe("sign_flip 2/4") / _safe(name) / "seed0"
     with pytest.raises(WeightsChangedError, match="other weights"):

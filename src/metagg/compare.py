@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import logging
 import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,6 +28,8 @@ from metagg.plots import plot_overlay
 from metagg.simulation import Simulation, WeightsChangedError, load_run_dataset, read_metrics
 
 __all__ = ["compare", "format_table", "mean_std", "parse_attack_setting"]
+
+log = logging.getLogger("metagg")
 
 NO_ATTACK = ("none", 0, {})
 
@@ -160,6 +163,8 @@ def compare(
                 except WeightsChangedError:
                     # the weights behind a learned aggregator's name changed: the old
                     # run measured other weights, so it is run again from round 0
+                    log.warning("%s: the weights of %s changed since this run; running it "
+                                "again", run_dir, agg)
                     summary = sim.run(run_dir, progress=False, resume=False)
                 curves.setdefault(label, {}).setdefault(agg, []).append(
                     read_metrics(run_dir / "metrics.jsonl"))
