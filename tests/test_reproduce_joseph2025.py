@@ -140,13 +140,13 @@ def test_resume_without_generalization_trains_nothing_again(tmp_path, monkeypatc
                              generalization=False, resume=True, log=lambda _: None)
 
 
-def test_weights_id_names_the_saved_weights():
+def test_weights_sha256_names_the_saved_weights_of_every_learned_kind():
     from metagg.experiments.joseph2025 import LAGG_PRETRAINED
-    from metagg.experiments.runs import weights_id as _weights_id
+    from metagg.learned.store import weights_sha256
 
-    assert _weights_id("mean") is None and _weights_id("lagg:no/such/dir") is None
-    digest = _weights_id(LAGG_PRETRAINED)
-    assert isinstance(digest, str) and len(digest) == 64
+    assert weights_sha256("mean") is None and weights_sha256("lagg:no/such/dir") is None
+    digests = {weights_sha256(n) for n in (LAGG_PRETRAINED, "trust:pretrained/robust")}
+    assert len(digests) == 2 and all(isinstance(d, str) and len(d) == 64 for d in digests)
 
 
 def test_learned_optimizers_get_the_baselines_local_lr_grid(tmp_path, monkeypatch):
@@ -201,7 +201,7 @@ def test_other_weights_under_the_same_name_are_run_again(tmp_path, monkeypatch):
     assert runs.run_curves(cfg, ds, 1, [0], cache, resume=True) == first
     assert runs.ACCOUNT["read_back"] == 1  # and the time it took when it ran is counted
     assert runs.ACCOUNT["compute_s"] == json.loads(cache.read_text())["wall_s"] > 0
-    monkeypatch.setattr(runs, "weights_id", lambda name: "another sha256")
+    monkeypatch.setattr(runs, "weights_sha256", lambda name: "another sha256")
     monkeypatch.setattr(runs, "run_curve", lambda *a: [{"round": 0, "train_loss": 9.0}])
     assert runs.run_curves(cfg, ds, 1, [0], cache, resume=True) == \
         [[{"round": 0, "train_loss": 9.0}]]

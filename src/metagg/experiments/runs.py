@@ -28,7 +28,7 @@ import torch
 
 from metagg.config import ConfigError, RunConfig, config_from_dict, config_to_dict
 from metagg.data import Dataset
-from metagg.learned.store import weights_sha256 as weights_id
+from metagg.learned.store import weights_sha256
 from metagg.simulation import Simulation, load_run_dataset
 
 __all__ = [
@@ -46,7 +46,6 @@ __all__ = [
     "run_curves",
     "search_started",
     "slug",
-    "weights_id",
     "with_seed",
     "write_csv",
 ]
@@ -136,7 +135,7 @@ def run_curves(cfg: RunConfig, dataset: Dataset, evals: int, seeds: Sequence[int
     """`run_curve` for every seed, written to `cache` when done; with `resume`, a cache of
     the same config, seeds, evals and learned weights is read instead of training again."""
     key = json.loads(json.dumps({"config": config_to_dict(cfg), "seeds": list(seeds),
-                                 "evals": evals, "weights": weights_id(cfg.aggregator.name)}))
+                                 "evals": evals, "weights": weights_sha256(cfg.aggregator.name)}))
     if resume and cache.is_file():
         try:
             saved = json.loads(cache.read_text())
