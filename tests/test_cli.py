@@ -140,6 +140,17 @@ def test_meta_train_then_run_and_zoo(tmp_path):
     assert "rnn:pretrained/digits-mlp20-lstm" in zoo
     bad = metagg("meta-train", "rnn", "--set", "colour=red", "--out", str(out), check=False)
     assert bad.returncode == 2 and "unknown key colour; allowed:" in bad.stderr
+    # on tasks drawn from a family: the trained weights run on any other task
+    many = tmp_path / "rnn-tasks"
+    metagg("meta-train", "rnn", "--tasks", "synthetic", "--workers", "4", "--iterations", "2",
+           "--set", "num_tasks=2", "--set", "validation_tasks=1", "--set", "unroll=4",
+           "--set", "truncation=2", "--set", "validate_every=2", "--set", "validation_seeds=1",
+           "--set", "long_horizon=0", "--out", str(many))
+    info = json.loads((many / "aggregator.json").read_text())["trained_on"]
+    assert info["tasks"] == "synthetic" and len(info["training_tasks"]) == 2
+    proc = metagg("run", "--set", "rounds=3", "--set", "workers.num_workers=4",
+                  "--set", f"aggregator=rnn:{many}")
+    assert '"rounds": 3' in proc.stdout
 
 
 def test_bad_yaml_and_bad_out_are_one_line_errors(tmp_path):

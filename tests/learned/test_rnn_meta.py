@@ -10,12 +10,15 @@ from torch.func import grad, vmap
 
 from metagg.aggregators.base import RoundContext
 from metagg.config.meta import MetaTrainConfig
-from metagg.learned.meta import BPTT, GradientEnv, meta_train, meta_train_rnn
+from metagg.learned.meta import BPTT, GradientEnv, meta_train, meta_train_rnn, task_envs
 from metagg.learned.meta.evaluate import evaluate_aggregator
 from metagg.learned.rnn import RNNAggregator, RNNConfig
 from metagg.learned.store import read_aggregator_info
 from metagg.learned.zoo import load_aggregator
+from metagg.models import build_model
 from metagg.seeding import MetaStream, derive_seed
+from metagg.tasks import Task
+from metagg.tasks.families import sample_tasks
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +202,52 @@ def test_meta_training_rounds_go_through_the_server_round(digits):
     rows, ctx = env.round_inputs(run, env.task.init_params(0), 0, None)
     assert ctx.worker_ids.tolist() == [1, 2, 3] and torch.isfinite(rows).all()
     assert run.server.dropped_updates == 1
+
+
+def _multitask(**over):
+    return MetaTrainConfig(**{"tasks": "synthetic", "num_tasks": 3, "validation_tasks": 2,
+                              "iterations": 4, "unroll": 4, "truncation": 2,
+                              "validate_every": 2, "validation_seeds": 1, "long_horizon": 0,
+                              "patience": 0, "hidden": 4, "layers": 1, "num_workers": 4,
+                              **over})
+
+
+def test_task_envs_build_the_drawn_tasks_with_the_configs_workers():
+    cfg = _multitask()
+    train, valid = task_envs(cfg)
+    specs = sample_tasks(["synthetic"], 3, cfg.seed)
+    assert train.names == [s.name for s in specs]  # task i is the family's draw i
+    assert not set(train.names) & set(valid.names)  # validation: other draws
+    assert task_envs(cfg)[1].names == valid.names  # deterministic by seed
+    for i, spec in enumerate(specs):
+        env = train[i]
+        assert env.num_workers == 4 and env.label == spec.name  # M, whatever the spec's K
+        assert env.data.name.startswith(spec.dataset)
+        model = build_model(spec.model, env.data.input_shape, env.data.num_classes)
+        assert env.task.dim == Task(model, num_classes=env.data.num_classes).dim
+        assert env.cfg.batch_size == spec.batch_size
+        assert env.cfg.partition == spec.partition and env.cfg.alpha == spec.alpha
+    assert train[2] is train[2]  # built once while cached
+    with pytest.raises(IndexError):
+        train[3]
+    with pytest.raises(ValueError, match="one attack"):
+        _multitask(attack="ipm,none", num_byzantine=1)
+
+
+def test_multi_task_meta_training_cycles_tasks_validates_on_others_and_resumes(tmp_path):
+    result = meta_train(_multitask(), out_dir=tmp_path / "a", progress=False)
+    train, valid = task_envs(_multitask())
+    info = read_aggregator_info(tmp_path / "a")
+    assert info["trained_on"]["training_tasks"] == train.names
+    assert info["trained_on"]["validation_tasks"] == valid.names
+    assert info["trained_on"]["tasks"] == "synthetic"
+    last = [r for r in result.history if "validation_score" in r][-1]
+    assert {f"{name}/mean_loss@4" for name in valid.names} <= set(last)
+    assert not any(k.startswith(tuple(train.names)) for k in last)
+    # a killed run resumes to the same φ
+    meta_train(_multitask(iterations=2), out_dir=tmp_path / "b", progress=False)
+    resumed = meta_train(_multitask(), out_dir=tmp_path / "b", progress=False, resume=True)
+    a, b = result.aggregator.net.state_dict(), resumed.aggregator.net.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="draws its own tasks"):
+        meta_train(_multitask(), data=object(), progress=False)

@@ -50,6 +50,11 @@ def add_parsers(sub: Any) -> None:
                              description=f"Meta-train {what} by truncated BPTT.")
         q.add_argument("--task", default="digits-mlp20", choices=sorted(BPTT_TASKS),
                        help="dataset + worker model (default digits-mlp20)")
+        q.add_argument("--tasks", default=None, metavar="FAMILY[,FAMILY...]",
+                       help="meta-train on tasks drawn from families instead of one task "
+                            "(see `metagg tasks`), e.g. image-mlp,synthetic: dataset, model, "
+                            "batch size and partition per task (--set num_tasks=32, "
+                            "validation_tasks=4); --workers stays M")
         q.add_argument("--workers", type=int, default=10,
                        help="number of workers M (default 10)")
         q.add_argument("--iterations", type=int, default=300,
@@ -145,6 +150,8 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
         dataset, model = BPTT_TASKS[args.task]
         options = {"dataset": dataset, "model": model, "num_workers": args.workers,
                    "iterations": args.iterations, "arnn": args.kind == "arnn"}
+        if args.tasks:
+            options["tasks"] = args.tasks
         if args.attack != "none":
             name, _, count = args.attack.partition(":")
             if not count.isdigit():

@@ -83,6 +83,13 @@ class MetaTrainConfig(Section):
     num_workers: int = option(10, ge=1)  # M (Ji: 10)
     batch_size: int = option(32, ge=1)  # per worker
     partition: str = option("iid", choices=PARTITIONS)  # Ji: equal shards of the training set
+    alpha: float = option(0.5, gt=0)  # Dirichlet concentration (partition dirichlet)
+    # task families (`metagg tasks`, e.g. "image-mlp,synthetic") instead of one task: the
+    # dataset, model, batch size and partition are drawn per task; M stays num_workers
+    # (the RNN's input width); meta-iteration k meets training task k mod num_tasks
+    tasks: str | None = None
+    num_tasks: int = option(32, ge=1)  # training tasks drawn from the families
+    validation_tasks: int = option(4, ge=1)  # further draws that validation scores φ on
     unroll: int = option(100, ge=1)  # T rounds per meta-iteration (L2L: 100)
     truncation: int = option(20, ge=1)  # K: BPTT truncation, an Adam step every K rounds (L2L)
     iterations: int = option(300, ge=1)  # meta-iterations (budgets in these, not minutes)
@@ -125,6 +132,9 @@ class MetaTrainConfig(Section):
                           f"{names}")
         if self.arnn and self.trusted_samples < 1:
             errors.append("trusted_samples: arnn needs trusted_samples >= 1")
+        if self.tasks is not None and len(names) > 1:
+            errors.append("tasks: meta-training on task families takes one attack (or none), "
+                          f"not the mixture {names}")
         return errors
 
     def attack_names(self) -> list[str]:

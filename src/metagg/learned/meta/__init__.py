@@ -1,7 +1,15 @@
 """Meta-training learned aggregators: envs (where), estimators (BPTT, PES), the outer loop,
 evaluation, and the entry points (`train`)."""
 
-from metagg.learned.meta.envs import GradientEnv, HeteroConfig, HeteroEnv, LocalSGDEnv, MetaEnv
+from metagg.learned.meta.envs import (
+    GradientEnv,
+    HeteroConfig,
+    HeteroEnv,
+    LocalSGDEnv,
+    MetaEnv,
+    TaskEnvs,
+    task_envs,
+)
 from metagg.learned.meta.estimators import BPTT, Estimate, Estimator
 from metagg.learned.meta.evaluate import evaluate_aggregator, score, validate
 from metagg.learned.meta.loop import LoopSettings, MetaTrainResult, run_outer_loop
@@ -21,6 +29,7 @@ __all__ = [
     "LoopSettings",
     "MetaEnv",
     "MetaTrainResult",
+    "TaskEnvs",
     "TrustES",
     "evaluate_aggregator",
     "meta_train",
@@ -29,5 +38,6 @@ __all__ = [
     "meta_train_trust",
     "run_outer_loop",
     "score",
+    "task_envs",
     "validate",
 ]

@@ -2,6 +2,7 @@
 
     env = GradientEnv(cfg)                     # gradient mode, an attack (RNN / ARNN, Ji 2019)
     env = HeteroEnv(load_dataset("digits"))    # workers with different models (Ji §5.5)
+    train, valid = task_envs(cfg)              # gradient mode on tasks drawn from families
     env = LocalSGDEnv(pes_cfg)                 # local SGD, batched over particles (LAgg-A, PES)
     evaluate_aggregator(agg, env, seeds, horizons)          # any of them
 
@@ -19,7 +20,9 @@ and `local_sgd` take a leading particle dimension.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
@@ -42,9 +45,10 @@ from metagg.config.engine import Section, option
 from metagg.config.meta import MetaTrainConfig, MetaTrainPESConfig, dataset_spec
 from metagg.data import Dataset, load_dataset, partition
 from metagg.models import build_model
-from metagg.seeding import MetaStream, server_sample_generator
+from metagg.seeding import MetaStream, derive_seed, server_sample_generator
 from metagg.server import Server
 from metagg.tasks import Task, TrustedData, mlp_grad_fn
+from metagg.tasks.families import TaskSpec, sample_tasks
 
 __all__ = [
     "GradientEnv",
@@ -53,7 +57,9 @@ __all__ = [
     "HeteroEnv",
     "LocalSGDEnv",
     "MetaEnv",
+    "TaskEnvs",
     "load_task_data",
+    "task_envs",
 ]
 
 
@@ -103,7 +109,7 @@ class GradientEnv:
         self.task = Task(build_model(cfg.model, ds.input_shape, ds.num_classes),
                          num_classes=ds.num_classes)
         self.num_workers = m = cfg.num_workers
-        self.shards = partition(ds.y_train, m, cfg.partition, seed=cfg.seed)
+        self.shards = partition(ds.y_train, m, cfg.partition, seed=cfg.seed, alpha=cfg.alpha)
         self.label = attack if attack is not None else cfg.attack
         options = attack_options if attack_options is not None else cfg.attack_options
         self.attack = make_attack(self.label, **options)
@@ -151,6 +157,53 @@ class GradientEnv:
         """Mean honest-worker loss at θ on round t's minibatches; differentiable in θ."""
         xb, yb = run.cluster.batches(t)
         return self._batch_losses(theta, xb[self.honest, 0], yb[self.honest, 0]).mean()
+
+
+class TaskEnvs(Sequence):
+    """Gradient-mode envs on drawn tasks: env i runs `specs[i]` (its dataset, class subset,
+    model, batch size and partition) with the config's M workers, the RNN's input width.
+    Built when first met and only a few kept: the datasets of 32 tasks need not all be
+    in memory at once, and a meta-iteration meets one task."""
+
+    def __init__(self, cfg: MetaTrainConfig, specs: Sequence[TaskSpec], *,
+                 keep: int = 4):
+        self.cfg, self.specs, self.keep = cfg, tuple(specs), keep
+        self.num_workers = cfg.num_workers
+        self._built: OrderedDict[int, GradientEnv] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def __getitem__(self, i: int) -> GradientEnv:  # type: ignore[override]
+        if i in self._built:
+            self._built.move_to_end(i)
+            return self._built[i]
+        spec = self.specs[i]  # IndexError ends iteration
+        cfg = dataclasses.replace(self.cfg, dataset=spec.dataset, model=spec.model,
+                                  batch_size=spec.batch_size, partition=spec.partition,
+                                  alpha=spec.alpha, tasks=None)
+        env = GradientEnv(cfg, spec.load(cfg.data_dir))
+        env.label = spec.name  # validation keys its means by env label
+        self._built[i] = env
+        if len(self._built) > self.keep:
+            self._built.popitem(last=False)
+        return env
+
+    @property
+    def names(self) -> list[str]:
+        return [spec.name for spec in self.specs]
+
+
+
+def task_envs(cfg: MetaTrainConfig) -> tuple[TaskEnvs, TaskEnvs]:
+    """(training, validation) envs of a multi-task run: `cfg.num_tasks` tasks drawn from
+    the families `cfg.tasks`, and `cfg.validation_tasks` further draws (another seed
+    stream, as LAgg-A's multi-task PES: never a training draw, never a held-out task)."""
+    families = [f.strip() for f in (cfg.tasks or "").split(",") if f.strip()]
+    train = sample_tasks(families, cfg.num_tasks, cfg.seed)
+    valid = sample_tasks(families, cfg.validation_tasks,
+                         derive_seed(cfg.seed, MetaStream.VALID_TASKS, 0))
+    return TaskEnvs(cfg, train), TaskEnvs(cfg, valid, keep=len(valid))  # validation: all kept
 
 
 # --------------------------------------------------------------------------- worker groups

@@ -32,6 +32,7 @@ import torch
 from metagg.aggregators.base import Aggregator
 from metagg.config.meta import MetaTrainConfig
 from metagg.layout import ParamLayout
+from metagg.learned.meta.envs import TaskEnvs
 from metagg.learned.meta.evaluate import validate
 from metagg.learned.rnn import CoordinateRNN, RNNAggregator, RNNConfig, RNNState, save_rnn
 from metagg.seeding import derive_seed
@@ -101,16 +102,25 @@ class BPTT:
 
     Args:
         cfg: the meta-training config (recipe and architecture).
-        envs: the gradient-mode envs (`GradientEnv` per attack of a mixture, or a
-            `HeteroEnv`); every env has the same number of workers.
+        envs: the gradient-mode envs (`GradientEnv` per attack of a mixture, a
+            `HeteroEnv`, or `TaskEnvs`); every env has the same number of workers.
+        validation_envs: where validation scores φ (default: `envs`; a multi-task run
+            validates on tasks it does not train on).
     """
 
     name = "truncated_bptt"
 
-    def __init__(self, cfg: MetaTrainConfig, envs: Sequence[Any]):
-        if not envs or len({e.num_workers for e in envs}) != 1:
+    def __init__(self, cfg: MetaTrainConfig, envs: Sequence[Any],
+                 validation_envs: Sequence[Any] | None = None):
+        # a TaskEnvs builds each env when first met (and gives each its config's M)
+        self.envs = envs if isinstance(envs, TaskEnvs) else list(envs)
+        self.validation_envs = self.envs if validation_envs is None else validation_envs
+        if not len(self.envs):
+            raise ValueError("BPTT needs at least one env")
+        listed = [self.envs[0]] if isinstance(self.envs, TaskEnvs) else self.envs
+        if len({e.num_workers for e in [*listed, *self.validation_envs]}) != 1:
             raise ValueError("BPTT needs envs with one and the same number of workers")
-        self.cfg, self.envs = cfg, list(envs)
+        self.cfg = cfg
         self.rnn = RNNConfig(num_workers=envs[0].num_workers, cell=cfg.cell, hidden=cfg.hidden,
                              layers=cfg.layers, output=cfg.output, arnn=cfg.arnn, p=cfg.p,
                              scale=cfg.scale, clamp_sign=cfg.clamp_sign, probe_lr=cfg.probe_lr)
@@ -123,7 +133,8 @@ class BPTT:
         self.truncations = math.ceil(cfg.unroll / cfg.truncation)
         self.horizons = ((cfg.unroll, cfg.long_horizon * cfg.unroll) if cfg.long_horizon > 1
                          else (cfg.unroll,))
-        self.seeds = validation_seeds(cfg.seed, envs[0].seed_streams[1], cfg.validation_seeds)
+        self.seeds = validation_seeds(cfg.seed, self.validation_envs[0].seed_streams[1],
+                                      cfg.validation_seeds)
 
     # ------------------------------------------------------------------ φ
     def init_phi(self, seed: int) -> torch.Tensor:
@@ -204,7 +215,7 @@ class BPTT:
     # ------------------------------------------------------------------ validation, files
     def validate(self, phi: torch.Tensor) -> tuple[float, dict[str, Any]]:
         self._load(phi)
-        return validate(self.frozen, self.envs, self.seeds, self.horizons)
+        return validate(self.frozen, self.validation_envs, self.seeds, self.horizons)
 
     def baselines(self) -> dict[str, Any]:
         return {}
