@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch.func import grad, vmap
 
+from metagg.aggregators import optimizers as opt
 from metagg.aggregators.base import RoundContext
+from metagg.aggregators.registry import build_aggregator
 from metagg.config.meta import MetaTrainConfig
 from metagg.learned.meta import BPTT, GradientEnv, meta_train, meta_train_rnn, task_envs
 from metagg.learned.meta.evaluate import evaluate_aggregator
@@ -251,3 +253,19 @@ def test_multi_task_meta_training_cycles_tasks_validates_on_others_and_resumes(t
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="draws its own tasks"):
         meta_train(_multitask(), data=object(), progress=False)
+
+
+def test_a_run_whose_rows_are_all_dropped_counts_as_diverged(env, monkeypatch):
+    """A blown-up run leaves the server no finite row (it drops them): the evaluation
+    records it diverged (loss inf, accuracy 0) instead of the rule raising TooFewUpdates."""
+    real = env.round_inputs
+
+    def blown_up_from_round_2(run, theta, t, agg_state):
+        rows, ctx = real(run, theta, t, agg_state)
+        return (rows[:0], ctx) if t >= 2 else (rows, ctx)
+
+    monkeypatch.setattr(env, "round_inputs", blown_up_from_round_2)
+    res = evaluate_aggregator(build_aggregator("mean", optimizer=opt.sgd(1.0)), env, [5],
+                              (2, 4))
+    assert math.isfinite(res["loss@2"][0]) and res["loss@4"] == [math.inf]
+    assert res["acc@4"] == [0.0]

@@ -6,8 +6,9 @@
 
 Any aggregator runs (a learned one, or mean + a server optimizer as a baseline), from
 each model seed for max(horizons) rounds; `loss@T` is the training loss on the whole
-training split and `acc@T` the test accuracy. A non-finite step or θ marks the run
-diverged: its later losses are inf and accuracies 0.
+training split and `acc@T` the test accuracy. A non-finite θ, or a round whose every row
+the server dropped as non-finite, marks the run diverged: its later losses are inf and
+accuracies 0.
 """
 
 from __future__ import annotations
@@ -57,9 +58,12 @@ def _one_run(agg: Aggregator, env: Any, seed: int, horizons: Sequence[int],
     for t in range(max(horizons)):
         if not diverged:
             rows, ctx = env.round_inputs(run, theta, t, state)
+            # the server drops non-finite rows: none left means the workers' losses blew up
+            diverged = len(rows) == 0
+        if not diverged:
             step, state = agg.step(state, rows, ctx)
-            diverged = not bool(torch.isfinite(step).all())
             theta = theta - step
+            diverged = not bool(torch.isfinite(theta).all())
         if t + 1 in horizons:
             record(out, t + 1, env.task, env.data, theta, diverged)
 
