@@ -28,7 +28,8 @@ from metagg.data import Dataset, load_dataset
 from metagg.data.synthetic import parse_synthetic
 from metagg.seeding import MetaStream, derive_seed
 
-__all__ = ["FAMILIES", "HELD_OUT", "REFERENCE_TASK", "TaskFamily", "TaskSpec", "sample_tasks"]
+__all__ = ["FAMILIES", "HELD_OUT", "REFERENCE_TASK", "TaskFamily", "TaskSpec", "family_names",
+           "sample_tasks"]
 
 TEN_CLASS_IMAGES = ("digits", "fashion_mnist", "mnist", "cifar10")
 
@@ -212,6 +213,11 @@ HELD_OUT: tuple[TaskSpec, ...] = (
     TaskSpec("synthetic:128:5:2026", "mlp:32:relu", 8, 8, 64),  # 128 features; H = 8
     TaskSpec("text@32", "transformer:2:32:4", 8, 4, 16),  # a deeper LM on longer windows
 )
+
+
+def family_names(text: str | None) -> list[str]:
+    """The families a comma-separated option names ("image-mlp, synthetic")."""
+    return [f.strip() for f in (text or "").split(",") if f.strip()]
 
 
 def sample_tasks(families: Sequence[str], count: int, seed: int) -> list[TaskSpec]:

@@ -48,7 +48,7 @@ from metagg.models import build_model
 from metagg.seeding import MetaStream, derive_seed, server_sample_generator
 from metagg.server import Server
 from metagg.tasks import Task, TrustedData, mlp_grad_fn
-from metagg.tasks.families import TaskSpec, sample_tasks
+from metagg.tasks.families import TaskSpec, family_names, sample_tasks
 
 __all__ = [
     "GradientEnv",
@@ -194,12 +194,11 @@ class TaskEnvs(Sequence):
         return [spec.name for spec in self.specs]
 
 
-
 def task_envs(cfg: MetaTrainConfig) -> tuple[TaskEnvs, TaskEnvs]:
     """(training, validation) envs of a multi-task run: `cfg.num_tasks` tasks drawn from
     the families `cfg.tasks`, and `cfg.validation_tasks` further draws (another seed
     stream, as LAgg-A's multi-task PES: never a training draw, never a held-out task)."""
-    families = [f.strip() for f in (cfg.tasks or "").split(",") if f.strip()]
+    families = family_names(cfg.tasks)
     train = sample_tasks(families, cfg.num_tasks, cfg.seed)
     valid = sample_tasks(families, cfg.validation_tasks,
                          derive_seed(cfg.seed, MetaStream.VALID_TASKS, 0))

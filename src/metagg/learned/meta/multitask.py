@@ -52,7 +52,7 @@ from metagg.learned.meta.pes import (
     trainable_mask,
 )
 from metagg.seeding import MetaStream, derive_seed
-from metagg.tasks.families import TaskSpec, sample_tasks
+from metagg.tasks.families import TaskSpec, family_names, sample_tasks
 
 __all__ = ["MultiTaskPES", "MultiTaskState", "task_families"]
 
@@ -70,7 +70,7 @@ class MultiTaskState(NamedTuple):
 
 def task_families(cfg: MetaTrainPESConfig) -> list[str]:
     """The families named by `cfg.tasks`."""
-    return [f.strip() for f in (cfg.tasks or "").split(",") if f.strip()]
+    return family_names(cfg.tasks)
 
 
 class MultiTaskPES(FlatPhiEstimator):
