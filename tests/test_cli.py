@@ -147,7 +147,7 @@ def test_meta_train_then_run_and_zoo(tmp_path):
            "--set", "truncation=2", "--set", "validate_every=2", "--set", "validation_seeds=1",
            "--set", "long_horizon=0", "--out", str(many))
     info = json.loads((many / "aggregator.json").read_text())["trained_on"]
-    assert info["tasks"] == "synthetic" and len(info["training_tasks"]) == 2
+    assert info["tasks"] == "synthetic" and len(info["training_task_names"]) == 2
     proc = metagg("run", "--set", "rounds=3", "--set", "workers.num_workers=4",
                   "--set", f"aggregator=rnn:{many}")
     assert '"rounds": 3' in proc.stdout

@@ -240,12 +240,18 @@ def test_multi_task_meta_training_cycles_tasks_validates_on_others_and_resumes(t
     result = meta_train(_multitask(), out_dir=tmp_path / "a", progress=False)
     train, valid = task_envs(_multitask())
     info = read_aggregator_info(tmp_path / "a")
-    assert info["trained_on"]["training_tasks"] == train.names
-    assert info["trained_on"]["validation_tasks"] == valid.names
+    assert info["trained_on"]["training_task_names"] == train.names
+    assert info["trained_on"]["validation_task_names"] == valid.names
     assert info["trained_on"]["tasks"] == "synthetic"
     last = [r for r in result.history if "validation_score" in r][-1]
     assert {f"{name}/mean_loss@4" for name in valid.names} <= set(last)
     assert not any(k.startswith(tuple(train.names)) for k in last)
+    # the validation score's references: untuned mean + SGD / Adam on the same tasks
+    base = result.summary["baselines"]
+    assert set(base) == {"mean+sgd", "mean+adam"}
+    assert math.isfinite(base["mean+adam"]["score"])
+    assert base["mean+adam"]["score"] != base["mean+sgd"]["score"]
+    assert {f"{name}/mean_loss@4" for name in valid.names} <= set(base["mean+adam"])
     # a killed run resumes to the same φ
     meta_train(_multitask(iterations=2), out_dir=tmp_path / "b", progress=False)
     resumed = meta_train(_multitask(), out_dir=tmp_path / "b", progress=False, resume=True)

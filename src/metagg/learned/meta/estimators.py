@@ -29,7 +29,9 @@ from typing import Any, NamedTuple, Protocol
 
 import torch
 
+from metagg.aggregators import optimizers as opt
 from metagg.aggregators.base import Aggregator
+from metagg.aggregators.registry import build_aggregator
 from metagg.config.meta import MetaTrainConfig
 from metagg.layout import ParamLayout
 from metagg.learned.meta.envs import TaskEnvs
@@ -218,7 +220,17 @@ class BPTT:
         return validate(self.frozen, self.validation_envs, self.seeds, self.horizons)
 
     def baselines(self) -> dict[str, Any]:
-        return {}
+        """On a multi-task run's validation tasks, mean aggregation + server SGD (lr 1)
+        and + server Adam (lr 0.01), untuned, scored like φ: what the validation score
+        means. None for a one-task run (Ji's comparisons are in `reproduce ji2019`)."""
+        if not isinstance(self.validation_envs, TaskEnvs):
+            return {}
+        out = {}
+        for name, optimizer in (("mean+sgd", opt.sgd(1.0)), ("mean+adam", opt.adam(0.01))):
+            agg = build_aggregator("mean", optimizer=optimizer)
+            score, means = validate(agg, self.validation_envs, self.seeds, self.horizons)
+            out[name] = {"score": score, **means}
+        return out
 
     def aggregator(self, phi: torch.Tensor) -> RNNAggregator:
         """A frozen aggregator holding φ (its own copy)."""

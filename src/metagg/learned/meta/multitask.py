@@ -279,7 +279,7 @@ class MultiTaskPES(FlatPhiEstimator):
 
     def describe(self) -> dict[str, Any]:
         return {"tasks": self.families,
-                "validation_tasks": [s.name for s in self.validation_tasks]}
+                "validation_task_names": [s.name for s in self.validation_tasks]}
 
     def save(self, out: Any, phi: torch.Tensor, trained_on: dict[str, Any],
              validation: dict[str, Any]) -> Any:

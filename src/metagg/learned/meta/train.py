@@ -115,7 +115,8 @@ def _bptt(cfg: MetaTrainConfig, envs: Sequence[MetaEnv] | None, out: Path,
     settings = LoopSettings(steps=cfg.iterations * n, lr=cfg.lr, final_lr=cfg.lr,
                             max_grad_norm=cfg.clip, validate_every=cfg.validate_every * n,
                             checkpoint_every=cfg.validate_every * n, patience=cfg.patience)
-    described = ({"training_tasks": envs.names, "validation_tasks": validation.names}
+    # task names under keys of their own: "tasks" / "validation_tasks" are config fields
+    described = ({"training_task_names": envs.names, "validation_task_names": validation.names}
                  if isinstance(envs, TaskEnvs) and validation is not None
                  else envs[0].describe())
     trained_on = {**cfg.to_dict(), **described, "meta_gradient": est.name}
