@@ -54,7 +54,7 @@ from metagg.learned.meta.pes import (
 from metagg.seeding import MetaStream, derive_seed
 from metagg.tasks.families import TaskSpec, family_names, sample_tasks
 
-__all__ = ["MultiTaskPES", "MultiTaskState", "task_families"]
+__all__ = ["MultiTaskPES", "MultiTaskState"]
 
 CACHED_TASKS = 16  # tasks whose env (data + workers) stays built
 
@@ -66,11 +66,6 @@ class MultiTaskState(NamedTuple):
     groups: tuple[InnerState, ...]  # group g: pairs g·n_g … (g+1)·n_g − 1, on one task
     task: torch.Tensor  # [G] int64: the task number each group trains on
     runs_started: torch.Tensor  # [] int64: inner runs drawn so far (numbers the next)
-
-
-def task_families(cfg: MetaTrainPESConfig) -> list[str]:
-    """The families named by `cfg.tasks`."""
-    return family_names(cfg.tasks)
 
 
 class MultiTaskPES(FlatPhiEstimator):
@@ -86,7 +81,7 @@ class MultiTaskPES(FlatPhiEstimator):
         if cfg.tasks is None:
             raise ValueError("MultiTaskPES needs cfg.tasks (task families)")
         self.cfg, self.kind = cfg, cfg.kind
-        self.families = task_families(cfg)
+        self.families = family_names(cfg.tasks)
         sample_tasks(self.families, 1, cfg.seed)  # unknown families fail here
         self.data_dir = data_dir if data_dir is not None else cfg.data_dir
         self.phi = FlatPhi(lagg_config(cfg))

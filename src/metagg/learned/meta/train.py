@@ -26,7 +26,7 @@ from metagg.config.engine import parse
 from metagg.config.meta import MetaTrainConfig, MetaTrainPESConfig, MetaTrainTrustConfig
 from metagg.data import Dataset
 from metagg.learned.lagg import load_lagg
-from metagg.learned.meta.envs import GradientEnv, MetaEnv, TaskEnvs, load_task_data, task_envs
+from metagg.learned.meta.envs import GradientEnv, MetaEnv, load_task_data, task_envs
 from metagg.learned.meta.estimators import BPTT
 from metagg.learned.meta.loop import LoopSettings, MetaTrainResult, run_outer_loop
 from metagg.learned.meta.multitask import MultiTaskPES
@@ -106,19 +106,19 @@ def _bptt(cfg: MetaTrainConfig, envs: Sequence[MetaEnv] | None, out: Path,
         if envs is not None or data is not None:
             raise ValueError("a multi-task run draws its own tasks: pass neither envs nor data")
         envs, validation = task_envs(cfg)
-    elif envs is None:
-        data = data if data is not None else load_task_data(cfg.dataset, cfg.data_dir)
-        envs = [GradientEnv(cfg, data, attack=a, attack_options=o, num_byzantine=b)
-                for a, o, b in cfg.attack_settings()]
+        # under keys of their own: "tasks" / "validation_tasks" are config fields
+        described = {"training_task_names": envs.names, "validation_task_names": validation.names}
+    else:
+        if envs is None:
+            data = data if data is not None else load_task_data(cfg.dataset, cfg.data_dir)
+            envs = [GradientEnv(cfg, data, attack=a, attack_options=o, num_byzantine=b)
+                    for a, o, b in cfg.attack_settings()]
+        described = envs[0].describe()
     est = BPTT(cfg, envs, validation)
     n = est.truncations
     settings = LoopSettings(steps=cfg.iterations * n, lr=cfg.lr, final_lr=cfg.lr,
                             max_grad_norm=cfg.clip, validate_every=cfg.validate_every * n,
                             checkpoint_every=cfg.validate_every * n, patience=cfg.patience)
-    # task names under keys of their own: "tasks" / "validation_tasks" are config fields
-    described = ({"training_task_names": envs.names, "validation_task_names": validation.names}
-                 if isinstance(envs, TaskEnvs) and validation is not None
-                 else envs[0].describe())
     trained_on = {**cfg.to_dict(), **described, "meta_gradient": est.name}
     return run_outer_loop(est, settings, out, config=cfg.to_dict(),
                           defaults=MetaTrainConfig().to_dict(), trained_on=trained_on,
