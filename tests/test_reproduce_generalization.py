@@ -15,12 +15,14 @@ from metagg.experiments.generalization import (
     SCALES,
     _aggregate,
     _iqm,
+    below_every_seed,
     final_local_lr,
     learned_local_lr,
     reproduce_generalization,
     summarize_task,
 )
 from metagg.learned.lagg import LAggA, LAggConfig, save_lagg
+from metagg.learned.rnn import RNNAggregator, RNNConfig, save_rnn
 from metagg.tasks.families import HELD_OUT, TaskSpec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -50,6 +52,8 @@ def test_task_summary_speedup_ratios_and_spread():
     assert agg["worse_at_R"] == 1 and agg["worse_at_end"] == 1
     assert _iqm([1, 2, 3, 100]) == 2.5
     assert rows["learned"]["local_lr_at_end"] is None  # no lr recorded
+    assert rows["learned"]["below_every_seed_at_end"]
+    assert not rows["fedavg"]["below_every_seed_at_end"]
     chosen = [curve([2, 1.0]), curve([2, 1.0])]
     chosen[0][-1]["local_lr"], chosen[1][-1]["local_lr"] = 0.4, 0.8
     assert final_local_lr(chosen) == pytest.approx(0.6)  # mean over seeds
@@ -117,3 +121,54 @@ def test_cli(tmp_path, general_lagg, capsys, monkeypatch):
     assert main(["reproduce", "generalization", "--lagg", general_lagg, "--lopt", "none",
                  "--out", str(tmp_path)]) == 0
     assert "Learned aggregators on held-out tasks" in capsys.readouterr().out
+
+
+def test_below_every_seed_compares_seed_by_seed():
+    curves = {"a": [curve([2, 1.0]), curve([2, 3.0])], "b": [curve([2, 1.5]), curve([2, 2.0])],
+              "c": [curve([2, 0.5]), curve([2, 4.0])], "x": [curve([2, 0.9]), curve([2, 1.9])]}
+    # x beats a and b on both seeds; c is lower than the mean of a's seeds on seed 0 only
+    assert below_every_seed(curves, "x", ["a", "b"], 5)
+    assert not below_every_seed(curves, "c", ["a", "b"], 5)
+    assert not below_every_seed(curves, "x", ["a", "b", "c"], 5)  # c's seed 0 is lower
+    assert not below_every_seed(curves, "x", ["a"], 7)  # no such round: missing, not a win
+    nan = {**curves, "x": [curve([2, math.nan]), curve([2, 0.1])]}
+    assert not below_every_seed(nan, "x", ["a", "b"], 5)
+
+
+@pytest.fixture(scope="module")
+def small_rnn(tmp_path_factory):
+    path = tmp_path_factory.mktemp("agg") / "rnn"
+    save_rnn(path, RNNAggregator(config=RNNConfig(num_workers=3, hidden=4)))
+    return f"rnn:{path}"
+
+
+def test_an_rnn_runs_in_gradient_mode_against_tuned_sgd_and_adam(tmp_path, small_rnn):
+    s = reproduce_generalization(tmp_path, scale="tiny", learned={"RNN": small_rnn},
+                                 log=lambda m: None)
+    tasks = [f"{dataclasses.replace(t, num_workers=3, local_steps=1).name} (gradient mode)"
+             for t in SCALES["tiny"].tasks]
+    assert all("/K3-H1-" in t for t in tasks)
+    # only the gradient-mode section runs: no local-SGD baselines without a local learner
+    assert {(r["task"], r["method"]) for r in s["rows"]} == \
+        {(t, m) for t in tasks for m in ("sgd", "adam", "RNN")}
+    assert all(r["mode"] == "gradient" for r in s["rows"])
+    runs_file = tmp_path / "runs" / f"{runs.slug(tasks[0])}-RNN.json"
+    cfg = json.loads(runs_file.read_text())["key"]["config"]
+    assert cfg["workers"]["mode"] == "gradient" and cfg["workers"]["num_workers"] == 3
+    adam = json.loads((tmp_path / "runs" / f"{runs.slug(tasks[0])}-adam.json").read_text())
+    adam = adam["key"]["config"]
+    # the baseline sees the RNN's batch: one gradient of B examples per worker and round
+    assert adam["workers"]["batch_size"] == cfg["workers"]["batch_size"]
+    assert adam["workers"]["num_workers"] == 3 and adam["optimizer"]["name"] == "adam"
+    assert s["aggregate"]["RNN"]["tasks"] == 2
+    assert "below_every_seed" in s["aggregate"]["RNN"]
+    report = (tmp_path / "report.md").read_text()
+    assert "gradient mode" in report and "server sgd and + server adam" in report
+
+
+def test_cli_rnn_only(tmp_path, small_rnn, capsys, monkeypatch):
+    monkeypatch.setitem(SCALES, "quick", SCALES["tiny"])
+    assert main(["reproduce", "generalization", "--lagg", "none", "--lopt", "none",
+                 "--rnn", small_rnn, "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "K3-H1-B16/iid (gradient mode) | RNN" in out and "fedavg" not in out

@@ -130,15 +130,20 @@ def _add_generalization(papers: Any) -> None:
                     "baseline there, run it and the learned aggregators (no per-task tuning) "
                     "on held-out seeds to 4R rounds, and report per-task rounds-to-target "
                     "speed-ups, loss ratios at R and 4R, seed spread, and their geometric "
-                    "mean / IQM over tasks. quick: the 4 held-out tasks that need no download, "
-                    "R = 100, 2 seeds (~10-20 min on 2 cores); full: all 7 tasks, R = 300, "
-                    "5 seeds, the paper's grids (many CPU hours).")
+                    "mean / IQM over tasks; an RNN aggregator (--rnn) in gradient mode "
+                    "against tuned mean + server SGD / Adam. quick: the 4 held-out tasks "
+                    "that need no download, R = 100, 2 seeds (~10-20 min on 2 cores); "
+                    "full: all 7 tasks, R = 300, 5 seeds, the paper's grids (many CPU hours).")
     q.add_argument("--scale", choices=["quick", "full"], default="quick",
                    help="how much to run (default quick)")
     q.add_argument("--lagg", default="lagg:pretrained/general",
                    help="LAgg-A to evaluate (default lagg:pretrained/general); 'none' skips it")
     q.add_argument("--lopt", default="lopt:pretrained/general",
                    help="LOpt-A to evaluate (default lopt:pretrained/general); 'none' skips it")
+    q.add_argument("--rnn", default="none", metavar="SPEC",
+                   help="an RNN aggregator to evaluate in gradient mode against tuned mean + "
+                        "server SGD / Adam, e.g. rnn:docs/meta-training/general-rnn-r1 "
+                        "(default none)")
     _add_run_args(q, "keep the tuning trials and runs an interrupted run in --out finished",
                   cmd_reproduce_generalization)
 
@@ -156,7 +161,8 @@ def cmd_reproduce_generalization(args: argparse.Namespace) -> int:
     """`metagg reproduce generalization ...`: run, print report.md, return 0."""
     from metagg.experiments.generalization import reproduce_generalization
 
-    learned = {label: spec for label, spec in (("LAgg-A", args.lagg), ("LOpt-A", args.lopt))
+    learned = {label: spec for label, spec in (("LAgg-A", args.lagg), ("LOpt-A", args.lopt),
+                                               ("RNN", args.rnn))
                if spec.lower() != "none"}
     with threads_during(args.threads), compiling_during(args.compile):
         reproduce_generalization(args.out, scale=args.scale, learned=learned,

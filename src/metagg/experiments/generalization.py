@@ -20,6 +20,12 @@ family can draw):
    target is never reached counts as R / (`long`·R), an upper bound, and is flagged), and
    how many tasks each learned aggregator ends worse than the best baseline.
 
+A gradient-mode learned aggregator (the RNN of Ji et al. 2019: `rnn:PATH`) is judged in
+gradient mode — each of its M workers (the RNN's input width) sends one minibatch gradient
+per round — against mean aggregation + server SGD and + server Adam tuned the same way on
+the same M-worker task; its rows also say whether it is below every tuned baseline on
+every seed at R and at `long`·R (the issue's target for a general RNN).
+
 Writes, in --out: `tasks.csv` (per task and method), `summary.json`, `generalization.png`
 (one panel per task) and `report.md`; `tuning/<task>/<baseline>/` and `runs/` (cached
 curves: `resume=True` reuses them).
@@ -32,7 +38,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +64,12 @@ from metagg.tasks.families import HELD_OUT, TaskSpec
 from metagg.tune import BASELINES as TUNABLE
 from metagg.tune import tune
 
-__all__ = ["SCALES", "GeneralizationScale", "learned_local_lr", "reproduce_generalization",
-           "summarize_task"]
+__all__ = ["GRADIENT_KINDS", "SCALES", "GeneralizationScale", "below_every_seed",
+           "learned_local_lr", "reproduce_generalization", "summarize_task"]
 
 TUNING_SEED = 10_000  # never an evaluation seed
 DEFAULT_LEARNED = {"LAgg-A": "lagg:pretrained/general", "LOpt-A": "lopt:pretrained/general"}
+GRADIENT_KINDS = ("rnn",)  # learned aggregators judged in gradient mode
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,9 @@ class GeneralizationScale:
     baselines: tuple[str, ...]
     grids: Mapping[str, Mapping[str, Sequence[Any]]]  # per baseline; absent axes: the paper's
     max_trials: int | None = None  # sample at most this many grid points per baseline
+    # the baselines of gradient-mode learned aggregators (one server step per gradient)
+    gradient_baselines: tuple[str, ...] = ("sgd", "adam")
+    gradient_grids: Mapping[str, Mapping[str, Sequence[Any]]] = field(default_factory=dict)
 
 
 _QUICK_GRIDS = {
@@ -86,6 +96,8 @@ _QUICK_GRIDS = {
     "fedadam": {"workers.local_lr": [1.0, 0.5, 0.1], "optimizer.lr": [0.1, 0.03, 0.01]},
     "adam": {"optimizer.lr": [0.03, 0.01, 3e-3]},
 }
+_QUICK_GRADIENT_GRIDS = {"sgd": {"optimizer.lr": [3.0, 1.0, 0.3, 0.1, 0.03]},
+                         "adam": {"optimizer.lr": [0.1, 0.03, 0.01, 3e-3, 1e-3]}}
 SCALES: dict[str, GeneralizationScale] = {
     # every held-out task, the paper's grids (SlowMo's 144 points sampled to 48)
     "full": GeneralizationScale(tasks=HELD_OUT, rounds=300, long=4, seeds=5, evals=30,
@@ -97,14 +109,16 @@ SCALES: dict[str, GeneralizationScale] = {
         tasks=tuple(t for t in HELD_OUT if t.dataset.split(":")[0]
                     in ("digits", "breast_cancer", "synthetic", "fashion_mnist@28")),
         rounds=100, long=4, seeds=2, evals=10,
-        baselines=("fedavg", "slowmo", "fedadam", "adam"), grids=_QUICK_GRIDS),
+        baselines=("fedavg", "slowmo", "fedadam", "adam"), grids=_QUICK_GRIDS,
+        gradient_grids=_QUICK_GRADIENT_GRIDS),
     # for tests
     "tiny": GeneralizationScale(
         tasks=tuple(t for t in HELD_OUT if t.dataset in ("wine", "breast_cancer")),
         rounds=6, long=2, seeds=2, evals=3, baselines=("fedavg", "slowmo"),
         grids={"fedavg": {"workers.local_lr": [0.3]},
                "slowmo": {"workers.local_lr": [0.3], "optimizer.lr": [0.5],
-                          "optimizer.beta": [0.9]}}),
+                          "optimizer.beta": [0.9]}},
+        gradient_grids={"sgd": {"optimizer.lr": [0.3]}, "adam": {"optimizer.lr": [0.01]}}),
 }
 
 
@@ -137,11 +151,60 @@ def _learned_config(task: TaskSpec, spec: str, rounds: int) -> RunConfig | None:
     return cfg
 
 
+def _by_width(learned: Mapping[str, str]) -> dict[int, dict[str, str]]:
+    """Gradient-mode learned aggregators grouped by their number of workers M (the RNN's
+    input width), each group run on the same M-worker tasks; loading them checks the
+    files."""
+    from metagg.aggregators.registry import build_aggregator
+
+    groups: dict[int, dict[str, str]] = {}
+    for label, spec in learned.items():
+        m = build_aggregator(spec).config.num_workers
+        groups.setdefault(m, {})[label] = spec
+    return groups
+
+
+def _tuned(base: RunConfig, baselines: Sequence[str],
+           grids: Mapping[str, Mapping[str, Sequence[Any]]], local_steps: int, name: str,
+           sc: GeneralizationScale, out: Path, resume: bool,
+           say: Callable[[str], None]) -> dict[str, RunConfig]:
+    """Every baseline tuned on `base` at R (H fixed: it belongs to the task)."""
+    methods: dict[str, RunConfig] = {}
+    for b in baselines:
+        say(f"[generalization] {name}: tuning {b} ({sc.rounds} rounds per trial)")
+        folder = out / "tuning" / slug(name) / b
+        grid = {**grids.get(b, {})}
+        if not TUNABLE[b].one_step:
+            grid["workers.local_steps"] = [local_steps]
+        result = tune(base, b, budget=sc.rounds, out_dir=folder, grid=grid,
+                      max_trials=sc.max_trials, progress=False,
+                      resume=search_started(folder, resume))
+        count_tuning_time(folder)
+        methods[b] = config_from_dict(result["config"])
+    return methods
+
+
+def _curves(methods: Mapping[str, RunConfig], name: str, sc: GeneralizationScale, out: Path,
+            resume: bool, say: Callable[[str], None]) -> dict[str, Any]:
+    """Each method on the evaluation seeds for long·R rounds (cached in out/runs)."""
+    horizon = sc.long * sc.rounds
+    curves = {}
+    for label, cfg in methods.items():
+        cfg = changed_config(cfg, rounds=horizon, checkpoint_every=0)
+        say(f"[generalization] {name}: {label}, {sc.seeds} seeds x {horizon} rounds")
+        curves[label] = run_curves(cfg, dataset_for(cfg), sc.evals * sc.long,
+                                   list(range(sc.seeds)),
+                                   out / "runs" / f"{slug(name)}-{slug(label)}.json", resume)
+    return curves
+
+
 def summarize_task(curves: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]],
                    baselines: Sequence[str], rounds: int) -> list[dict[str, Any]]:
     """Per method: loss at R and at the end, ratios to the best baseline, rounds to the
-    target (the best baseline's loss at R), speed-up and seed spread (see the module
-    docstring). `curves[label]` are the seeds' runs, evaluated at R among other rounds."""
+    target (the best baseline's loss at R), speed-up, seed spread (see the module
+    docstring), and whether it is below every (other) baseline on every seed at R and at
+    the end. `curves[label]` are the seeds' runs (the same seeds, in the same order),
+    evaluated at R among other rounds."""
     def loss_at(runs, r):
         return next((v for t, v in mean_curve(runs) if t == r), math.nan)
 
@@ -167,8 +230,24 @@ def summarize_task(curves: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]],
             "spread_ratio": (spread(runs) / spread(curves[best]) if spread(curves[best]) > 0
                              else math.nan),
             "local_lr_at_end": final_local_lr(runs),
+            "below_every_seed_at_R": below_every_seed(curves, method, baselines, rounds),
+            "below_every_seed_at_end": below_every_seed(curves, method, baselines, end),
         })
     return rows
+
+
+def below_every_seed(curves: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]], method: str,
+                     baselines: Sequence[str], round_: int) -> bool:
+    """Whether `method`'s training loss at `round_` is below every other baseline's on
+    every seed (seed i against seed i); False where a loss is missing or not finite."""
+    def losses(runs):
+        return [next((row["train_loss"] for row in run if row["round"] == round_), math.nan)
+                for run in runs]
+
+    mine = losses(curves[method])
+    others = [losses(curves[b]) for b in baselines if b != method]
+    return bool(others) and all(
+        all(math.isfinite(v) and v < o[i] for o in others) for i, v in enumerate(mine))
 
 
 def final_local_lr(runs: Sequence[Sequence[Mapping[str, Any]]]) -> float | None:
@@ -210,10 +289,12 @@ def reproduce_generalization(
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     start = time.perf_counter()
     ACCOUNT.update(read_back=0, compute_s=0.0)
-    for spec in learned.values():  # a missing file fails now, not after tuning
+    gradient = {k: v for k, v in learned.items() if v.partition(":")[0] in GRADIENT_KINDS}
+    local = {k: v for k, v in learned.items() if k not in gradient}
+    for spec in local.values():  # a missing file fails now, not after tuning
         _learned_config(HELD_OUT[0], spec, sc.rounds)
+    _by_width(gradient)
 
-    horizon = sc.long * sc.rounds
     rows, panels, marks, skipped = [], {}, {}, {}
     for task in sc.tasks:
         name = task.name
@@ -224,34 +305,33 @@ def reproduce_generalization(
             skipped[name] = " ".join(str(exc).split())
             say(f"[generalization] {name}: skipped ({skipped[name]})")
             continue
-        methods: dict[str, RunConfig] = {}
-        for b in sc.baselines:
-            say(f"[generalization] {name}: tuning {b} ({sc.rounds} rounds per trial)")
-            folder = out / "tuning" / slug(name) / b
-            grid = {**sc.grids.get(b, {})}
-            if not TUNABLE[b].one_step:
-                grid["workers.local_steps"] = [task.local_steps]  # H belongs to the task
-            result = tune(base, b, budget=sc.rounds, out_dir=folder, grid=grid,
-                          max_trials=sc.max_trials, progress=False,
-                          resume=search_started(folder, resume))
-            count_tuning_time(folder)
-            methods[b] = config_from_dict(result["config"])
-        for label, spec in learned.items():
-            cfg = _learned_config(task, spec, sc.rounds)
-            if cfg is None:
-                say(f"[generalization] {name}: {label} skipped (trained for another K)")
-                continue
-            methods[label] = cfg
-        curves = {}
-        for label, cfg in methods.items():
-            cfg = changed_config(cfg, rounds=horizon, checkpoint_every=0)
-            say(f"[generalization] {name}: {label}, {sc.seeds} seeds x {horizon} rounds")
-            curves[label] = run_curves(cfg, dataset_for(cfg), sc.evals * sc.long,
-                                       list(range(sc.seeds)),
-                                       out / "runs" / f"{slug(name)}-{slug(label)}.json", resume)
-        for row in summarize_task(curves, sc.baselines, sc.rounds):
-            rows.append({"task": name, **row})
-        panels[name], marks[name] = curves, sc.rounds
+        if local or not gradient:
+            methods = _tuned(base, sc.baselines, sc.grids, task.local_steps, name, sc, out,
+                             resume, say)
+            for label, spec in local.items():
+                cfg = _learned_config(task, spec, sc.rounds)
+                if cfg is None:
+                    say(f"[generalization] {name}: {label} skipped (trained for another K)")
+                    continue
+                methods[label] = cfg
+            curves = _curves(methods, name, sc, out, resume, say)
+            for row in summarize_task(curves, sc.baselines, sc.rounds):
+                rows.append({"task": name, "mode": "local_sgd", **row})
+            panels[name], marks[name] = curves, sc.rounds
+        for m, group in _by_width(gradient).items():
+            gtask = replace(task, num_workers=m, local_steps=1)
+            label = f"{gtask.name} (gradient mode)"  # K = M workers, H = 1
+            gbase = gtask.run_config(rounds=sc.rounds, seed=TUNING_SEED, checkpoint_every=0,
+                                     mode="gradient")
+            methods = _tuned(gbase, sc.gradient_baselines, sc.gradient_grids, 1, label, sc,
+                             out, resume, say)
+            for method, spec in group.items():
+                methods[method] = gtask.run_config(rounds=sc.rounds, mode="gradient",
+                                                   aggregator=spec)
+            curves = _curves(methods, label, sc, out, resume, say)
+            for row in summarize_task(curves, sc.gradient_baselines, sc.rounds):
+                rows.append({"task": label, "mode": "gradient", **row})
+            panels[label], marks[label] = curves, sc.rounds
 
     if not rows:
         raise FileNotFoundError(f"no held-out task could be loaded: {skipped}")
@@ -261,7 +341,10 @@ def reproduce_generalization(
                  for label in learned}
     summary = {"scale": scale, "rounds": sc.rounds, "long": sc.long,
                "seeds": list(range(sc.seeds)), "tasks": [t.name for t in sc.tasks],
-               "learned": learned, "baselines": list(sc.baselines), "aggregate": aggregate,
+               "learned": learned, "aggregate": aggregate,
+               "baselines": list(sc.baselines) if local or not gradient else [],
+               "gradient_learned": list(gradient),
+               "gradient_baselines": list(sc.gradient_baselines),
                "skipped": skipped,
                "rows": rows, "read_back": ACCOUNT["read_back"],
                "compute_s": round(ACCOUNT["compute_s"], 1),
@@ -285,6 +368,8 @@ def _aggregate(rows: Sequence[Mapping[str, Any]], sc: GeneralizationScale) -> di
         "unreached": sum(1 for r in rows if not r["speedup"]),
         "worse_at_R": sum(1 for r in rows if not r["ratio_at_R"] <= 1.0),
         "worse_at_end": sum(1 for r in rows if not r["ratio_at_end"] <= 1.0),
+        "below_every_seed": sum(1 for r in rows
+                                if r["below_every_seed_at_R"] and r["below_every_seed_at_end"]),
     }
 
 
@@ -294,8 +379,17 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return f"{v:.{digits}f}"
 
 
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
 def _write_report(path: Path, s: Mapping[str, Any], sc: GeneralizationScale) -> None:
     end = s["rounds"] * s["long"]
+    local = [k for k in s["learned"] if k not in s["gradient_learned"]]
+
+    def named(labels):
+        return ", ".join(f"{k}: `{s['learned'][k]}`" for k in labels)
+
     lines = [
         "# Learned aggregators on held-out tasks",
         "",
@@ -304,36 +398,50 @@ def _write_report(path: Path, s: Mapping[str, Any], sc: GeneralizationScale) -> 
         f"Scale `{s['scale']}`: {len(s['tasks']) - len(s['skipped'])} held-out tasks (none "
         f"can be drawn by a "
         f"meta-training task family), R = {s['rounds']} rounds, runs to {end}, seeds "
-        f"{s['seeds'][0]}..{s['seeds'][-1]}. Baselines ({', '.join(s['baselines'])}) tuned "
-        f"on each task at R on seed {TUNING_SEED}; the learned aggregators "
-        f"({', '.join(f'{k}: `{v}`' for k, v in s['learned'].items())}) with **no per-task "
-        f"tuning** (their workers' local lr is the one they were meta-trained with, or "
-        f"their own choice each round where they set it: last column). "
-        f"Wall time {s['wall_s']:.0f} s.",
+        f"{s['seeds'][0]}..{s['seeds'][-1]}. Wall time {s['wall_s']:.0f} s.",
         "",
+        *([f"Baselines ({', '.join(s['baselines'])}) tuned on each task at R on seed "
+           f"{TUNING_SEED}; the learned aggregators "
+           f"({named(local)}) with **no per-task "
+           f"tuning** (their workers' local lr is the one they were meta-trained with, or "
+           f"their own choice each round where they set it: last column).", ""]
+          if s["baselines"] else []),
+        *([f"Gradient-mode learned aggregators "
+           f"({named(s['gradient_learned'])}), with "
+           f"**no per-task tuning**, run on the same tasks in gradient mode (tasks marked "
+           f"`gradient mode`: K = M workers, the RNN's input width, each sending one "
+           f"minibatch gradient per round: H = 1) against mean aggregation + server "
+           f"{' and + server '.join(s['gradient_baselines'])}, each tuned there at R on seed "
+           f"{TUNING_SEED}.", ""] if s["gradient_learned"] else []),
         "## Over tasks",
         "",
         format_table(
             ["learned", "tasks", "geo-mean speed-up", "IQM speed-up", "target not reached",
-             f"worse than best baseline @ {s['rounds']}", f"worse @ {end}"],
+             f"worse than best baseline @ {s['rounds']}", f"worse @ {end}",
+             "below every baseline on every seed"],
             [[label, str(a.get("tasks", 0)), _fmt(a.get("geomean_speedup"), 2),
               _fmt(a.get("iqm_speedup"), 2), str(a.get("unreached", "—")),
-              str(a.get("worse_at_R", "—")), str(a.get("worse_at_end", "—"))]
+              str(a.get("worse_at_R", "—")), str(a.get("worse_at_end", "—")),
+              str(a.get("below_every_seed", "—"))]
              for label, a in s["aggregate"].items()]),
         f"Speed-up = R / rounds to reach the best tuned baseline's loss at R (searched to "
-        f"{end}); a task where it is never reached counts as 1/{s['long']} (an upper bound).",
+        f"{end}); a task where it is never reached counts as 1/{s['long']} (an upper bound). "
+        f"Below every baseline: tasks where its training loss is below every tuned "
+        f"baseline's on every seed, both at {s['rounds']} and at {end}.",
         "",
         "## Per task",
         "",
         format_table(
             ["task", "method", f"loss @ {s['rounds']}", "ratio to best", f"loss @ {end}",
              "ratio to best", "rounds to target", "speed-up", "spread ratio",
-             "local lr @ end"],
+             "local lr @ end", "below all, every seed @ R / end"],
             [[r["task"], r["method"] + (" (best)" if r["method"] == r["best_baseline"] else ""),
               _fmt(r["loss_at_R"], 4), _fmt(r["ratio_at_R"]), _fmt(r["loss_at_end"], 4),
               _fmt(r["ratio_at_end"]), str(r["rounds_to_target"] or f"> {end}"),
               _fmt(r["speedup"], 2), _fmt(r["spread_ratio"], 2),
-              _fmt(r.get("local_lr_at_end"), 3)] for r in s["rows"]]),
+              _fmt(r.get("local_lr_at_end"), 3),
+              f"{_yes(r['below_every_seed_at_R'])} / {_yes(r['below_every_seed_at_end'])}"]
+             for r in s["rows"]]),
         "Ratios are to the best tuned baseline (at R: the one with the lowest loss at R; at "
         f"{end}: the lowest of the baselines there). Spread ratio: the std over seeds of "
         "log(loss at R) relative to the best baseline's.",
