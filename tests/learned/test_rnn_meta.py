@@ -28,9 +28,9 @@ def env(digits):
     return GradientEnv(MetaTrainConfig(num_workers=4, batch_size=16, arnn=True), digits)
 
 
-def _estimator(env, rounds):
+def _estimator(env, rounds, **over):
     return BPTT(MetaTrainConfig(num_workers=4, batch_size=16, arnn=True, unroll=rounds,
-                                truncation=rounds), [env])
+                                truncation=rounds, **over), [env])
 
 
 def test_meta_gradient_reaches_phi_and_never_the_workers(env):
@@ -51,8 +51,9 @@ def test_meta_gradient_reaches_phi_and_never_the_workers(env):
         assert torch.isfinite(g).all() and g.abs().sum() > 0, name
 
 
-def test_meta_gradient_equals_reference_with_explicitly_detached_updates(env):
-    est = _estimator(env, 4)
+@pytest.mark.parametrize("meta_loss", ["loss", "log"])
+def test_meta_gradient_equals_reference_with_explicitly_detached_updates(env, meta_loss):
+    est = _estimator(env, 4, meta_loss=meta_loss)
     phi = est.init_phi(4)
     got = est.estimate(phi, est.init_state(), 0)
 
@@ -72,7 +73,10 @@ def test_meta_gradient_equals_reference_with_explicitly_detached_updates(env):
                            worker_ids=torch.arange(4), trusted=env.trusted)
         step, state = agg.step(state, g, ctx)
         theta = theta - step
-        ref_loss = ref_loss + env.batch_loss(run, theta, t + 1)
+        loss = env.batch_loss(run, theta, t + 1)
+        # "log": each round by its relative progress, floored at 1e-3·ln C (10 classes)
+        ref_loss = ref_loss + (torch.log(loss + 1e-3 * math.log(10)) if meta_loss == "log"
+                               else loss)
     want = torch.cat([g.reshape(-1) for g in torch.autograd.grad(ref_loss,
                                                                  list(agg.net.parameters()))])
     assert got.metrics["meta_loss"] == pytest.approx(float(ref_loss.detach()) / 4, rel=1e-6)

@@ -93,6 +93,9 @@ class MetaTrainConfig(Section):
     unroll: int = option(100, ge=1)  # T rounds per meta-iteration (L2L: 100)
     truncation: int = option(20, ge=1)  # K: BPTT truncation, an Adam step every K rounds (L2L)
     iterations: int = option(300, ge=1)  # meta-iterations (budgets in these, not minutes)
+    # the round's meta-loss: "loss" (L2L: the sum of losses) or "log": log(loss + 1e-3·ln C),
+    # each round and task counted by its relative progress, as validation scores it
+    meta_loss: str = option("loss", choices=("loss", "log"))
     lr: float = option(1e-3, gt=0)  # Adam on φ
     clip: float = option(1.0, gt=0)  # gradient-norm clipping of the meta-gradient
     seed: int = option(0, check=seed_problem)  # φ init, data partition, model-init streams

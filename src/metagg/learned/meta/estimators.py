@@ -203,15 +203,19 @@ class BPTT:
 
     def _truncation(self, state: _Unroll, rounds: range
                     ) -> tuple[torch.Tensor, torch.Tensor, RNNState]:
-        """Σ_{t in rounds} L(θ_{t+1}) with θ_{t+1} = θ_t − A_φ(updates at θ_t detached);
-        returns (meta-loss, θ, aggregator state), all still in the graph."""
+        """Σ_{t in rounds} L(θ_{t+1}) (or log L: `meta_loss`) with
+        θ_{t+1} = θ_t − A_φ(updates at θ_t detached); returns (meta-loss, θ, aggregator
+        state), all still in the graph."""
         env, run, theta, agg_state = state.env, state.run, state.theta, state.agg_state
         meta_loss = theta.new_zeros(())
+        floor = 1e-3 * math.log(env.task.num_classes)  # keeps log finite at a zero loss
         for t in rounds:
             rows, ctx = env.round_inputs(run, theta, t, agg_state)
             step, agg_state = self.agg.step(agg_state, rows, ctx)
             theta = theta - step
-            meta_loss = meta_loss + env.batch_loss(run, theta, t + 1)
+            loss = env.batch_loss(run, theta, t + 1)
+            meta_loss = meta_loss + (torch.log(loss + floor) if self.cfg.meta_loss == "log"
+                                     else loss)
         return meta_loss, theta, agg_state
 
     # ------------------------------------------------------------------ validation, files
