@@ -130,3 +130,84 @@ def test_clear_errors(make_ctx):
 def test_registry_without_path_says_what_to_do(name):
     with pytest.raises(ValueError, match=r"needs trained weights.*meta-train"):
         build_aggregator(name)
+
+
+def _prodigy_reference(grads_at, x, rounds, coef=0.5):
+    """Prodigy (Mishchenko & Defazio 2024, Algorithm: Adam version, no bias correction)
+    written out in float64 on mean gradients: the steps it takes."""
+    b1, b2, d0, eps = 0.9, 0.999, 1e-6, 1e-8
+    b3 = b2 ** 0.5
+    x = x.double()
+    x0, d, r = x.clone(), d0, 0.0
+    m, v, s = (torch.zeros_like(x) for _ in range(3))
+    steps = []
+    for _ in range(rounds):
+        g = grads_at(x.float()).double().mean(0)
+        r = b3 * r + (d / d0) * d * float(g @ (x0 - x))
+        m = b1 * m + (1 - b1) * d * g
+        v = b2 * v + (1 - b2) * d * d * g * g
+        s = b3 * s + (d / d0) * d * g
+        step = d * m / (v.sqrt() + d * eps)
+        d = max(d, coef * r / float(s.abs().sum()))
+        x = x - step
+        steps.append(step)
+    return steps
+
+
+def _quadratic(m, d, scale=1.0, seed=0):
+    """Worker gradients of scale·½‖x − x*‖²_diag(h) plus noise of the same scale."""
+    gen = torch.Generator().manual_seed(seed)
+    target, h = torch.randn(d, generator=gen), torch.rand(d, generator=gen) + 0.1
+    noise = torch.randn(m, d, generator=gen) * 0.1
+    return lambda x: scale * (h * (x - target) + noise)
+
+
+def _run_prodigy_rnn(agg, grads_at, x, rounds, make_ctx):
+    """The aggregator as a server on the toy problem: its steps, and its last state."""
+    m, d = agg.config.num_workers, x.numel()
+    state, steps = agg.init(make_ctx(d, m).layout, m), []
+    for _ in range(rounds):
+        step, state = agg.step(state, grads_at(x), make_ctx(d, m, params=x))
+        x = x - step
+        steps.append(step)
+    return steps, state
+
+
+@pytest.mark.parametrize("differentiable", [False, True])
+def test_prodigy_rule_starts_as_mean_plus_prodigy(make_ctx, differentiable):
+    m, d = 4, 50
+    grads_at = _quadratic(m, d)
+    agg = RNNAggregator(RNNConfig(num_workers=m, output="prodigy"), chunk_size=16,
+                        differentiable=differentiable)
+    assert float(agg.net.w_out.detach().abs().sum() + agg.net.b_out.detach().abs().sum()) == 0
+    got, state = _run_prodigy_rnn(agg, grads_at, torch.zeros(d), 30, make_ctx)
+    want = _prodigy_reference(grads_at, torch.zeros(d), 30)
+    for t, (a, b) in enumerate(zip(got, want, strict=True)):
+        torch.testing.assert_close(a.detach().double(), b, rtol=2e-4, atol=1e-9,
+                                   msg=lambda e, t=t: f"round {t}: {e}")
+    assert float(state.base.d) > 1e-3  # the distance estimate grew from 1e-6
+    assert agg.config.feature_names()[-1] == "prodigy_dir"
+
+
+def test_prodigy_rule_is_invariant_to_the_gradients_scale(make_ctx):
+    """No input and no part of the step depends on the gradients' scale: a task whose
+    loss is 1000× larger (or 10× smaller) gets the same steps, with a trained (non-zero)
+    head — down to where Adam's ε (1e-8 · D) is no longer negligible against √v."""
+    m, d = 3, 40
+    agg = RNNAggregator(RNNConfig(num_workers=m, output="prodigy", scale=0.5))
+    with torch.no_grad():
+        agg.net.w_out.normal_(generator=torch.Generator().manual_seed(1))
+        agg.net.b_out.fill_(0.3)
+    want, _ = _run_prodigy_rnn(agg, _quadratic(m, d), torch.zeros(d), 25, make_ctx)
+    for c in (1e3, 0.1):
+        got, _ = _run_prodigy_rnn(agg, _quadratic(m, d, scale=c), torch.zeros(d), 25, make_ctx)
+        # ε's share differs by c, and 25 rounds amplify it a little
+        torch.testing.assert_close(got[-1], want[-1], rtol=1e-2, atol=1e-4)
+        assert float(got[-1].norm() / want[-1].norm()) == pytest.approx(1.0, abs=1e-3)
+    assert float(want[-1].abs().max()) > 0
+    # the default rule feeds log A_i: a trained one's steps change with the scale
+    plain = build_aggregator("rnn:pretrained/digits-mlp20-lstm")
+    m = plain.config.num_workers
+    a, _ = _run_prodigy_rnn(plain, _quadratic(m, d), torch.zeros(d), 5, make_ctx)
+    b, _ = _run_prodigy_rnn(plain, _quadratic(m, d, scale=1e3), torch.zeros(d), 5, make_ctx)
+    assert float((a[-1] - b[-1]).norm() / a[-1].norm()) > 0.05

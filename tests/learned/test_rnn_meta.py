@@ -279,3 +279,22 @@ def test_a_run_whose_rows_are_all_dropped_counts_as_diverged(env, monkeypatch):
                               (2, 4))
     assert math.isfinite(res["loss@2"][0]) and res["loss@4"] == [math.inf]
     assert res["acc@4"] == [0.0]
+
+
+def test_prodigy_rule_meta_trains_from_mean_plus_prodigy(digits):
+    """The head starts at zero (mean + Prodigy); the meta-gradient reaches it, finite, and
+    the base step's state stays out of the graph."""
+    cfg = MetaTrainConfig(num_workers=4, batch_size=16, output="prodigy", meta_loss="log",
+                          unroll=6, truncation=3)
+    est = BPTT(cfg, [GradientEnv(cfg, digits)])
+    phi = est.init_phi(0)
+    head = est.layout.unflatten(phi)
+    assert float(head["w_out"].abs().sum() + head["b_out"].abs().sum()) == 0.0
+    first = est.estimate(phi, est.init_state(), 0)
+    grads = est.layout.unflatten(first.grad)
+    assert torch.isfinite(first.grad).all() and float(grads["w_out"].abs().sum()) > 0
+    base = first.state.agg_state.base
+    assert base is not None and not any(t.requires_grad for t in base)
+    assert int(base.count) == 3
+    second = est.estimate(phi, first.state, 1)  # the second truncation goes on from there
+    assert torch.isfinite(second.grad).all() and int(second.state.agg_state.base.count) == 6

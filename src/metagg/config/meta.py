@@ -37,7 +37,7 @@ __all__ = [
 
 # the RNN aggregator (metagg.learned.rnn)
 CELLS = ("lstm", "gru")
-OUTPUT_RULES = ("normalized", "paper")
+OUTPUT_RULES = ("normalized", "paper", "prodigy")
 # LOpt-A / LAgg-A (metagg.learned.lagg)
 KINDS = ("lopt", "lagg")
 STEP_MODES = ("reference", "residual", "general")
@@ -102,7 +102,8 @@ class MetaTrainConfig(Section):
     cell: str = option("lstm", choices=CELLS)
     hidden: int = option(20, ge=1)  # Ji: 2 layers of 20
     layers: int = option(2, ge=1)
-    output: str = option("normalized", choices=OUTPUT_RULES)  # normalized (stronger) | paper
+    # normalized (stronger than paper) | paper | prodigy (a correction on mean + Prodigy)
+    output: str = option("normalized", choices=OUTPUT_RULES)
     arnn: bool = False  # feed trusted-sample loss features (Ji §4.3)
     p: float = option(10.0, gt=0)  # clamp / log-norm floor e^{-p} (L2L: 10)
     scale: float = option(0.1, gt=0)  # output scale (L2L: 0.1)

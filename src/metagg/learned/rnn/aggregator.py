@@ -20,6 +20,8 @@ The head maps the top layer's hidden state h_i to a scalar o_i and the step is
 
     output="paper":       step_i = scale · o_i · A_i   (Ji §4.2 postprocessing)
     output="normalized":  step_i = scale · o_i         (default; no ×A_i, log A_i is an input)
+    output="prodigy":     step_i = D · (u_i + scale · o_i), D and u_i from mean aggregation
+                          + Prodigy (`.prodigy`; u_i is an input instead of log A_i)
 
 `normalized` is the stronger variant: with ×A_i the step is proportional to the
 gradient spread, so the aggregator behaves like SGD and cannot normalise step
@@ -54,6 +56,7 @@ from metagg.learned.features import (
     loss_features,
 )
 from metagg.learned.rnn.cells import CoordinateRNN, RNNConfig, gru_cell, lstm_cell
+from metagg.learned.rnn.prodigy import ProdigyState, init_prodigy, prodigy_update
 
 __all__ = ["DEFAULT_CHUNK", "RNNAggregator", "RNNState"]
 
@@ -65,10 +68,12 @@ class RNNState(NamedTuple):
 
     h: torch.Tensor  # [layers, d, hidden]
     c: torch.Tensor | None  # [layers, d, hidden] for LSTM; None for GRU
+    base: ProdigyState | None = None  # output "prodigy": the base step's state
 
     def detach(self) -> RNNState:
         """Cut the graph (truncated BPTT)."""
-        return RNNState(self.h.detach(), None if self.c is None else self.c.detach())
+        return RNNState(self.h.detach(), None if self.c is None else self.c.detach(),
+                        self.base)  # the base state is never in a graph
 
 
 
@@ -109,7 +114,8 @@ class RNNAggregator(Aggregator):
             raise ValueError(f"{self.name}: this aggregator was trained for "
                              f"{cfg.num_workers} workers (its input width), got {num_workers}")
         shape = (cfg.layers, layout.size, cfg.hidden)
-        return RNNState(torch.zeros(shape), torch.zeros(shape) if cfg.cell == "lstm" else None)
+        return RNNState(torch.zeros(shape), torch.zeros(shape) if cfg.cell == "lstm" else None,
+                        init_prodigy(layout.size) if cfg.output == "prodigy" else None)
 
     def step(
         self, state: RNNState, updates: torch.Tensor, ctx: RoundContext
@@ -123,12 +129,27 @@ class RNNAggregator(Aggregator):
         if cfg.arnn:
             loss_feat = loss_features(ctx.trusted, ctx.params, slots, present,
                                       probe_lr=cfg.probe_lr, loss_scale=cfg.loss_scale)
+        base = self._base(state, slots, present, ctx)
         if self.differentiable and torch.is_grad_enabled():
-            step, new_state = self._run_differentiable(state, slots, present, loss_feat)
+            step, new_state = self._run_differentiable(state, slots, present, loss_feat, base)
         else:
             with torch.no_grad():
-                step, new_state = self._run_inplace(state, slots, present, loss_feat)
-        return step.to(updates.dtype), new_state
+                step, new_state = self._run_inplace(state, slots, present, loss_feat, base)
+        return step.to(updates.dtype), new_state._replace(base=base[2] if base else None)
+
+    def _base(self, state: RNNState, slots: torch.Tensor, present: torch.Tensor | None,
+              ctx: RoundContext) -> tuple[torch.Tensor, float, ProdigyState] | None:
+        """Output "prodigy": (u [d], D, new base state) from the mean of the present
+        workers' updates at θ; None for the other rules."""
+        if self.config.output != "prodigy":
+            return None
+        if state.base is None:
+            raise ValueError(f"{self.name}: output 'prodigy' needs a state from init()")
+        if ctx.params is None:
+            raise ValueError(f"{self.name}: output 'prodigy' needs the round's params (θ)")
+        n = slots.shape[0] if present is None else int(present.sum())
+        mean = slots.detach().sum(0) / max(n, 1)
+        return prodigy_update(state.base, mean, ctx.params, self.config.prodigy_coef)
 
     def differentiable_step(self, state: RNNState, updates: torch.Tensor,
                             ctx: RoundContext) -> torch.Tensor:
@@ -142,7 +163,8 @@ class RNNAggregator(Aggregator):
             if cfg.arnn:
                 loss_feat = loss_features(ctx.trusted, ctx.params, slots, present,
                                           probe_lr=cfg.probe_lr, loss_scale=cfg.loss_scale)
-            step, _ = self._run_differentiable(state, slots, present, loss_feat,
+            base = self._base(state, slots, present, ctx)
+            step, _ = self._run_differentiable(state, slots, present, loss_feat, base,
                                                detach_phi=True)
         return step.to(updates.dtype)
 
@@ -156,12 +178,13 @@ class RNNAggregator(Aggregator):
             raise ValueError(f"{self.name}: state is for d={state.h.shape[1]}, updates have d={d}")
 
     def _inputs(self, chunk: torch.Tensor, present: torch.Tensor | None,
-                loss_feat: torch.Tensor | None, buf: torch.Tensor | None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """RNN inputs [B, input_size] for worker slots [M, B], and A [B]."""
+                loss_feat: torch.Tensor | None, buf: torch.Tensor | None,
+                direction: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """RNN inputs [B, input_size] for worker slots [M, B] (and, output "prodigy", the
+        base direction u [B]), and A [B]."""
         cfg, m = self.config, self.config.num_workers
         if graph_of(chunk) or (loss_feat is not None and graph_of(loss_feat)):
-            return self._inputs_graph(chunk, present, loss_feat)
+            return self._inputs_graph(chunk, present, loss_feat, direction)
         with torch.no_grad():
             x = buf if buf is not None else chunk.new_empty(chunk.shape[1], cfg.input_size,
                                                             dtype=torch.float32)
@@ -172,12 +195,15 @@ class RNNAggregator(Aggregator):
                 col = 2 * m
             if cfg.output == "normalized":
                 x[:, col] = log_norm_feature(a, cfg.p)
+            if direction is not None:
+                x[:, col] = direction
             if loss_feat is not None and not bool(a.all()):
                 x.masked_fill_((a == 0)[:, None], 0.0)  # no signal at all: zero input
         return x, a
 
     def _inputs_graph(self, chunk: torch.Tensor, present: torch.Tensor | None,
-                      loss_feat: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                      loss_feat: torch.Tensor | None, direction: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """`_inputs` out of place, in the autograd graph of the slots (same values)."""
         cfg = self.config
         x, a = gradient_features(chunk, present, p=cfg.p, clamp_sign=cfg.clamp_sign)
@@ -186,23 +212,29 @@ class RNNAggregator(Aggregator):
             parts.append(loss_feat.to(torch.float32).expand(x.shape[0], -1))
         if cfg.output == "normalized":
             parts.append(log_norm_feature(a, cfg.p)[:, None])
+        if direction is not None:
+            parts.append(direction[:, None])
         x = torch.cat(parts, 1)
         if loss_feat is not None:
             x = x.masked_fill((a == 0)[:, None], 0.0)  # no signal at all: zero input
         return x, a
 
-    def _head(self, x: torch.Tensor, a: torch.Tensor, detach_phi: bool = False) -> torch.Tensor:
-        """The step of a chunk from the top layer's hidden state x [B, H] and A [B]."""
+    def _head(self, x: torch.Tensor, a: torch.Tensor, detach_phi: bool = False,
+              direction: torch.Tensor | None = None, d: float = 0.0) -> torch.Tensor:
+        """The step of a chunk from the top layer's hidden state x [B, H] and A [B] (output
+        "prodigy": and the base direction u [B] and step size D)."""
         cfg, net = self.config, self.net
         b_out, w_out = (net.b_out.detach(), net.w_out.detach()) if detach_phi \
             else (net.b_out, net.w_out)
         o = torch.addmm(b_out, x, w_out).squeeze(1)  # (B,)
         if cfg.output == "paper":
             o = o * a  # Ji §4.2 postprocessing: θ_i update × A_i
-        return cfg.scale * torch.where(a > 0, o, torch.zeros_like(o))  # A_i = 0 → no step
+        o = cfg.scale * torch.where(a > 0, o, torch.zeros_like(o))  # A_i = 0 → no step
+        return o if direction is None else d * (direction + o)
 
     def _run_inplace(self, state: RNNState, slots: torch.Tensor, present: torch.Tensor | None,
-                     loss_feat: torch.Tensor | None) -> tuple[torch.Tensor, RNNState]:
+                     loss_feat: torch.Tensor | None, base: tuple | None
+                     ) -> tuple[torch.Tensor, RNNState]:
         """The server's step: chunk by chunk into preallocated buffers (no autograd)."""
         cfg, d = self.config, slots.shape[1]
         weights = self.net.fused_weights()
@@ -212,7 +244,8 @@ class RNNAggregator(Aggregator):
         buf = torch.empty(min(self.chunk_size, d), cfg.input_size, dtype=torch.float32)
         for s in range(0, d, self.chunk_size):
             e = min(s + self.chunk_size, d)
-            x, a = self._inputs(slots[:, s:e], present, loss_feat, buf[: e - s])
+            u = base[0][s:e] if base else None
+            x, a = self._inputs(slots[:, s:e], present, loss_feat, buf[: e - s], u)
             for layer in range(cfg.layers):
                 h = state.h[layer, s:e]
                 if new_c is not None:
@@ -220,12 +253,13 @@ class RNNAggregator(Aggregator):
                                      (new_h[layer, s:e], new_c[layer, s:e]))
                 else:
                     x = gru_cell(x, h, weights[layer], new_h[layer, s:e])
-            step[s:e] = self._head(x, a)
+            step[s:e] = self._head(x, a, direction=u, d=base[1] if base else 0.0)
         return step, RNNState(new_h, new_c)
 
     def _run_differentiable(self, state: RNNState, slots: torch.Tensor,
                             present: torch.Tensor | None, loss_feat: torch.Tensor | None,
-                            *, detach_phi: bool = False) -> tuple[torch.Tensor, RNNState]:
+                            base: tuple | None = None, *, detach_phi: bool = False
+                            ) -> tuple[torch.Tensor, RNNState]:
         """Meta-training's step: the same computation, out of place, in the autograd graph
         of φ (unless `detach_phi`) and the incoming state."""
         cfg, d = self.config, slots.shape[1]
@@ -237,7 +271,8 @@ class RNNAggregator(Aggregator):
         cs: list[list[torch.Tensor]] = [[] for _ in range(cfg.layers)]
         for s in range(0, d, self.chunk_size):
             e = min(s + self.chunk_size, d)
-            x, a = self._inputs(slots[:, s:e], present, loss_feat, None)
+            u = base[0][s:e] if base else None
+            x, a = self._inputs(slots[:, s:e], present, loss_feat, None, u)
             for layer in range(cfg.layers):
                 h = state.h[layer, s:e]
                 if state.c is not None:
@@ -246,7 +281,7 @@ class RNNAggregator(Aggregator):
                 else:
                     x = gru_cell(x, h, weights[layer])
                 hs[layer].append(x)
-            steps.append(self._head(x, a, detach_phi))
+            steps.append(self._head(x, a, detach_phi, u, base[1] if base else 0.0))
         h_all = torch.stack([torch.cat(h) for h in hs])
         c_all = torch.stack([torch.cat(c) for c in cs]) if state.c is not None else None
         return torch.cat(steps), RNNState(h_all, c_all)

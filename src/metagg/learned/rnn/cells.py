@@ -31,14 +31,17 @@ class RNNConfig(Section):
         cell: "lstm" or "gru" (Ji §4.1 uses both; 2 layers, 20 units).
         hidden: hidden units per layer.
         layers: stacked recurrent layers.
-        output: "normalized" (default, no ×A_i, log A_i fed as an input) or
-            "paper" (Ji §4.2: step = scale·o·A_i).
+        output: "normalized" (default, no ×A_i, log A_i fed as an input),
+            "paper" (Ji §4.2: step = scale·o·A_i) or "prodigy" (step = D·(u + scale·o):
+            a learned correction on mean aggregation + Prodigy, whose direction u is fed
+            as an input; no input depends on the gradients' scale. See `.prodigy`).
         arnn: feed the M trusted-sample loss features (Ji §4.3).
         p: clamp threshold e^{-p} on |g/A| and floor of the log-norm feature (L2L: 10).
         scale: output scale (L2L: 0.1).
         clamp_sign: True → |g| < e^{-p} becomes sign(g)·e^{-p}; False → +e^{-p} as Ji writes.
         probe_lr: ARNN probe step: worker m is scored by the loss of θ − probe_lr·g_m.
         loss_scale: ARNN feature asinh(relative loss change / loss_scale).
+        prodigy_coef: output "prodigy": Prodigy's d_coef (its distance estimate × coef).
     """
 
     num_workers: int = option(ge=1)
@@ -52,6 +55,7 @@ class RNNConfig(Section):
     clamp_sign: bool = True
     probe_lr: float = option(1.0, gt=0)
     loss_scale: float = option(0.1, gt=0)
+    prodigy_coef: float = option(0.5, gt=0)
 
     @property
     def kind(self) -> str:
@@ -70,6 +74,8 @@ class RNNConfig(Section):
             names += [f"loss[{k}]" for k in range(m)]
         if self.output == "normalized":
             names.append("log_norm")
+        if self.output == "prodigy":
+            names.append("prodigy_dir")
         return names
 
     def to_dict(self) -> dict:
@@ -84,7 +90,8 @@ class CoordinateRNN(nn.Module):
     `w_ih[l]` [in_l, G·H], `w_hh[l]` [H, G·H], `b_ih[l]`, `b_hh[l]` [G·H] with
     PyTorch's gate order (LSTM i, f, g, o with G=4; GRU r, z, n with G=3), i.e. the
     transposes of `nn.LSTMCell` / `nn.GRUCell` weights. Head: `w_out` [H, 1], `b_out` [1].
-    Initialisation: U(−1/√H, 1/√H) for everything, as PyTorch's RNN cells, seeded.
+    Initialisation: U(−1/√H, 1/√H) for everything, as PyTorch's RNN cells, seeded (the
+    head zero under output "prodigy", so that the untrained aggregator is mean + Prodigy).
     """
 
     def __init__(self, config: RNNConfig, *, seed: int = 0):
@@ -104,6 +111,10 @@ class CoordinateRNN(nn.Module):
         self.b_hh = nn.ParameterList([uniform(gates * H) for _ in sizes])
         self.w_out = uniform(H, 1)
         self.b_out = uniform(1)
+        if config.output == "prodigy":  # start as mean aggregation + Prodigy exactly
+            with torch.no_grad():
+                self.w_out.zero_()
+                self.b_out.zero_()
 
     def fused_weights(self) -> list[tuple[torch.Tensor, ...]]:
         """Per layer, the weights `lstm_cell` / `gru_cell` take (see there)."""
