@@ -72,8 +72,8 @@ class RNNState(NamedTuple):
 
     def detach(self) -> RNNState:
         """Cut the graph (truncated BPTT)."""
-        return RNNState(self.h.detach(), None if self.c is None else self.c.detach(),
-                        self.base)  # the base state is never in a graph
+        base = None if self.base is None else ProdigyState(*(t.detach() for t in self.base))
+        return RNNState(self.h.detach(), None if self.c is None else self.c.detach(), base)
 
 
 
@@ -148,8 +148,10 @@ class RNNAggregator(Aggregator):
         if ctx.params is None:
             raise ValueError(f"{self.name}: output 'prodigy' needs the round's params (θ)")
         n = slots.shape[0] if present is None else int(present.sum())
-        mean = slots.detach().sum(0) / max(n, 1)
-        return prodigy_update(state.base, mean, ctx.params, self.config.prodigy_coef)
+        mean = slots.sum(0) / max(n, 1)  # constant but in the white-box attack
+        params = ctx.params if self.differentiable and torch.is_grad_enabled() \
+            else ctx.params.detach()
+        return prodigy_update(state.base, mean, params, self.config.prodigy_coef)
 
     def differentiable_step(self, state: RNNState, updates: torch.Tensor,
                             ctx: RoundContext) -> torch.Tensor:
@@ -220,7 +222,8 @@ class RNNAggregator(Aggregator):
         return x, a
 
     def _head(self, x: torch.Tensor, a: torch.Tensor, detach_phi: bool = False,
-              direction: torch.Tensor | None = None, d: float = 0.0) -> torch.Tensor:
+              direction: torch.Tensor | None = None, d: torch.Tensor | float = 0.0
+              ) -> torch.Tensor:
         """The step of a chunk from the top layer's hidden state x [B, H] and A [B] (output
         "prodigy": and the base direction u [B] and step size D)."""
         cfg, net = self.config, self.net

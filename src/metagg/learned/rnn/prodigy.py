@@ -15,8 +15,8 @@ with Prodigy's moments of the mean worker gradient ḡ (no bias correction, β =
     D ← max(D, coef · r / ‖s‖₁).
 
 With a zero RNN head (its initialisation under this rule) the aggregator *is* mean
-aggregation + Prodigy. D, u and the moments depend on the workers' gradients and θ only;
-they are treated as constants in meta-training (the RNN learns o).
+aggregation + Prodigy. D, u and the moments depend on the workers' gradients and θ only,
+and meta-training differentiates through their dependence on θ.
 """
 
 from __future__ import annotations
@@ -51,23 +51,26 @@ def init_prodigy(dim: int) -> ProdigyState:
                         torch.zeros((), dtype=torch.int64))
 
 
-@torch.no_grad()
 def prodigy_update(state: ProdigyState, grad: torch.Tensor, params: torch.Tensor,
-                   coef: float) -> tuple[torch.Tensor, float, ProdigyState]:
+                   coef: float) -> tuple[torch.Tensor, torch.Tensor, ProdigyState]:
     """One step on the mean gradient `grad` [d] at `params` [d]: (u [d], D used for this
-    step, new state). The caller steps by D·(u + correction)."""
-    grad, params = grad.detach().float(), params.detach().float()
-    x0 = params.clone() if int(state.count) == 0 else state.x0
-    d = float(state.d)
+    step, new state). The caller steps by D·(u + correction).
+
+    `params` may carry a graph (meta-training), and then D, u and the state do too: a
+    larger learned step now moves x further, which raises D later, and the meta-gradient
+    sees that. So may `grad` (the white-box attack differentiates through the rule)."""
+    grad = grad.float()
+    x0 = params.detach().clone() if int(state.count) == 0 else state.x0
+    d = state.d
     beta3 = BETA2 ** 0.5
     weight = (d / D0) * d
-    r = state.r * beta3 + weight * float(torch.dot(grad, x0 - params))
-    m = state.m * BETA1 + grad * (d * (1 - BETA1))
-    v = state.v * BETA2 + grad.square() * (d * d * (1 - BETA2))
-    s = state.s * beta3 + grad * weight
-    norm = float(s.abs().sum())
-    estimate = coef * float(r) / norm if norm > 0 else 0.0
-    d_new = max(d, estimate)
-    u = m / (v.sqrt() + d * EPS)
-    return u, d, ProdigyState(x0, s, m, v, r, torch.full((), d_new, dtype=torch.float64),
-                              state.count + 1)
+    r = state.r * beta3 + weight * torch.dot(grad.double(), (x0 - params).double())
+    m = state.m * BETA1 + grad * (d * (1 - BETA1)).float()
+    v = state.v * BETA2 + grad.square() * (d * d * (1 - BETA2)).float()
+    s = state.s * beta3 + grad * weight.float()
+    norm = s.abs().sum().double()
+    estimate = torch.where(norm > 0, coef * r / norm.clamp_min(1e-300), torch.zeros_like(r))
+    d_new = torch.maximum(d, estimate)
+    # clamped: where v = 0 (so m = 0), √v's derivative would be infinite
+    u = m / (v.clamp_min(1e-30).sqrt() + d.float() * EPS)
+    return u, d, ProdigyState(x0, s, m, v, r, d_new, state.count + 1)
