@@ -285,8 +285,9 @@ def test_prodigy_rule_meta_trains_from_mean_plus_prodigy(digits):
     """The head starts at zero (mean + Prodigy); the meta-gradient reaches it, finite, and
     the base step's state stays out of the graph."""
     cfg = MetaTrainConfig(num_workers=4, batch_size=16, output="prodigy", meta_loss="log",
-                          unroll=6, truncation=3)
+                          unroll=6, truncation=3, prodigy_coef=0.25)
     est = BPTT(cfg, [GradientEnv(cfg, digits)])
+    assert est.rnn.prodigy_coef == 0.25 and est.rnn.output == "prodigy"
     phi = est.init_phi(0)
     head = est.layout.unflatten(phi)
     assert float(head["w_out"].abs().sum() + head["b_out"].abs().sum()) == 0.0

@@ -125,7 +125,8 @@ class BPTT:
         self.cfg = cfg
         self.rnn = RNNConfig(num_workers=envs[0].num_workers, cell=cfg.cell, hidden=cfg.hidden,
                              layers=cfg.layers, output=cfg.output, arnn=cfg.arnn, p=cfg.p,
-                             scale=cfg.scale, clamp_sign=cfg.clamp_sign, probe_lr=cfg.probe_lr)
+                             scale=cfg.scale, clamp_sign=cfg.clamp_sign, probe_lr=cfg.probe_lr,
+                             prodigy_coef=cfg.prodigy_coef)
         self.kind = self.rnn.kind
         self.net = CoordinateRNN(self.rnn, seed=cfg.seed)  # holds φ while a step runs
         self.layout = ParamLayout.from_module(self.net)
