@@ -213,3 +213,25 @@ def test_prodigy_rule_is_invariant_to_the_gradients_scale(make_ctx):
     a, _ = _run_prodigy_rnn(plain, _quadratic(m, d), torch.zeros(d), 5, make_ctx)
     b, _ = _run_prodigy_rnn(plain, _quadratic(m, d, scale=1e3), torch.zeros(d), 5, make_ctx)
     assert float((a[-1] - b[-1]).norm() / a[-1].norm()) > 0.05
+
+
+def test_a_prodigy_rule_run_resumes_exactly(tmp_path):
+    """The base step's state (x0, moments, D, ...) is checkpointed with the RNN's."""
+    from metagg.config import load_config
+    from metagg.learned.rnn import save_rnn
+    from metagg.simulation import Simulation, read_metrics
+
+    save_rnn(tmp_path / "agg", RNNAggregator(RNNConfig(num_workers=3, output="prodigy",
+                                                       hidden=4)))
+    cfg = load_config(None, ["rounds=8", "eval_every=2", "checkpoint_every=2",
+                             "workers.num_workers=3", "workers.mode=gradient",
+                             f"aggregator.name=rnn:{tmp_path / 'agg'}"])
+    Simulation(cfg).run(tmp_path / "whole")
+    Simulation(cfg).run(tmp_path / "cut", stop_after=4)
+    Simulation(cfg).run(tmp_path / "cut", resume=True)
+
+    def rows(name):
+        return [{k: v for k, v in r.items() if k != "wall_s"}
+                for r in read_metrics(tmp_path / name / "metrics.jsonl")]
+
+    assert rows("cut") == rows("whole") and rows("whole")[-1]["round"] == 8
