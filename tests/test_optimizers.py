@@ -1,4 +1,5 @@
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -68,3 +69,48 @@ def test_bad_lr(bad):
 def test_bad_beta():
     with pytest.raises(ValueError, match="beta"):
         opt.adam(0.1, beta1=1.0)
+
+
+def prodigy_reference(grads_at, x, rounds, coef=0.5):
+    """Prodigy (Mishchenko & Defazio 2024, Adam version, no bias correction, lr 1) written
+    out in float64: the steps it takes from x on the gradients grads_at(x)."""
+    b1, b2, d0, eps = 0.9, 0.999, 1e-6, 1e-8
+    b3 = b2 ** 0.5
+    x = x.double()
+    x0, d, r = x.clone(), d0, 0.0
+    m, v, s = (torch.zeros_like(x) for _ in range(3))
+    steps = []
+    for _ in range(rounds):
+        g = grads_at(x.float()).double()
+        r = b3 * r + (d / d0) * d * float(g @ (x0 - x))
+        m = b1 * m + (1 - b1) * d * g
+        v = b2 * v + (1 - b2) * d * d * g * g
+        s = b3 * s + (d / d0) * d * g
+        step = d * m / (v.sqrt() + d * eps)
+        d = max(d, coef * r / float(s.abs().sum()))
+        x = x - step
+        steps.append(step)
+    return steps
+
+
+def test_prodigy_matches_its_written_out_definition_and_needs_no_lr():
+    gen = torch.Generator().manual_seed(0)
+    target, h = torch.randn(30, generator=gen), torch.rand(30, generator=gen) + 0.1
+
+    def grads_at(x):  # a noisy quadratic
+        return h * (x - target) + 0.01 * torch.sin(7 * x)
+
+    o = opt.prodigy()
+    state, x, got = o.init(30), torch.zeros(30), []
+    for _ in range(80):
+        step, state = o.update(state, grads_at(x), SimpleNamespace(params=x))
+        x = x - step
+        got.append(step)
+    want = prodigy_reference(grads_at, torch.zeros(30), 80)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=2e-4, atol=1e-6)  # float32 vs 64
+    assert float(state.d) > 1e-2  # D grew from 1e-6 by itself
+    assert float(((x - target) * h).norm()) < 0.05 * float((target * h).norm())  # converges
+    assert opt.build_optimizer("prodigy", 1.0)  # by name, as a config's optimizer
+    with pytest.raises(ValueError, match="params"):
+        o.update(o.init(3), torch.ones(3), None)

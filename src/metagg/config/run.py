@@ -111,7 +111,7 @@ class WorkersConfig(Section):
 
 @dataclass
 class OptimizerConfig(Section):
-    name: str = option("sgd", choices=OPTIMIZERS)  # sgd | momentum | adam | slowmo
+    name: str = option("sgd", choices=OPTIMIZERS)  # sgd | momentum | adam | slowmo | prodigy
     lr: float = option(1.0, gt=0)  # sigmoid MLPs on digits like large steps
     beta: float = option(0.9, ge=0, lt=1)  # momentum / Adam beta1 / SlowMo beta
     beta2: float = option(0.999, ge=0, lt=1)  # Adam

@@ -21,7 +21,8 @@ The head maps the top layer's hidden state h_i to a scalar o_i and the step is
     output="paper":       step_i = scale · o_i · A_i   (Ji §4.2 postprocessing)
     output="normalized":  step_i = scale · o_i         (default; no ×A_i, log A_i is an input)
     output="prodigy":     step_i = D · (u_i + scale · o_i), D and u_i from mean aggregation
-                          + Prodigy (`.prodigy`; u_i is an input instead of log A_i)
+                          + Prodigy (`metagg.aggregators.prodigy`; u_i is an input
+                          instead of log A_i)
 
 `normalized` is the stronger variant: with ×A_i the step is proportional to the
 gradient spread, so the aggregator behaves like SGD and cannot normalise step
@@ -48,6 +49,7 @@ from typing import NamedTuple
 import torch
 
 from metagg.aggregators.base import Aggregator, RoundContext, worker_slots
+from metagg.aggregators.prodigy import ProdigyState, init_prodigy, prodigy_update
 from metagg.layout import ParamLayout
 from metagg.learned.features import (
     gradient_features,
@@ -56,7 +58,6 @@ from metagg.learned.features import (
     loss_features,
 )
 from metagg.learned.rnn.cells import CoordinateRNN, RNNConfig, gru_cell, lstm_cell
-from metagg.learned.rnn.prodigy import ProdigyState, init_prodigy, prodigy_update
 
 __all__ = ["DEFAULT_CHUNK", "RNNAggregator", "RNNState"]
 

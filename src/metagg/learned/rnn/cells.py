@@ -34,7 +34,8 @@ class RNNConfig(Section):
         output: "normalized" (default, no ×A_i, log A_i fed as an input),
             "paper" (Ji §4.2: step = scale·o·A_i) or "prodigy" (step = D·(u + scale·o):
             a learned correction on mean aggregation + Prodigy, whose direction u is fed
-            as an input; no input depends on the gradients' scale. See `.prodigy`).
+            as an input; no input depends on the gradients' scale. See
+            `metagg.aggregators.prodigy`).
         arnn: feed the M trusted-sample loss features (Ji §4.3).
         p: clamp threshold e^{-p} on |g/A| and floor of the log-norm feature (L2L: 10).
         scale: output scale (L2L: 0.1).

@@ -1,22 +1,21 @@
-"""The parameter-free base step of the RNN aggregator's `output="prodigy"` rule.
+"""Prodigy (Mishchenko & Defazio, ICML 2024): Adam's direction with a step size D that
+the rule estimates itself — the distance ‖x_0 − x*‖, from the gradients and the distance
+travelled — so it needs no learning rate. Two users:
 
-A learned step whose size is fixed in parameter units (`output="normalized"`: scale·o_i)
-cannot transfer between tasks that want step sizes 10× apart, and a user cannot tune it.
-Prodigy (Mishchenko & Defazio, ICML 2024) estimates the distance D = ‖x_0 − x*‖ from the
-gradients and the distance travelled, and takes Adam's direction with step size D, so it
-needs no learning rate. The RNN then learns a correction on top:
+- the server optimizer `optimizers.prodigy` (mean aggregation + Prodigy: step = lr·D·u);
+- the RNN aggregator's `output="prodigy"` rule, step_i = D·(u_i + scale·o_i): a learned
+  correction o on this base, whose size then follows the task (a learned step fixed in
+  parameter units, `output="normalized"`, cannot transfer between tasks that want steps
+  10× apart). With a zero RNN head it *is* mean aggregation + Prodigy.
 
-    step_i = D_t · (u_i + scale · o_i),   u_i = m_i / (√v_i + D_t·ε)
+With the direction ḡ (the mean worker gradient) and no bias correction, β = 0.9, 0.999:
 
-with Prodigy's moments of the mean worker gradient ḡ (no bias correction, β = 0.9,
-0.999) and its estimate
-
+    u = m / (√v + D·ε),  m ← β₁ m + (1−β₁)·D·ḡ,  v ← β₂ v + (1−β₂)·D²·ḡ²,
     r ← √β₂ r + (D/D₀)·D·⟨ḡ, x_0 − x⟩,   s ← √β₂ s + (D/D₀)·D·ḡ,
-    D ← max(D, coef · r / ‖s‖₁).
+    D ← max(D, coef · r / ‖s‖₁)            (coef: Prodigy's d_coef; D₀ = 1e-6).
 
-With a zero RNN head (its initialisation under this rule) the aggregator *is* mean
-aggregation + Prodigy. D, u and the moments depend on the workers' gradients and θ only,
-and meta-training differentiates through their dependence on θ.
+Meta-training differentiates through D's dependence on θ (`prodigy_update` keeps the
+graph of `params`).
 """
 
 from __future__ import annotations
