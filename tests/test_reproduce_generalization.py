@@ -150,7 +150,9 @@ def test_an_rnn_runs_in_gradient_mode_against_tuned_sgd_and_adam(tmp_path, small
     assert all("/K3-H1-" in t for t in tasks)
     # only the gradient-mode section runs: no local-SGD baselines without a local learner
     assert {(r["task"], r["method"]) for r in s["rows"]} == \
-        {(t, m) for t in tasks for m in ("sgd", "adam", "RNN")}
+        {(t, m) for t in tasks for m in ("sgd", "adam", "mean+prodigy", "RNN")}
+    reference = [r for r in s["rows"] if r["method"] == "mean+prodigy"]
+    assert not any(r["baseline"] for r in reference)  # shown, not what the RNN must beat
     assert all(r["mode"] == "gradient" for r in s["rows"])
     runs_file = tmp_path / "runs" / f"{runs.slug(tasks[0])}-RNN.json"
     cfg = json.loads(runs_file.read_text())["key"]["config"]

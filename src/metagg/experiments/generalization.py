@@ -24,7 +24,8 @@ A gradient-mode learned aggregator (the RNN of Ji et al. 2019: `rnn:PATH`) is ju
 gradient mode — each of its M workers (the RNN's input width) sends one minibatch gradient
 per round — against mean aggregation + server SGD and + server Adam tuned the same way on
 the same M-worker task; its rows also say whether it is below every tuned baseline on
-every seed at R and at `long`·R (the issue's target for a general RNN).
+every seed at R and at `long`·R (the issue's target for a general RNN). Mean aggregation
++ Prodigy, parameter-free and untuned, runs beside them for reference.
 
 Writes, in --out: `tasks.csv` (per task and method), `summary.json`, `generalization.png`
 (one panel per task) and `report.md`; `tuning/<task>/<baseline>/` and `runs/` (cached
@@ -64,12 +65,15 @@ from metagg.tasks.families import HELD_OUT, TaskSpec
 from metagg.tune import BASELINES as TUNABLE
 from metagg.tune import tune
 
-__all__ = ["GRADIENT_KINDS", "SCALES", "GeneralizationScale", "below_every_seed",
-           "learned_local_lr", "reproduce_generalization", "summarize_task"]
+__all__ = ["GRADIENT_KINDS", "GRADIENT_REFERENCES", "SCALES", "GeneralizationScale",
+           "below_every_seed", "learned_local_lr", "reproduce_generalization", "summarize_task"]
 
 TUNING_SEED = 10_000  # never an evaluation seed
 DEFAULT_LEARNED = {"LAgg-A": "lagg:pretrained/general", "LOpt-A": "lopt:pretrained/general"}
 GRADIENT_KINDS = ("rnn",)  # learned aggregators judged in gradient mode
+# run beside them, untuned, as a reference (not a baseline of the target): the
+# parameter-free server optimizer the RNN's "prodigy" output rule corrects
+GRADIENT_REFERENCES = {"mean+prodigy": {"name": "prodigy", "lr": 1.0}}
 
 
 @dataclass(frozen=True)
@@ -325,6 +329,9 @@ def reproduce_generalization(
                                      mode="gradient")
             methods = _tuned(gbase, sc.gradient_baselines, sc.gradient_grids, 1, label, sc,
                              out, resume, say)
+            for method, optimizer in GRADIENT_REFERENCES.items():
+                methods[method] = gtask.run_config(rounds=sc.rounds, mode="gradient",
+                                                   optimizer=optimizer)
             for method, spec in group.items():
                 methods[method] = gtask.run_config(rounds=sc.rounds, mode="gradient",
                                                    aggregator=spec)
@@ -412,7 +419,9 @@ def _write_report(path: Path, s: Mapping[str, Any], sc: GeneralizationScale) -> 
            f"`gradient mode`: K = M workers, the RNN's input width, each sending one "
            f"minibatch gradient per round: H = 1) against mean aggregation + server "
            f"{' and + server '.join(s['gradient_baselines'])}, each tuned there at R on seed "
-           f"{TUNING_SEED}.", ""] if s["gradient_learned"] else []),
+           f"{TUNING_SEED}; {', '.join(GRADIENT_REFERENCES)} (parameter-free, untuned) is "
+           f"shown for reference and is not a baseline of the comparison.", ""]
+          if s["gradient_learned"] else []),
         "## Over tasks",
         "",
         format_table(
