@@ -299,3 +299,17 @@ def test_prodigy_rule_meta_trains_from_mean_plus_prodigy(digits):
     assert int(base.count) == 3
     second = est.estimate(phi, first.state, 1)  # the second truncation goes on from there
     assert torch.isfinite(second.grad).all() and int(second.state.agg_state.base.count) == 6
+
+
+def test_validation_with_log_meta_loss_floors_near_zero_losses(digits):
+    """A task learned to ~0 loss must not decide a log score by its count of zeros."""
+    from metagg.learned.meta.evaluate import score
+
+    res = {"loss@5": [1e-9, 1e-7]}
+    assert score(res, (5,)) == pytest.approx((math.log(1e-9) + math.log(1e-7)) / 2)
+    assert score(res, (5,), floor=1e-3) == pytest.approx(math.log(1e-3), abs=1e-3)
+    cfg = MetaTrainConfig(num_workers=4, batch_size=16, unroll=2, truncation=2)
+    assert BPTT(cfg, [GradientEnv(cfg, digits)]).floor == 0.0  # Ji / L2L: plain losses
+    cfg = MetaTrainConfig(num_workers=4, batch_size=16, unroll=2, truncation=2,
+                          meta_loss="log")
+    assert BPTT(cfg, [GradientEnv(cfg, digits)]).floor == 1e-3

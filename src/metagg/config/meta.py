@@ -94,7 +94,7 @@ class MetaTrainConfig(Section):
     truncation: int = option(20, ge=1)  # K: BPTT truncation, an Adam step every K rounds (L2L)
     iterations: int = option(300, ge=1)  # meta-iterations (budgets in these, not minutes)
     # the round's meta-loss: "loss" (L2L: the sum of losses) or "log": log(loss + 1e-3·ln C),
-    # each round and task counted by its relative progress, as validation scores it
+    # each round and task counted by its relative progress; validation then scores the same
     meta_loss: str = option("loss", choices=("loss", "log"))
     lr: float = option(1e-3, gt=0)  # Adam on φ
     clip: float = option(1.0, gt=0)  # gradient-norm clipping of the meta-gradient

@@ -128,6 +128,8 @@ class BPTT:
                              scale=cfg.scale, clamp_sign=cfg.clamp_sign, probe_lr=cfg.probe_lr,
                              prodigy_coef=cfg.prodigy_coef)
         self.kind = self.rnn.kind
+        # validation scores log(loss + floor·ln C) as meta_loss "log" trains on it
+        self.floor = 1e-3 if cfg.meta_loss == "log" else 0.0
         self.net = CoordinateRNN(self.rnn, seed=cfg.seed)  # holds φ while a step runs
         self.layout = ParamLayout.from_module(self.net)
         self.dim = self.layout.size
@@ -209,7 +211,7 @@ class BPTT:
         state), all still in the graph."""
         env, run, theta, agg_state = state.env, state.run, state.theta, state.agg_state
         meta_loss = theta.new_zeros(())
-        floor = 1e-3 * math.log(env.task.num_classes)  # keeps log finite at a zero loss
+        floor = self.floor * math.log(env.task.num_classes)  # keeps log finite at 0 loss
         for t in rounds:
             rows, ctx = env.round_inputs(run, theta, t, agg_state)
             step, agg_state = self.agg.step(agg_state, rows, ctx)
@@ -222,7 +224,8 @@ class BPTT:
     # ------------------------------------------------------------------ validation, files
     def validate(self, phi: torch.Tensor) -> tuple[float, dict[str, Any]]:
         self._load(phi)
-        return validate(self.frozen, self.validation_envs, self.seeds, self.horizons)
+        return validate(self.frozen, self.validation_envs, self.seeds, self.horizons,
+                        self.floor)
 
     def baselines(self) -> dict[str, Any]:
         """On a multi-task run's validation tasks, mean aggregation + server SGD (lr 1)
@@ -233,7 +236,8 @@ class BPTT:
         out = {}
         for name, optimizer in (("mean+sgd", opt.sgd(1.0)), ("mean+adam", opt.adam(0.01))):
             agg = build_aggregator("mean", optimizer=optimizer)
-            score, means = validate(agg, self.validation_envs, self.seeds, self.horizons)
+            score, means = validate(agg, self.validation_envs, self.seeds, self.horizons,
+                                    self.floor)
             out[name] = {"score": score, **means}
         return out
 

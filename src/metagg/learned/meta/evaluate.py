@@ -29,9 +29,9 @@ __all__ = ["SCORE_DEFINITION", "evaluate_aggregator", "score", "validate"]
 SCORE_DEFINITION = "mean over seeds and horizons of log(train loss)"
 
 
-def score(result: dict[str, Any], horizons: Sequence[int]) -> float:
-    """Mean over seeds and horizons of log(train loss); inf if any run diverged."""
-    logs = [math.log(max(v, 1e-30)) for h in horizons for v in result[f"loss@{h}"]]
+def score(result: dict[str, Any], horizons: Sequence[int], floor: float = 0.0) -> float:
+    """Mean over seeds and horizons of log(train loss + floor); inf if any run diverged."""
+    logs = [math.log(max(v + floor, 1e-30)) for h in horizons for v in result[f"loss@{h}"]]
     return sum(logs) / len(logs) if all(math.isfinite(v) for v in logs) else math.inf
 
 
@@ -124,13 +124,16 @@ def _with_means(out: dict[str, Any]) -> dict[str, Any]:
 
 
 def validate(agg: Aggregator, envs: Sequence[MetaEnv], seeds: Sequence[int],
-             horizons: Sequence[int]) -> tuple[float, dict[str, Any]]:
+             horizons: Sequence[int], floor: float = 0.0) -> tuple[float, dict[str, Any]]:
     """(score, means) over every env (e.g. each attack of a mixture): the score is the
-    mean of each env's score; with several envs the means are keyed `LABEL/mean_loss@T`."""
+    mean of each env's score; with several envs the means are keyed `LABEL/mean_loss@T`.
+
+    `floor` × ln C (C: the env's classes) is added to every loss before the log, so that
+    a task learned to ~0 loss does not decide the score by how many more zeros it gets."""
     scores, means = [], {}
     for env in envs:
         res = evaluate_aggregator(agg, env, seeds, horizons)
-        scores.append(score(res, horizons))
+        scores.append(score(res, horizons, floor * math.log(env.task.num_classes)))
         prefix = f"{env.label}/" if len(envs) > 1 else ""
         means.update({prefix + k: v for k, v in res.items() if k.startswith("mean_")})
     return sum(scores) / len(scores), means
