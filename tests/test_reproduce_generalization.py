@@ -100,7 +100,8 @@ def test_tiny_run_writes_every_file_and_resumes_without_training(tmp_path, gener
     tasks = [t.name for t in SCALES["tiny"].tasks]
     # the fixed-K=8 LAgg-A cannot run with K = 4 or 16: skipped, not faked
     assert {(r["task"], r["method"]) for r in rows} == \
-        {(t, m) for t in tasks for m in ("fedavg", "slowmo", "LAgg-A")}
+        {(t, m) for t in tasks for m in ("fedavg", "slowmo", "fedavg+prodigy", "LAgg-A")}
+    assert not any(r["baseline"] == "True" for r in rows if r["method"] == "fedavg+prodigy")
     assert s["aggregate"]["K8"] == {"tasks": 0}
     assert s["aggregate"]["LAgg-A"]["tasks"] == 2
     report = (tmp_path / "report.md").read_text()

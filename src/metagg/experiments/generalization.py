@@ -25,7 +25,8 @@ gradient mode — each of its M workers (the RNN's input width) sends one miniba
 per round — against mean aggregation + server SGD and + server Adam tuned the same way on
 the same M-worker task; its rows also say whether it is below every tuned baseline on
 every seed at R and at `long`·R (the issue's target for a general RNN). Mean aggregation
-+ Prodigy, parameter-free and untuned, runs beside them for reference.
++ Prodigy, parameter-free and untuned, runs beside them for reference, as local SGD +
+server Prodigy does beside the local-SGD learned aggregators.
 
 Writes, in --out: `tasks.csv` (per task and method), `summary.json`, `generalization.png`
 (one panel per task) and `report.md`; `tuning/<task>/<baseline>/` and `runs/` (cached
@@ -65,7 +66,8 @@ from metagg.tasks.families import HELD_OUT, TaskSpec
 from metagg.tune import BASELINES as TUNABLE
 from metagg.tune import tune
 
-__all__ = ["GRADIENT_KINDS", "GRADIENT_REFERENCES", "SCALES", "GeneralizationScale",
+__all__ = ["GRADIENT_KINDS", "GRADIENT_REFERENCES", "LOCAL_REFERENCES", "SCALES",
+           "GeneralizationScale",
            "below_every_seed", "learned_local_lr", "reproduce_generalization", "summarize_task"]
 
 TUNING_SEED = 10_000  # never an evaluation seed
@@ -74,6 +76,9 @@ GRADIENT_KINDS = ("rnn",)  # learned aggregators judged in gradient mode
 # run beside them, untuned, as a reference (not a baseline of the target): the
 # parameter-free server optimizer the RNN's "prodigy" output rule corrects
 GRADIENT_REFERENCES = {"mean+prodigy": {"name": "prodigy", "lr": 1.0}}
+# and beside the local-SGD learned ones: local SGD at the learned aggregators' default
+# local lr with server Prodigy — no tuning at all, what a learned step has to add to
+LOCAL_REFERENCES = {"fedavg+prodigy": (0.5, {"name": "prodigy", "lr": 1.0})}
 
 
 @dataclass(frozen=True)
@@ -312,6 +317,10 @@ def reproduce_generalization(
         if local or not gradient:
             methods = _tuned(base, sc.baselines, sc.grids, task.local_steps, name, sc, out,
                              resume, say)
+            if local:
+                for method, (local_lr, optimizer) in LOCAL_REFERENCES.items():
+                    methods[method] = task.run_config(rounds=sc.rounds, local_lr=local_lr,
+                                                      optimizer=optimizer)
             for label, spec in local.items():
                 cfg = _learned_config(task, spec, sc.rounds)
                 if cfg is None:
@@ -411,7 +420,10 @@ def _write_report(path: Path, s: Mapping[str, Any], sc: GeneralizationScale) -> 
            f"{TUNING_SEED}; the learned aggregators "
            f"({named(local)}) with **no per-task "
            f"tuning** (their workers' local lr is the one they were meta-trained with, or "
-           f"their own choice each round where they set it: last column).", ""]
+           f"their own choice each round where they set it: last column)"
+           + (f"; {', '.join(LOCAL_REFERENCES)} (local lr 0.5, server Prodigy: untuned) is "
+              f"shown for reference and is not a baseline of the comparison." if local
+              else "."), ""]
           if s["baselines"] else []),
         *([f"Gradient-mode learned aggregators "
            f"({named(s['gradient_learned'])}), with "
