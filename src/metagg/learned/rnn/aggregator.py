@@ -139,7 +139,7 @@ class RNNAggregator(Aggregator):
         return step.to(updates.dtype), new_state._replace(base=base[2] if base else None)
 
     def _base(self, state: RNNState, slots: torch.Tensor, present: torch.Tensor | None,
-              ctx: RoundContext) -> tuple[torch.Tensor, float, ProdigyState] | None:
+              ctx: RoundContext) -> tuple[torch.Tensor, torch.Tensor, ProdigyState] | None:
         """Output "prodigy": (u [d], D, new base state) from the mean of the present
         workers' updates at θ; None for the other rules."""
         if self.config.output != "prodigy":
@@ -198,7 +198,7 @@ class RNNAggregator(Aggregator):
                 col = 2 * m
             if cfg.output == "normalized":
                 x[:, col] = log_norm_feature(a, cfg.p)
-            if direction is not None:
+            if direction is not None:  # an input: a constant of the meta-gradient
                 x[:, col] = direction
             if loss_feat is not None and not bool(a.all()):
                 x.masked_fill_((a == 0)[:, None], 0.0)  # no signal at all: zero input
