@@ -114,3 +114,22 @@ def test_prodigy_matches_its_written_out_definition_and_needs_no_lr():
     assert opt.build_optimizer("prodigy", 1.0)  # by name, as a config's optimizer
     with pytest.raises(ValueError, match="params"):
         o.update(o.init(3), torch.ones(3), None)
+
+
+def test_prodigy_update_runs_under_vmap_as_in_a_loop():
+    """Meta-training vmaps server steps over particles: no Python branch on a tensor."""
+    from torch.func import vmap
+
+    from metagg.aggregators.prodigy import init_prodigy, prodigy_update
+
+    grads, params = torch.randn(3, 2, 5), torch.randn(2, 5)
+    states = [init_prodigy(5) for _ in range(2)]
+    looped, batched = [], vmap(lambda st, g, x: prodigy_update(st, g, x, 0.5))
+    stacked = type(states[0])(*(torch.stack(t) for t in zip(*states, strict=True)))
+    for g in grads:
+        outs = [prodigy_update(st, g[i], params[i], 0.5) for i, st in enumerate(states)]
+        states = [o[2] for o in outs]
+        looped.append(torch.stack([o[0] for o in outs]))
+        u, _, stacked = batched(stacked, g, params)
+        torch.testing.assert_close(u, looped[-1])
+    torch.testing.assert_close(stacked.d, torch.stack([st.d for st in states]))

@@ -59,7 +59,8 @@ def prodigy_update(state: ProdigyState, grad: torch.Tensor, params: torch.Tensor
     larger learned step now moves x further, which raises D later, and the meta-gradient
     sees that. So may `grad` (the white-box attack differentiates through the rule)."""
     grad = grad.float()
-    x0 = params.detach().clone() if int(state.count) == 0 else state.x0
+    # no Python branch on a tensor: the update runs under torch.func.vmap too (particles)
+    x0 = torch.where(state.count == 0, params.detach(), state.x0)
     d = state.d
     beta3 = BETA2 ** 0.5
     weight = (d / D0) * d
