@@ -175,3 +175,15 @@ def test_cli_rnn_only(tmp_path, small_rnn, capsys, monkeypatch):
                  "--rnn", small_rnn, "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "K3-H1-B16/iid (gradient mode) | RNN" in out and "fedavg" not in out
+
+
+def test_cli_defaults_before_general_weights_ship_say_what_to_pass(tmp_path, capsys,
+                                                                    monkeypatch):
+    from metagg.learned import store
+
+    monkeypatch.setattr(store, "pretrained_names", lambda: ["digits-mlp20-lstm"])
+    assert main(["reproduce", "generalization", "--lopt", "none",
+                 "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "LAgg-A lagg:pretrained/general: no general weights ship yet" in err
+    assert "--lagg lagg:runs/g" in err and not (tmp_path / "report.md").exists()

@@ -159,11 +159,21 @@ def _add_run_args(q: argparse.ArgumentParser, resume: str, func: Any) -> None:
 
 def cmd_reproduce_generalization(args: argparse.Namespace) -> int:
     """`metagg reproduce generalization ...`: run, print report.md, return 0."""
+    from metagg.config import ConfigError
     from metagg.experiments.generalization import reproduce_generalization
+    from metagg.learned.store import pretrained_names
 
     learned = {label: spec for label, spec in (("LAgg-A", args.lagg), ("LOpt-A", args.lopt),
                                                ("RNN", args.rnn))
                if spec.lower() != "none"}
+    missing = [f"{label} {spec}" for label, spec in learned.items()
+               if spec.endswith(":pretrained/general") and "general" not in pretrained_names()]
+    if missing:  # the defaults, before general weights ship: say what to pass instead
+        raise ConfigError(
+            f"{', '.join(missing)}: no general weights ship yet (none has met its held-out "
+            f"targets); pass your own, e.g. --lagg lagg:runs/g (from `metagg meta-train "
+            f"lagg --tasks ...`), the best so far --lagg "
+            f"lagg:docs/meta-training/general-lagg-g3 from a source checkout, or 'none'")
     with threads_during(args.threads), compiling_during(args.compile):
         reproduce_generalization(args.out, scale=args.scale, learned=learned,
                                  resume=args.resume)
