@@ -173,6 +173,46 @@ def _by_width(learned: Mapping[str, str]) -> dict[int, dict[str, str]]:
     return groups
 
 
+def _local_section(task: TaskSpec, local: Mapping[str, str], base: RunConfig,
+                   sc: GeneralizationScale, out: Path, resume: bool,
+                   say: Callable[[str], None]) -> dict[str, Any]:
+    """The task as it is (local SGD): the tuned baselines, the untuned reference and the
+    local-SGD learned aggregators, each run on the evaluation seeds."""
+    name = task.name
+    methods = _tuned(base, sc.baselines, sc.grids, task.local_steps, name, sc, out, resume,
+                     say)
+    if local:
+        for method, (local_lr, optimizer) in LOCAL_REFERENCES.items():
+            methods[method] = task.run_config(rounds=sc.rounds, local_lr=local_lr,
+                                              optimizer=optimizer)
+    for label, spec in local.items():
+        cfg = _learned_config(task, spec, sc.rounds)
+        if cfg is None:
+            say(f"[generalization] {name}: {label} skipped (trained for another K)")
+            continue
+        methods[label] = cfg
+    return _curves(methods, name, sc, out, resume, say)
+
+
+def _gradient_section(task: TaskSpec, m: int, group: Mapping[str, str],
+                      sc: GeneralizationScale, out: Path, resume: bool,
+                      say: Callable[[str], None]) -> tuple[str, dict[str, Any]]:
+    """The task in gradient mode with M = m workers (H = 1): mean + server SGD / Adam
+    tuned there, the untuned reference and the RNNs of width m. Returns (label, curves)."""
+    gtask = replace(task, num_workers=m, local_steps=1)
+    label = f"{gtask.name} (gradient mode)"
+    base = gtask.run_config(rounds=sc.rounds, seed=TUNING_SEED, checkpoint_every=0,
+                            mode="gradient")
+    methods = _tuned(base, sc.gradient_baselines, sc.gradient_grids, 1, label, sc, out,
+                     resume, say)
+    for method, optimizer in GRADIENT_REFERENCES.items():
+        methods[method] = gtask.run_config(rounds=sc.rounds, mode="gradient",
+                                           optimizer=optimizer)
+    for method, spec in group.items():
+        methods[method] = gtask.run_config(rounds=sc.rounds, mode="gradient", aggregator=spec)
+    return label, _curves(methods, label, sc, out, resume, say)
+
+
 def _tuned(base: RunConfig, baselines: Sequence[str],
            grids: Mapping[str, Mapping[str, Sequence[Any]]], local_steps: int, name: str,
            sc: GeneralizationScale, out: Path, resume: bool,
@@ -302,7 +342,7 @@ def reproduce_generalization(
     local = {k: v for k, v in learned.items() if k not in gradient}
     for spec in local.values():  # a missing file fails now, not after tuning
         _learned_config(HELD_OUT[0], spec, sc.rounds)
-    _by_width(gradient)
+    widths = _by_width(gradient)
 
     rows, panels, marks, skipped = [], {}, {}, {}
     for task in sc.tasks:
@@ -315,36 +355,12 @@ def reproduce_generalization(
             say(f"[generalization] {name}: skipped ({skipped[name]})")
             continue
         if local or not gradient:
-            methods = _tuned(base, sc.baselines, sc.grids, task.local_steps, name, sc, out,
-                             resume, say)
-            if local:
-                for method, (local_lr, optimizer) in LOCAL_REFERENCES.items():
-                    methods[method] = task.run_config(rounds=sc.rounds, local_lr=local_lr,
-                                                      optimizer=optimizer)
-            for label, spec in local.items():
-                cfg = _learned_config(task, spec, sc.rounds)
-                if cfg is None:
-                    say(f"[generalization] {name}: {label} skipped (trained for another K)")
-                    continue
-                methods[label] = cfg
-            curves = _curves(methods, name, sc, out, resume, say)
+            curves = _local_section(task, local, base, sc, out, resume, say)
             for row in summarize_task(curves, sc.baselines, sc.rounds):
                 rows.append({"task": name, "mode": "local_sgd", **row})
             panels[name], marks[name] = curves, sc.rounds
-        for m, group in _by_width(gradient).items():
-            gtask = replace(task, num_workers=m, local_steps=1)
-            label = f"{gtask.name} (gradient mode)"  # K = M workers, H = 1
-            gbase = gtask.run_config(rounds=sc.rounds, seed=TUNING_SEED, checkpoint_every=0,
-                                     mode="gradient")
-            methods = _tuned(gbase, sc.gradient_baselines, sc.gradient_grids, 1, label, sc,
-                             out, resume, say)
-            for method, optimizer in GRADIENT_REFERENCES.items():
-                methods[method] = gtask.run_config(rounds=sc.rounds, mode="gradient",
-                                                   optimizer=optimizer)
-            for method, spec in group.items():
-                methods[method] = gtask.run_config(rounds=sc.rounds, mode="gradient",
-                                                   aggregator=spec)
-            curves = _curves(methods, label, sc, out, resume, say)
+        for m, group in widths.items():
+            label, curves = _gradient_section(task, m, group, sc, out, resume, say)
             for row in summarize_task(curves, sc.gradient_baselines, sc.rounds):
                 rows.append({"task": label, "mode": "gradient", **row})
             panels[label], marks[label] = curves, sc.rounds
