@@ -4,10 +4,12 @@ any number of workers."""
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch.func import vmap
+from torch.utils._pytree import tree_map
 
 from metagg.aggregators.base import RoundContext
 from metagg.config import config_from_dict
@@ -290,3 +292,47 @@ def test_simulator_trains_the_workers_with_the_chosen_lr(digits):
         sim.step()
         torch.testing.assert_close(sim.params, before - step)
     assert sim.server.round_local_lr() != 0.05  # it moved
+
+
+def test_untrained_general_step_on_a_prodigy_base_is_server_prodigy():
+    """residual_base "prodigy": with the zero output layer and α = 1 the step is the
+    server optimizer `prodigy` on the mean update (FedAvg + Prodigy); its state is
+    carried (the second round differs from a fresh start)."""
+    from metagg.aggregators.optimizers import prodigy
+
+    agg = LAggA(config=LAggConfig(kind="lagg", step_mode="general",
+                                  residual_base="prodigy"))
+    per_round = draws(4, 3)
+    opt, params = prodigy(), torch.linspace(-1, 1, D)
+    state = opt.init(D)
+    for u, step in zip(per_round, rounds(agg, per_round, 3), strict=True):
+        want, state = opt.update(state, u.mean(0), SimpleNamespace(params=params))
+        torch.testing.assert_close(step, want, rtol=1e-5, atol=1e-9)
+        params = params - want
+    with pytest.raises(ValueError, match="residual_base"):
+        LAggConfig(kind="lagg", step_mode="residual", residual_base="prodigy")
+    with pytest.raises(ValueError, match="residual_base"):
+        LAggConfig(kind="lagg", step_mode="general", residual_base="prodigy", local_lr=0.5)
+
+
+def test_prodigy_base_steps_vmapped_over_particles_equal_one_at_a_time():
+    from metagg.learned.lagg.model import init_step_state
+
+    config = LAggConfig(kind="lagg", step_mode="general", residual_base="prodigy")
+    fp = FlatPhi(config)
+    # trained-looking particles: a non-zero output layer, each with its own other weights
+    phis = torch.stack([fp.of(large_output(LAggA(config=config, seed=s), 1.0).net)
+                        for s in range(3)])
+    state = init_step_state(PLAN, config)
+    states = tree_map(lambda x: x.expand(3, *x.shape).clone(), state)
+    u = torch.stack([draws(1, 4, seed=s)[0] for s in range(3)])
+    theta = torch.randn(3, D)
+
+    def one(phi, st, th, upd):
+        return ada_step(fp.unflatten(phi), st, upd, th, config=config, plan=PLAN)
+
+    steps, new = vmap(one)(phis, states, theta, u)
+    for i in range(3):
+        want, want_state = one(phis[i], state, theta[i], u[i])
+        torch.testing.assert_close(steps[i], want, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(new.base.d[i], want_state.base.d)

@@ -17,6 +17,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from metagg.aggregators.prodigy import DEFAULT_COEF, init_prodigy, prodigy_update
+
 __all__ = [
     "OPTIMIZERS",
     "AdamState",
@@ -133,21 +135,19 @@ def slowmo(lr: float, beta: float = 0.9, local_lr: float | None = None) -> Serve
     return ServerOptimizer(init, update)
 
 
-def prodigy(lr: float = 1.0, d_coef: float = 0.5) -> ServerOptimizer:
+def prodigy(lr: float = 1.0, d_coef: float | None = None) -> ServerOptimizer:
     """Prodigy (Mishchenko & Defazio 2024): Adam's direction with a step size it estimates
     itself (`metagg.aggregators.prodigy`); step = lr · D · u. `lr` is a multiplier on the
-    estimated step (1: none), so nothing needs tuning. d_coef 0.5 rather than Prodigy's 1:
-    chosen on the RNN meta-training's validation tasks (0.25 / 0.5 / 1: −2.92 / −2.99 /
-    −2.72, lower is better)."""
-    from metagg.aggregators.prodigy import init_prodigy, prodigy_update
-
+    estimated step (1: none), so nothing needs tuning. d_coef: 0.5 by default (Prodigy's
+    is 1; see `DEFAULT_COEF` for why)."""
     _check_lr(lr)
+    coef = DEFAULT_COEF if d_coef is None else d_coef
 
     def update(state: Any, direction: torch.Tensor, ctx: Any = None):
         params = getattr(ctx, "params", None)
         if params is None:
             raise ValueError("prodigy needs the round's params (θ) in its context")
-        u, d, state = prodigy_update(state, direction, params.detach(), d_coef)
+        u, d, state = prodigy_update(state, direction, params.detach(), coef)
         return (lr * d * u).to(direction.dtype), state
 
     return ServerOptimizer(init_prodigy, update)

@@ -41,7 +41,7 @@ OUTPUT_RULES = ("normalized", "paper", "prodigy")
 # LOpt-A / LAgg-A (metagg.learned.lagg)
 KINDS = ("lopt", "lagg")
 STEP_MODES = ("reference", "residual", "general")
-RESIDUAL_BASES = ("mean", "momentum")
+RESIDUAL_BASES = ("mean", "momentum", "prodigy")
 
 
 def dataset_spec(text: str) -> tuple[str, int | None]:
@@ -183,7 +183,8 @@ class MetaTrainPESConfig(Section):
     partition: str = option("iid", choices=PARTITIONS)
     # the learned optimizer (metagg.learned.lagg.LAggConfig)
     step_mode: str = option("residual", choices=STEP_MODES)  # reference | residual
-    residual_base: str = option("momentum", choices=RESIDUAL_BASES)  # mean | momentum (SlowMo)
+    # mean | momentum (SlowMo) | prodigy (general mode: server Prodigy, no step size to learn)
+    residual_base: str = option("momentum", choices=RESIDUAL_BASES)
     residual_scale: float = option(0.6, gt=0)  # initial α: 0.6 with momentum = tuned SlowMo
     correction_scale: float = option(1.0, ge=0)
     hidden: int = option(32, ge=1)

@@ -85,6 +85,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from metagg.aggregators.prodigy import DEFAULT_COEF as PRODIGY_COEF
+from metagg.aggregators.prodigy import ProdigyState, init_prodigy, prodigy_update
 from metagg.config.engine import Section, option
 from metagg.config.meta import KINDS, RESIDUAL_BASES, STEP_MODES
 from metagg.layout import ParamLayout
@@ -115,6 +117,7 @@ __all__ = [
     "FlatPhi",
     "LAggConfig",
     "LocalLrState",
+    "ProdigyBaseState",
     "StepState",
     "accumulators",
     "ada_step",
@@ -147,7 +150,9 @@ class LAggConfig(Section):
         step_mode: "reference" (the paper's parameterisation), "residual" (a baseline
             step plus the MLP's correction) or "general" (residual with a normalised
             correction and a learned global schedule; see the module docstring).
-        residual_base: "mean" (FedAvg) or "momentum" (SlowMo-like) base step.
+        residual_base: "mean" (FedAvg), "momentum" (SlowMo-like) or, general mode
+            only, "prodigy": server Prodigy on ḡ (D·u, `metagg.aggregators.prodigy`),
+            the correction then in units of D — no step size in the base to learn.
         residual_scale: initial α of the base step (0.6 with "momentum" starts at the
             tuned SlowMo of the spec: α/γ_local = 0.3/0.5).
         correction_scale: c, the MLP correction's size relative to rms_T(ḡ) (general
@@ -176,6 +181,9 @@ class LAggConfig(Section):
             return [f"num_workers: must be 0 for lopt (it only sees ḡ), got {self.num_workers}"]
         if self.general and self.num_workers != 0:
             return [f"num_workers: must be 0 in general mode (any K), got {self.num_workers}"]
+        if self.residual_base == "prodigy" and (not self.general or self.local_lr > 0):
+            return ["residual_base: 'prodigy' needs step_mode general with the workers' "
+                    "local lr fixed (local_lr 0): Prodigy sets the server's step size"]
         if self.local_lr > 0 and not self.general:
             return ["local_lr: only the general step mode sets the workers' local lr"]
         if self.local_lr > 0 and not LOCAL_LR_MIN <= self.local_lr <= LOCAL_LR_MAX:
@@ -305,12 +313,21 @@ class LocalLrState(NamedTuple):
     log_lr: torch.Tensor  # [] log of the workers' local lr in the coming round
 
 
-StepState = AdaState | LocalLrState
+class ProdigyBaseState(NamedTuple):
+    """The state of a general LAgg-A / LOpt-A on a Prodigy base (`residual_base`)."""
+
+    acc: AdaState
+    base: ProdigyState
+
+
+StepState = AdaState | LocalLrState | ProdigyBaseState
 
 
 def init_step_state(plan: FeaturePlan, config: LAggConfig) -> StepState:
     """A fresh run's state: zero accumulators (and the starting local lr)."""
     acc = init_ada_state(plan)
+    if config.residual_base == "prodigy":
+        return ProdigyBaseState(acc, init_prodigy(plan.size))
     if not config.sets_local_lr:
         return acc
     return LocalLrState(acc, torch.tensor(math.log(config.local_lr)))
@@ -318,7 +335,7 @@ def init_step_state(plan: FeaturePlan, config: LAggConfig) -> StepState:
 
 def accumulators(state: StepState) -> AdaState:
     """The Ada accumulators inside a step state."""
-    return state.acc if isinstance(state, LocalLrState) else state
+    return state.acc if isinstance(state, LocalLrState | ProdigyBaseState) else state
 
 
 def ada_step(phi: Mapping[str, torch.Tensor], state: StepState, updates: torch.Tensor,
@@ -339,6 +356,7 @@ def ada_step(phi: Mapping[str, torch.Tensor], state: StepState, updates: torch.T
             row is zero); None means `updates` are all K workers in order.
     """
     lr_state = state if isinstance(state, LocalLrState) else None
+    prodigy_state = state.base if isinstance(state, ProdigyBaseState) else None
     state = accumulators(state)
     g = updates.mean(0)
     if config.general:
@@ -368,15 +386,21 @@ def ada_step(phi: Mapping[str, torch.Tensor], state: StepState, updates: torch.T
     mag = torch.exp(EXP_MULT * out[:, 1]) * out[:, 0]  # d · exp(0.001 g)
     if config.step_mode == "reference":
         return mag * STEP_MULT, new
-    base = g if config.residual_base == "mean" else new.m[0] / (1.0 - decays[0])
-    # the correction is scaled by each tensor's RMS of ḡ
-    rms = per_tensor_rms(g, plan)
+    if prodigy_state is not None:
+        u, size, prodigy_state = prodigy_update(prodigy_state, g, params, PRODIGY_COEF)
+        base, rms = size.float() * u, size.float()  # the correction in units of D too
+    else:
+        base = g if config.residual_base == "mean" else new.m[0] / (1.0 - decays[0])
+        # the correction is scaled by each tensor's RMS of ḡ
+        rms = per_tensor_rms(g, plan)
     if not config.general:
         return base * torch.exp(phi["log_scale"]) + config.correction_scale * rms * mag, new
     f = schedule_features(g, state.m[0], updates, state.t, lopt=config.kind == "lopt")
     log_alpha, log_gamma = phi["schedule"] @ f + torch.stack([phi["log_scale"],
                                                               phi["log_step"]])
     new_state: StepState = new
+    if prodigy_state is not None:
+        new_state = ProdigyBaseState(new, prodigy_state)
     if lr_state is not None:
         # the local lr: an integral controller on the schedule features, its drift
         # starting as a hypergradient-like gain on cos(ḡ, m); the server's α may follow
