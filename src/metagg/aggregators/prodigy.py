@@ -1,12 +1,14 @@
 """Prodigy (Mishchenko & Defazio, ICML 2024): Adam's direction with a step size D that
 the rule estimates itself — the distance ‖x_0 − x*‖, from the gradients and the distance
-travelled — so it needs no learning rate. Two users:
+travelled — so it needs no learning rate. Three users:
 
 - the server optimizer `optimizers.prodigy` (mean aggregation + Prodigy: step = lr·D·u);
 - the RNN aggregator's `output="prodigy"` rule, step_i = D·(u_i + scale·o_i): a learned
   correction o on this base, whose size then follows the task (a learned step fixed in
   parameter units, `output="normalized"`, cannot transfer between tasks that want steps
-  10× apart). With a zero RNN head it *is* mean aggregation + Prodigy.
+  10× apart). With a zero RNN head it *is* mean aggregation + Prodigy;
+- general LAgg-A / LOpt-A with `residual_base="prodigy"`: the same on the local-SGD mean
+  update, the learned correction in units of D (zero output layer: local SGD + Prodigy).
 
 With the direction ḡ (the mean worker gradient) and no bias correction, β = 0.9, 0.999:
 
