@@ -312,4 +312,6 @@ def test_validation_with_log_meta_loss_floors_near_zero_losses(digits):
     assert BPTT(cfg, [GradientEnv(cfg, digits)]).floor == 0.0  # Ji / L2L: plain losses
     cfg = MetaTrainConfig(num_workers=4, batch_size=16, unroll=2, truncation=2,
                           meta_loss="log")
-    assert BPTT(cfg, [GradientEnv(cfg, digits)]).floor == 1e-3
+    est = BPTT(cfg, [GradientEnv(cfg, digits)])
+    assert est.floor == 1e-3
+    assert "log(train loss + 0.001·ln C)" in est.score_definition  # what saved files say

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from metagg.aggregators.prodigy import DEFAULT_COEF
 from metagg.attacks import ATTACKS
 from metagg.config.engine import ConfigError, Section, option, problem_of, to_dict
 from metagg.config.run import seed_problem
@@ -104,7 +105,7 @@ class MetaTrainConfig(Section):
     layers: int = option(2, ge=1)
     # normalized (stronger than paper) | paper | prodigy (a correction on mean + Prodigy)
     output: str = option("normalized", choices=OUTPUT_RULES)
-    prodigy_coef: float = option(0.5, gt=0)  # output prodigy: Prodigy's d_coef
+    prodigy_coef: float = option(DEFAULT_COEF, gt=0)  # output prodigy: Prodigy's d_coef
     arnn: bool = False  # feed trusted-sample loss features (Ji §4.3)
     p: float = option(10.0, gt=0)  # clamp / log-norm floor e^{-p} (L2L: 10)
     scale: float = option(0.1, gt=0)  # output scale (L2L: 0.1)

@@ -35,7 +35,7 @@ from metagg.aggregators.registry import build_aggregator
 from metagg.config.meta import MetaTrainConfig
 from metagg.layout import ParamLayout
 from metagg.learned.meta.envs import TaskEnvs
-from metagg.learned.meta.evaluate import validate
+from metagg.learned.meta.evaluate import SCORE_DEFINITION, validate
 from metagg.learned.rnn import CoordinateRNN, RNNAggregator, RNNConfig, RNNState, save_rnn
 from metagg.seeding import derive_seed
 
@@ -130,6 +130,8 @@ class BPTT:
         self.kind = self.rnn.kind
         # validation scores log(loss + floor·ln C) as meta_loss "log" trains on it
         self.floor = 1e-3 if cfg.meta_loss == "log" else 0.0
+        self.score_definition = SCORE_DEFINITION if not self.floor else (
+            f"mean over tasks, seeds and horizons of log(train loss + {self.floor:g}·ln C)")
         self.net = CoordinateRNN(self.rnn, seed=cfg.seed)  # holds φ while a step runs
         self.layout = ParamLayout.from_module(self.net)
         self.dim = self.layout.size

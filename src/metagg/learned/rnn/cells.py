@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from metagg.aggregators.prodigy import DEFAULT_COEF
 from metagg.config.engine import Section, option
 from metagg.config.meta import CELLS, OUTPUT_RULES
 
@@ -56,7 +57,7 @@ class RNNConfig(Section):
     clamp_sign: bool = True
     probe_lr: float = option(1.0, gt=0)
     loss_scale: float = option(0.1, gt=0)
-    prodigy_coef: float = option(0.5, gt=0)
+    prodigy_coef: float = option(DEFAULT_COEF, gt=0)
 
     @property
     def kind(self) -> str:
