@@ -187,3 +187,9 @@ def test_cli_defaults_before_general_weights_ship_say_what_to_pass(tmp_path, cap
     err = capsys.readouterr().err
     assert "LAgg-A lagg:pretrained/general: no general weights ship yet" in err
     assert "--lagg lagg:runs/g" in err and not (tmp_path / "report.md").exists()
+
+
+def test_cli_refuses_an_aggregator_of_another_kind_for_a_flag(tmp_path, capsys):
+    assert main(["reproduce", "generalization", "--lagg", "none", "--lopt", "none",
+                 "--rnn", "arnn:pretrained/digits-mlp20-arnn-lstm", "--out", str(tmp_path)]) == 2
+    assert "--rnn takes a rnn:PATH aggregator" in capsys.readouterr().err

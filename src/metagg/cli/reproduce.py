@@ -166,6 +166,10 @@ def cmd_reproduce_generalization(args: argparse.Namespace) -> int:
     learned = {label: spec for label, spec in (("LAgg-A", args.lagg), ("LOpt-A", args.lopt),
                                                ("RNN", args.rnn))
                if spec.lower() != "none"}
+    for flag, kind in (("--lagg", "lagg"), ("--lopt", "lopt"), ("--rnn", "rnn")):
+        spec = getattr(args, flag[2:])
+        if spec.lower() != "none" and spec.partition(":")[0] != kind:
+            raise ConfigError(f"{flag} takes a {kind}:PATH aggregator, got {spec!r}")
     missing = [f"{label} {spec}" for label, spec in learned.items()
                if spec.endswith(":pretrained/general") and "general" not in pretrained_names()]
     if missing:  # the defaults, before general weights ship: say what to pass instead
