@@ -70,6 +70,16 @@ def test_target_counts_compare_with_the_mean_and_the_better_of_zeno_and_fltrust(
     assert counts[7] == {"met": 2, "both": 1, "cells": 2}
     assert target_counts([r for r in rows if r["aggregator"] != "zeno"], ["l"])[0][
         "by_byzantine"].keys() == {0}  # no Zeno: attacked cells are not counted
+    # the perfect filter's runs: a cell is reachable where they end at ≥ 95 % of the
+    # rule's own no-attack accuracy (iid 0.896 → 0.8512; dirichlet 0.79 → 0.7505)
+    honest = [{"dataset": "digits", "partition": p, "momentum": 0.0, "num_byzantine": b,
+               "final_test_accuracy": a}
+              for p, b, a in (("iid", 3, 0.86), ("iid", 7, 0.84), ("iid", 7, 0.87),
+                              ("dirichlet", 3, 0.70), ("dirichlet", 7, 0.76))]
+    counts = target_counts(rows, ["l"], honest)[0]["by_byzantine"]
+    assert counts[3]["reachable"] == 1  # iid 0.86 yes, dirichlet 0.70 no
+    assert counts[7]["reachable"] == 2  # iid: mean of two seeds 0.855; dirichlet 0.76
+    assert "reachable" not in counts[0]
 
 
 def test_tiny_benchmark_writes_its_files(tmp_path):
@@ -88,6 +98,13 @@ def test_tiny_benchmark_writes_its_files(tmp_path):
     assert "no attack: ≥ mean − 0.5" in report and "3/10: ≥" not in report
     assert all(rule in report for rule in rules)
     assert (tmp_path / "heatmap-digits--IID--no-worker-momentum.png").stat().st_size > 1000
+    # the perfect filter: the honest rows' mean at 3/10, in its own file and the report
+    with open(tmp_path / "honest_only.csv") as fh:
+        [ceiling] = list(csv.DictReader(fh))
+    assert ceiling["aggregator"] == "mean" and ceiling["attack"] == "crash"
+    assert ceiling["num_byzantine"] == "3"
+    assert list(summary["honest_only"]) == ["digits, IID, no worker momentum, 3/10"]
+    assert "A perfect filter (the Byzantine workers' rows dropped" in report
 
 
 def test_cli_lists_the_benchmark(capsys):

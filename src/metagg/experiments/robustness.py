@@ -14,6 +14,14 @@ module collects them into
   case** over the whole grid (the lowest mean-over-seeds final test accuracy of any cell
   it could run in, and where).
 
+Beside the rules, each setting runs a **perfect filter** at every Byzantine count b: the
+Byzantine workers' rows dropped and the rest averaged (the `crash` fault, `honest-only/`).
+It is what filtering the rows can reach at best: where even it ends below 95 % of the
+no-attack accuracy (3 honest Dirichlet shards miss classes), issue 15's "≥ 95 % of its own
+no-attack accuracy" is out of reach of a rule that only picks rows; only one that adds what
+the server's trusted sample says (FLTrust's reference, the trust rule's share) can get
+there. The report counts those cells.
+
 A rule that is undefined for a number of Byzantine workers (Bulyan needs n ≥ 4f + 3) is
 "n/a" there and its worst case is over the other cells (the count of n/a cells is
 reported); a rule run outside its guarantee (Krum with f ≥ n/2) is run anyway and marked
@@ -134,6 +142,7 @@ def reproduce_robustness(out_dir: str | Path, *, scale: str = "quick",
     attacks = attack_settings(sc)
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
+    honest: list[dict[str, Any]] = []  # the perfect filter's runs
     sections: list[str] = []
     total = (len(sc.datasets) * len(sc.partitions) * len(sc.momentum) * len(every)
              * len(attacks) * sc.seeds)
@@ -157,23 +166,67 @@ def reproduce_robustness(out_dir: str | Path, *, scale: str = "quick",
                                   on_run=lambda *_: bar.update(1) if bar else None)
                 rows += [{"dataset": dataset, "partition": partition, "momentum": momentum,
                           **r} for r in results]
+                ceiling = perfect_filter(cfg, sc, data, out / slug(name) / "honest-only",
+                                         resume)
+                honest += [{"dataset": dataset, "partition": partition, "momentum": momentum,
+                            **r} for r in ceiling]
                 cells = cell_means(results)
                 columns = [attack_label(parse_attack_setting(a), NUM_WORKERS) for a in attacks]
                 plot_heatmap(cells, every, columns, out / f"heatmap-{slug(name)}.png",
                              title=f"{name}: final test accuracy (%)")
                 sections.append(f"### {name}\n\n" + (out / slug(name) / "results.md").read_text()
+                                + _ceiling_line(ceiling, results)
                                 + f"\n![{name}](heatmap-{slug(name)}.png)\n")
     if bar is not None:
         bar.close()
     worst = worst_cases(rows, every)
-    targets = target_counts(rows, learned)
+    targets = target_counts(rows, learned, honest)
     _write_csv(out / "results.csv", rows)
+    _write_csv(out / "honest_only.csv", honest)
     summary = {"scale": scale, "rules": every, "attacks": attacks, "worst": worst,
-               "targets": targets, "wall_s": round(time.perf_counter() - start, 1)}
+               "targets": targets, "honest_only": _ceilings(honest),
+               "wall_s": round(time.perf_counter() - start, 1)}
     atomic_write_text(out / "summary.json", json_text(summary, indent=2))
     _write_report(out, sc, scale, learned, worst, sections, summary["wall_s"], chosen, resume,
                   targets)
     return summary
+
+
+def perfect_filter(cfg: RunConfig, sc: RobustnessScale, data: Any, out: Path,
+                   resume: bool) -> list[dict[str, Any]]:
+    """The mean of the honest rows alone at each Byzantine count of the scale (the
+    Byzantine workers crash: the server averages the others), on the scale's seeds."""
+    counts = [f"crash:{b}" for b in sc.fractions if b]
+    if not counts:
+        return []
+    return compare(cfg, ["mean"], seeds=sc.seeds, out_dir=out, attacks=counts, dataset=data,
+                   resume=resume)
+
+
+def _ceilings(honest: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """"setting, b/n" -> the perfect filter's mean-over-seeds final test accuracy."""
+    runs: dict[str, list[float]] = {}
+    for r in honest:
+        key = (f"{setting_name(r['dataset'], r['partition'], r['momentum'])}, "
+               f"{r['num_byzantine']}/{NUM_WORKERS}")
+        runs.setdefault(key, []).append(float(r["final_test_accuracy"]))
+    return {k: statistics.fmean(v) for k, v in runs.items()}
+
+
+def _ceiling_line(ceiling: Sequence[dict[str, Any]], results: Sequence[dict[str, Any]]) -> str:
+    if not ceiling:
+        return ""
+    clean = [float(r["final_test_accuracy"]) for r in results
+             if r["aggregator"] == "mean" and r["num_byzantine"] == 0]
+    by_count: dict[int, list[float]] = {}
+    for r in ceiling:
+        by_count.setdefault(int(r["num_byzantine"]), []).append(float(r["final_test_accuracy"]))
+    parts = [f"{b}/{NUM_WORKERS}: {100 * statistics.fmean(v):.1f} %"
+             for b, v in sorted(by_count.items())]
+    ref = (f" (the mean without attack: {100 * statistics.fmean(clean):.1f} %)" if clean
+           else "")
+    return ("\nA perfect filter (the Byzantine workers' rows dropped, the honest rows "
+            f"averaged) ends at {', '.join(parts)}{ref}.\n")
 
 
 def _bar(total: int, enabled: bool):
@@ -231,12 +284,15 @@ def worst_cases(rows: Sequence[dict[str, Any]], rules: Sequence[str]) -> list[di
     return sorted(out, key=lambda w: (w["unavailable_cells"] > 0, -w["worst_accuracy"]))
 
 
-def target_counts(rows: Sequence[dict[str, Any]], learned: Sequence[str]) -> list[dict[str, Any]]:
+def target_counts(rows: Sequence[dict[str, Any]], learned: Sequence[str],
+                  honest: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
     """Issue 15's first target, counted per learned rule: each no-attack cell at or above
     the mean's accuracy − 0.5 point; each attacked cell at or above the better of Zeno and
     FLTrust − 1 point ("met"), and also at ≥ 95 % of the rule's own no-attack accuracy in
     that setting ("both"). Per Byzantine count; cells where a rule did not run are left
-    out, and nothing is counted without mean, Zeno and FLTrust in the grid."""
+    out, and nothing is counted without mean, Zeno and FLTrust in the grid. With the
+    perfect filter's runs (`honest`), attacked cells also count "reachable": where that
+    filter ends at ≥ 95 % of the rule's own no-attack accuracy."""
     acc: dict[tuple[Any, ...], list[float]] = {}
     byzantine: dict[tuple[Any, ...], int] = {}
     for r in rows:
@@ -246,6 +302,11 @@ def target_counts(rows: Sequence[dict[str, Any]], learned: Sequence[str]) -> lis
         byzantine[cell] = int(r["num_byzantine"])
         acc.setdefault((*cell, r["aggregator"]), []).append(float(r["final_test_accuracy"]))
     mean = {k: statistics.fmean(v) for k, v in acc.items()}
+    ceiling: dict[tuple[Any, ...], list[float]] = {}
+    for r in honest:
+        ceiling.setdefault((r["dataset"], r["partition"], r["momentum"],
+                            int(r["num_byzantine"])), []).append(
+            float(r["final_test_accuracy"]))
     out = []
     for rule in learned:
         counts: dict[int, dict[str, int]] = {}
@@ -264,6 +325,10 @@ def target_counts(rows: Sequence[dict[str, Any]], learned: Sequence[str]) -> lis
             c["cells"] += 1
             c["met"] += mine >= bar
             c["both"] += mine >= bar and (b == 0 or (own is not None and mine >= 0.95 * own))
+            best = ceiling.get((*cell[:3], b))
+            if b and best and own is not None:
+                c["reachable"] = c.get("reachable", 0) + (statistics.fmean(best)
+                                                          >= 0.95 * own)
         if counts:
             out.append({"rule": rule, "by_byzantine": counts})
     return out
@@ -323,8 +388,10 @@ def _write_report(out: Path, sc: RobustnessScale, scale: str, learned: Sequence[
         def cell(c: dict[str, int] | None, b: int) -> str:
             if c is None:
                 return "—"
-            return (f"{c['met']}/{c['cells']}" if b == 0
-                    else f"{c['met']}/{c['cells']} ({c['both']})")
+            if b == 0:
+                return f"{c['met']}/{c['cells']}"
+            reach = f"; {c['reachable']} reachable" if "reachable" in c else ""
+            return f"{c['met']}/{c['cells']} ({c['both']}{reach})"
 
         header = ["learned rule"] + [
             "no attack: ≥ mean − 0.5" if b == 0 else f"{b}/{NUM_WORKERS}: ≥ best of Zeno, "
@@ -332,7 +399,10 @@ def _write_report(out: Path, sc: RobustnessScale, scale: str, learned: Sequence[
         target_part = [
             "## Learned rules against the robust-aggregator target", "",
             "Cells (setting × attack) where the learned rule's accuracy reaches the bar; in "
-            "brackets, those also at ≥ 95 % of its own no-attack accuracy in that setting.",
+            "brackets, those also at ≥ 95 % of its own no-attack accuracy in that setting, "
+            "and the cells where a perfect filter (the honest rows' mean) ends at ≥ 95 % of "
+            "it (\"reachable\" by filtering the rows; a rule that adds the server's "
+            "trusted-sample update can go beyond).",
             "", format_table(header, [[t["rule"]] + [cell(t["by_byzantine"].get(b), b)
                                                      for b in counts] for t in targets]), ""]
     text = "\n".join([
