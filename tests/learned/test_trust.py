@@ -143,6 +143,31 @@ def test_a_reference_share_mixes_in_the_servers_update_only_for_an_honest_minori
             TrustConfig(reference_share=bad)
 
 
+def test_a_median_weight_gates_rows_that_point_away_from_an_honest_majority():
+    """Row 0 lowers the trusted loss most (as the white-box attack's rows did on
+    Fashion-MNIST) but points away from the median: the best score, so gate 1 under the
+    budget alone; gated out with the median weight while 0 < 2f < n, and the weight
+    changes nothing when no attack or an honest minority is assumed."""
+    feats = torch.zeros(8, len(FEATURE_NAMES))
+    feats[:, FEATURE_NAMES.index("trusted_loss_change")] = -0.05
+    feats[0, FEATURE_NAMES.index("trusted_loss_change")] = -0.1
+    feats[:, FEATURE_NAMES.index("cos_median")] = 0.5
+    feats[0, FEATURE_NAMES.index("cos_median")] = -0.3
+    config, weighted = TrustConfig(budget=2.0), TrustConfig(budget=2.0, median_weight=20.0)
+    phi = initial_phi(config, 0)
+    plain = TrustRule(config, phi, f=1).weights(feats)
+    assert float(plain[0]) == pytest.approx(float(plain.max()))  # among the trusted: gate 1
+    w = TrustRule(weighted, phi, f=1).weights(feats)
+    assert float(w[0]) < 0.01 < float(w[1:].min())
+    torch.testing.assert_close(w[1:], w[1:2].expand(7))
+    for f in (0, 4, 6):  # no attack assumed, or an honest minority: unchanged
+        torch.testing.assert_close(TrustRule(weighted, phi, f=f).weights(feats),
+                                   TrustRule(config, phi, f=f).weights(feats))
+    for bad in (-1.0, float("inf"), True, "2"):
+        with pytest.raises(ValueError, match="median_weight"):
+            TrustConfig(median_weight=bad)
+
+
 def test_the_registry_and_the_loader_tell_the_rule_f():
     agg = build_aggregator("trust", f=3, options={"init": True, "budget": 2})
     assert agg.rule.f == 3 and agg.rule.config.budget == 2

@@ -69,7 +69,8 @@ class TrustES:
     def __init__(self, cfg: MetaTrainTrustConfig, data: Dataset | None = None):
         self.cfg = cfg
         self.trust = TrustConfig(hidden=cfg.hidden, probe=cfg.probe, budget=cfg.budget,
-                                 reference_share=cfg.reference_share)
+                                 reference_share=cfg.reference_share,
+                                 median_weight=cfg.median_weight)
         self.dim = self.trust.layout.size
         # several datasets ("digits,fashion_mnist"): each pair draws one; validation runs all
         self.datasets = cfg.datasets()
