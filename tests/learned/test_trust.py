@@ -143,29 +143,66 @@ def test_a_reference_share_mixes_in_the_servers_update_only_for_an_honest_minori
             TrustConfig(reference_share=bad)
 
 
-def test_a_median_weight_gates_rows_that_point_away_from_an_honest_majority():
+def test_peer_agreement_is_each_rows_median_cosine_with_the_others():
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(7, 30, generator=g)
+    rows[4] = 0  # a zero row: cosine 0, no NaN
+    got = TrustRule.agreement(rows)
+    for i in range(7):  # slow and obvious
+        others = [float(torch.nn.functional.cosine_similarity(rows[i], rows[j], dim=0))
+                  if rows[i].norm() > 0 and rows[j].norm() > 0 else 0.0
+                  for j in range(7) if j != i]
+        assert float(got[i]) == pytest.approx(sorted(others)[2], abs=1e-6)  # lower median
+    # scale-free, and differentiable in the rows (the white-box attack descends through it)
+    torch.testing.assert_close(TrustRule.agreement(rows * 1e3), got)
+    z = rows.clone().requires_grad_(True)
+    TrustRule.agreement(z).sum().backward()
+    assert torch.isfinite(z.grad).all() and float(z.grad.abs().sum()) > 0
+
+
+def test_a_peer_weight_gates_rows_that_point_away_from_an_honest_majority():
     """Row 0 lowers the trusted loss most (as the white-box attack's rows did on
-    Fashion-MNIST) but points away from the median: the best score, so gate 1 under the
-    budget alone; gated out with the median weight while 0 < 2f < n, and the weight
-    changes nothing when no attack or an honest minority is assumed."""
+    Fashion-MNIST) but disagrees with the other rows: the best score, so gate 1 under the
+    budget alone; gated out with the peer weight while 0 < 2f < n, and the weight changes
+    nothing when no attack or an honest minority is assumed."""
     feats = torch.zeros(8, len(FEATURE_NAMES))
     feats[:, FEATURE_NAMES.index("trusted_loss_change")] = -0.05
     feats[0, FEATURE_NAMES.index("trusted_loss_change")] = -0.1
-    feats[:, FEATURE_NAMES.index("cos_median")] = 0.5
-    feats[0, FEATURE_NAMES.index("cos_median")] = -0.3
-    config, weighted = TrustConfig(budget=2.0), TrustConfig(budget=2.0, median_weight=20.0)
+    agreement = torch.full((8,), 0.5)
+    agreement[0] = -0.3
+    config, weighted = TrustConfig(budget=2.0), TrustConfig(budget=2.0, peer_weight=20.0)
     phi = initial_phi(config, 0)
     plain = TrustRule(config, phi, f=1).weights(feats)
     assert float(plain[0]) == pytest.approx(float(plain.max()))  # among the trusted: gate 1
-    w = TrustRule(weighted, phi, f=1).weights(feats)
+    rule = TrustRule(weighted, phi, f=1)
+    assert rule.uses_agreement(8)
+    w = rule.weights(feats, agreement)
     assert float(w[0]) < 0.01 < float(w[1:].min())
     torch.testing.assert_close(w[1:], w[1:2].expand(7))
+    with pytest.raises(ValueError, match="peer agreement"):
+        rule.weights(feats)
     for f in (0, 4, 6):  # no attack assumed, or an honest minority: unchanged
+        assert not TrustRule(weighted, phi, f=f).uses_agreement(8)
         torch.testing.assert_close(TrustRule(weighted, phi, f=f).weights(feats),
                                    TrustRule(config, phi, f=f).weights(feats))
     for bad in (-1.0, float("inf"), True, "2"):
-        with pytest.raises(ValueError, match="median_weight"):
-            TrustConfig(median_weight=bad)
+        with pytest.raises(ValueError, match="peer_weight"):
+            TrustConfig(peer_weight=bad)
+
+
+def test_a_peer_weighted_rule_steps_away_from_a_disagreeing_row(round_inputs):
+    """The whole round runs with the term (the agreement computed from the rows), and a
+    sign-flipped row moves the step no further from the honest mean than without it."""
+    rows, ctx = round_inputs
+    rows = rows.clone()
+    rows[0] = -rows[1:].mean(0) * 3
+    phi = load_trust("pretrained/robust").phi
+    plain = TrustRule(TrustConfig(budget=2.0, reference_share=0.5), phi, f=1)
+    peer = TrustRule(TrustConfig(budget=2.0, reference_share=0.5, peer_weight=10.0), phi, f=1)
+    honest = rows[1:].mean(0)
+    a, _ = plain(plain.init(ctx.layout, 8), rows, ctx)
+    b, _ = peer(peer.init(ctx.layout, 8), rows, ctx)
+    assert float(b @ honest) >= float(a @ honest) - 1e-6
 
 
 def test_the_registry_and_the_loader_tell_the_rule_f():

@@ -325,8 +325,8 @@ class MetaTrainTrustConfig(Section):
     budget: float | None = option(None)  # TrustConfig.budget κ: gate only the ⌈κf⌉ worst rows
     # TrustConfig.reference_share λ: the server's own update's share when 2f ≥ n
     reference_share: float = option(0.0, ge=0, le=1)
-    # TrustConfig.median_weight μ: the score's cos-with-the-median term when 0 < 2f < n
-    median_weight: float = option(0.0, ge=0)
+    # TrustConfig.peer_weight μ: the score's peer-agreement term when 0 < 2f < n
+    peer_weight: float = option(0.0, ge=0)
     pairs: int = option(6, ge=1)
     sigma: float = option(0.1, gt=0)
     loss_cap: float = option(10.0, gt=0)  # a diverged run counts as this loss

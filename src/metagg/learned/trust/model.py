@@ -37,9 +37,10 @@ majority (2f ≥ n) the server's own update r takes a share λ of the direction,
 honest row would: three honest rows on skewed shards miss classes the trusted sample has,
 and where the gates let colluding rows in (label flip, min-max at 7/10) r keeps the step
 downhill (the shipped rule: λ = 0.5).
-With a median weight μ (`TrustConfig.median_weight`) and an assumed honest majority
-(0 < 2f < n) the score gains μ·cos(u_i, coordinate-wise median): rows that agree with the
-trusted sample but point away from the honest majority lose their gate.
+With a peer weight μ (`TrustConfig.peer_weight`) and an assumed honest majority
+(0 < 2f < n) the score gains μ·(the median over the other rows of cos(u_i, u_j)): rows
+that agree with the trusted sample but point away from the honest majority lose their
+gate.
 Everything is differentiable in the updates (the white-box attack descends through it);
 the rank is piecewise constant. φ is meta-trained by antithetic evolution strategies over
 a mixture of attacks (`metagg.learned.meta.robust`).
@@ -84,12 +85,15 @@ class TrustConfig:
     # sample has. 0: the rows only (the first shipped weights).
     reference_share: float = 0.0
     # μ: while the honest are assumed a majority (0 < 2f < n) each row's score gains
-    # μ·cos(u_i, coordinate-wise median): the median is then the honest rows', and a row
-    # can look good on the trusted sample yet point away from them (the white-box attack
-    # on Fashion-MNIST: forged rows scored best, kept gate 1, cos with the median −0.1 to
-    # −0.4 against +0.3 to +0.8 for every honest row). With 2f ≥ n the median may be the
-    # attackers', so it is not used. 0: off (the first shipped weights).
-    median_weight: float = 0.0
+    # μ·(its peer agreement: the median over the other rows of cos(u_i, u_j)), which the
+    # honest majority decides. A row can look good on the trusted sample yet point away
+    # from the honest rows: the white-box attack on Fashion-MNIST did, its rows scored
+    # best and kept gate 1 (cos with the coordinate-wise median −0.1 to −0.4, every honest
+    # row +0.3 to +0.8). Not that cosine: three identical colluding rows drag the
+    # coordinate-wise median towards themselves when Dirichlet shards scatter the honest
+    # rows (min-max 3/10 on Fashion-MNIST lost 4–10 points with it). With 2f ≥ n the
+    # agreement may be the attackers', so it is not used. 0: off.
+    peer_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.hidden, int) and self.hidden >= 1):
@@ -103,9 +107,9 @@ class TrustConfig:
         share = self.reference_share
         if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 1:
             raise ValueError(f"reference_share must be a number in [0, 1], got {share!r}")
-        mu = self.median_weight
+        mu = self.peer_weight
         if isinstance(mu, bool) or not isinstance(mu, int | float) or not 0 <= mu < math.inf:
-            raise ValueError(f"median_weight must be a number >= 0, got {mu!r}")
+            raise ValueError(f"peer_weight must be a number >= 0, got {mu!r}")
 
     @property
     def layout(self) -> ParamLayout:
@@ -185,13 +189,29 @@ class TrustRule:
         cos_med = (u @ median) / (norms * _norms(median).clamp_min(1e-12))
         return torch.stack([change / 5, cos_ref, log_ratio / 5, rank, cos_med], 1)
 
-    def weights(self, feats: torch.Tensor) -> torch.Tensor:
-        """[n] gates, normalised by max(Σ gates, e^ν)."""
+    def uses_agreement(self, n: int) -> bool:
+        """Whether the score has its peer-agreement term for n rows (μ > 0, 0 < 2f < n)."""
+        return bool(self.config.peer_weight) and 0 < 2 * self.f < n
+
+    @staticmethod
+    def agreement(updates: torch.Tensor) -> torch.Tensor:
+        """[n] each row's median cosine with the other rows (n²·d: one Gram matrix)."""
+        u = updates
+        norms = _norms(u).clamp_min(1e-12)
+        cos = (u @ u.T) / (norms[:, None] * norms[None, :])
+        own = torch.eye(len(u), dtype=torch.bool, device=u.device)
+        return cos.masked_fill(own, float("nan")).nanmedian(1).values
+
+    def weights(self, feats: torch.Tensor, agreement: torch.Tensor | None = None) -> torch.Tensor:
+        """[n] gates, normalised by max(Σ gates, e^ν); `agreement` (`agreement()` of the
+        rows) is needed where `uses_agreement`."""
         p = self.config.layout.unflatten(self.phi.to(feats.dtype))
         score = torch.tanh(feats @ p["w1"] + p["b1"]) @ p["w2"] + feats @ p["skip"] + p["b2"]
         n, kappa = len(score), self.config.budget
-        if self.config.median_weight and 0 < 2 * self.f < n:
-            score = score + self.config.median_weight * feats[:, FEATURE_NAMES.index("cos_median")]
+        if self.uses_agreement(n):
+            if agreement is None:
+                raise ValueError("trust: this rule's score needs the rows' peer agreement")
+            score = score + self.config.peer_weight * agreement.to(score.dtype)
         gates = torch.sigmoid(score)
         suspects = n if kappa is None or 2 * self.f >= n else min(n, math.ceil(kappa * self.f))
         if suspects < n:
@@ -209,9 +229,10 @@ class TrustRule:
         with torch.no_grad():
             reference, state = momentum_reference(state, ctx)
         reference = reference.to(ctx.params.dtype)
-        weights = self.weights(self.features(updates, ctx, reference))
-        p = self.config.layout.unflatten(self.phi.to(ctx.params.dtype))
         u = updates.to(ctx.params.dtype)
+        agreement = self.agreement(u) if self.uses_agreement(len(u)) else None
+        weights = self.weights(self.features(updates, ctx, reference), agreement)
+        p = self.config.layout.unflatten(self.phi.to(ctx.params.dtype))
         clip = (p["log_clip"].exp() * reference.norm() / _norms(u).clamp_min(1e-12)).clamp(max=1)
         direction = (weights * clip) @ u
         share = self.config.reference_share
