@@ -82,8 +82,10 @@ def test_target_counts_compare_with_the_mean_and_the_better_of_zeno_and_fltrust(
     assert "reachable" not in counts[0]
 
 
-def test_tiny_benchmark_writes_its_files(tmp_path):
-    summary = reproduce_robustness(tmp_path, scale="tiny", log=lambda msg: None)
+def test_tiny_benchmark_writes_its_files(tmp_path, capsys):
+    summary = reproduce_robustness(tmp_path, scale="tiny", log=lambda msg: None, progress=True)
+    # the bar counts every run: 4 rules x 3 attack settings, and the perfect filter's one
+    assert "13/13" in capsys.readouterr().err
     rules = ["mean", "median", "arnn:pretrained/digits-mlp20-arnn-lstm", "trust:pretrained/robust"]
     assert [w["rule"] for w in summary["worst"]] != [] and summary["rules"] == rules
     with open(tmp_path / "results.csv") as fh:

@@ -144,8 +144,9 @@ def reproduce_robustness(out_dir: str | Path, *, scale: str = "quick",
     rows: list[dict[str, Any]] = []
     honest: list[dict[str, Any]] = []  # the perfect filter's runs
     sections: list[str] = []
-    total = (len(sc.datasets) * len(sc.partitions) * len(sc.momentum) * len(every)
-             * len(attacks) * sc.seeds)
+    filtered = sum(1 for b in sc.fractions if b)  # the perfect filter's runs per setting
+    total = (len(sc.datasets) * len(sc.partitions) * len(sc.momentum)
+             * (len(every) * len(attacks) + filtered) * sc.seeds)
     bar = _bar(total, sys.stderr.isatty() if progress is None else progress)
     for dataset in sc.datasets:
         for partition in sc.partitions:
@@ -167,7 +168,7 @@ def reproduce_robustness(out_dir: str | Path, *, scale: str = "quick",
                 rows += [{"dataset": dataset, "partition": partition, "momentum": momentum,
                           **r} for r in results]
                 ceiling = perfect_filter(cfg, sc, data, out / slug(name) / "honest-only",
-                                         resume)
+                                         resume, on_run=lambda *_: bar.update(1) if bar else None)
                 honest += [{"dataset": dataset, "partition": partition, "momentum": momentum,
                             **r} for r in ceiling]
                 cells = cell_means(results)
@@ -193,14 +194,15 @@ def reproduce_robustness(out_dir: str | Path, *, scale: str = "quick",
 
 
 def perfect_filter(cfg: RunConfig, sc: RobustnessScale, data: Any, out: Path,
-                   resume: bool) -> list[dict[str, Any]]:
+                   resume: bool, on_run: Callable[..., Any] | None = None
+                   ) -> list[dict[str, Any]]:
     """The mean of the honest rows alone at each Byzantine count of the scale (the
     Byzantine workers crash: the server averages the others), on the scale's seeds."""
     counts = [f"crash:{b}" for b in sc.fractions if b]
     if not counts:
         return []
     return compare(cfg, ["mean"], seeds=sc.seeds, out_dir=out, attacks=counts, dataset=data,
-                   resume=resume)
+                   resume=resume, on_run=on_run)
 
 
 def _ceilings(honest: Sequence[dict[str, Any]]) -> dict[str, float]:
