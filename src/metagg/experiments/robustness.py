@@ -148,6 +148,11 @@ def reproduce_robustness(out_dir: str | Path, *, scale: str = "quick",
     total = (len(sc.datasets) * len(sc.partitions) * len(sc.momentum)
              * (len(every) * len(attacks) + filtered) * sc.seeds)
     bar = _bar(total, sys.stderr.isatty() if progress is None else progress)
+
+    def tick(*_: Any) -> None:
+        if bar is not None:
+            bar.update(1)
+
     for dataset in sc.datasets:
         for partition in sc.partitions:
             for momentum in sc.momentum:
@@ -164,11 +169,11 @@ def reproduce_robustness(out_dir: str | Path, *, scale: str = "quick",
                 results = compare(cfg, every, seeds=sc.seeds, out_dir=out / slug(name),
                                   attacks=attacks, aggregator_options=_options(momentum),
                                   dataset=data, resume=resume,
-                                  on_run=lambda *_: bar.update(1) if bar else None)
+                                  on_run=tick)
                 rows += [{"dataset": dataset, "partition": partition, "momentum": momentum,
                           **r} for r in results]
                 ceiling = perfect_filter(cfg, sc, data, out / slug(name) / "honest-only",
-                                         resume, on_run=lambda *_: bar.update(1) if bar else None)
+                                         resume, on_run=tick)
                 honest += [{"dataset": dataset, "partition": partition, "momentum": momentum,
                             **r} for r in ceiling]
                 cells = cell_means(results)
