@@ -143,6 +143,32 @@ def test_a_reference_share_mixes_in_the_servers_update_only_for_an_honest_minori
             TrustConfig(reference_share=bad)
 
 
+def test_reference_workers_count_the_servers_update_as_that_many_honest_rows(round_inputs):
+    rows, ctx = round_inputs  # 8 rows
+    config = TrustConfig(budget=2.0)
+    counted = TrustConfig(budget=2.0, reference_workers=2.0)
+    phi = initial_phi(config, 0)
+    reference = ctx.trusted.grad(ctx.params)
+    for f in (0, 1, 3, 4, 6):
+        plain, mixed = TrustRule(config, phi, f=f), TrustRule(counted, phi, f=f)
+        a, _ = plain(plain.init(ctx.layout, 8), rows, ctx)
+        b, _ = mixed(mixed.init(ctx.layout, 8), rows, ctx)
+        share = 0.0 if f == 0 else 2 / (8 - f + 2)  # a / (n − f + a), at either majority
+        assert mixed.reference_share(8) == pytest.approx(share)
+        torch.testing.assert_close(b, (1 - share) * a + share * reference.to(a.dtype))
+    assert TrustRule(counted, phi, f=12).reference_share(8) == 1.0  # no honest row assumed
+    for bad in (0, -1.0, True, float("inf"), "3"):
+        with pytest.raises(ValueError, match="reference_workers"):
+            TrustConfig(reference_workers=bad)
+    with pytest.raises(ValueError, match="not both"):
+        TrustConfig(reference_share=0.5, reference_workers=3.0)
+    with pytest.raises(ConfigError, match="reference_workers"):
+        parse(MetaTrainTrustConfig, {"reference_share": 0.5, "reference_workers": 3.0})
+    built = build_aggregator("trust", f=7, options={"init": True, "budget": 2.0,
+                                                    "reference_workers": 3.0})
+    assert built.rule.reference_share(10) == pytest.approx(0.5)
+
+
 def test_peer_agreement_is_each_rows_median_cosine_with_the_others():
     g = torch.Generator().manual_seed(0)
     rows = torch.randn(7, 30, generator=g)

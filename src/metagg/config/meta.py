@@ -325,6 +325,8 @@ class MetaTrainTrustConfig(Section):
     budget: float | None = option(None)  # TrustConfig.budget κ: gate only the ⌈κf⌉ worst rows
     # TrustConfig.reference_share λ: the server's own update's share when 2f ≥ n
     reference_share: float = option(0.0, ge=0, le=1)
+    # TrustConfig.reference_workers a (instead of λ): r counts as a workers' rows when f > 0
+    reference_workers: float | None = option(None, gt=0)
     # TrustConfig.peer_weight μ: the score's peer-agreement term when 0 < 2f < n
     peer_weight: float = option(0.0, ge=0)
     pairs: int = option(6, ge=1)
@@ -349,6 +351,8 @@ class MetaTrainTrustConfig(Section):
         if too_many:
             return [f"settings: {too_many} need fewer Byzantine than num_workers "
                     f"({self.num_workers})"]
+        if self.reference_share and self.reference_workers is not None:
+            return ["reference_share, reference_workers: set one of them, not both"]
         return []
 
     def to_dict(self) -> dict[str, Any]:

@@ -70,6 +70,7 @@ class TrustES:
         self.cfg = cfg
         self.trust = TrustConfig(hidden=cfg.hidden, probe=cfg.probe, budget=cfg.budget,
                                  reference_share=cfg.reference_share,
+                                 reference_workers=cfg.reference_workers,
                                  peer_weight=cfg.peer_weight)
         self.dim = self.trust.layout.size
         # several datasets ("digits,fashion_mnist"): each pair draws one; validation runs all

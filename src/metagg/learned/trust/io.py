@@ -74,8 +74,7 @@ def load_trust(path: str | Path, f: int = 0) -> TrustRule:
 def build_trust_rule(arg: str | None, options: dict[str, Any], f: int = 0) -> TrustRule:
     """Registry builder of `trust:PATH` (a saved rule; no options), or `trust` with
     options {init: true, init_seed, hidden, probe, budget, reference_share,
-    peer_weight}: the untrained
-    soft-Zeno start;
+    reference_workers, peer_weight}: the untrained soft-Zeno start;
     `f` Byzantine workers assumed."""
     init, options = builder_options("trust", arg, options)
     if arg:
