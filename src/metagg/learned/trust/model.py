@@ -38,8 +38,8 @@ honest row would: three honest rows on skewed shards miss classes the trusted sa
 and where the gates let colluding rows in (label flip, min-max at 7/10) r keeps the step
 downhill. With reference workers a (`TrustConfig.reference_workers`, instead of λ) r
 counts as a honest workers' rows whenever an attack is assumed (f > 0): its share is
-a / (n − f + a), which scales with the honest rows assumed (the shipped rule: a = 3,
-as many 32-sample batches as its 100 trusted samples hold; λ = 0.5 at 7/10, 0.3 at 3/10).
+a / (n − f + a), which scales with the honest rows assumed (the shipped rule: a = 4,
+share 4/7 at 7/10, 4/11 at 3/10; its 100 trusted samples are about 3 workers' batches).
 With a peer weight μ (`TrustConfig.peer_weight`) and an assumed honest majority
 (0 < 2f < n) the score gains μ·(the median over the other rows of cos(u_i, u_j)): rows
 that agree with the trusted sample but point away from the honest majority lose their
@@ -90,9 +90,9 @@ class TrustConfig:
     # a (instead of λ): with any attack assumed (f > 0) r counts as `a` honest workers'
     # rows, its share a / (n − f + a). The same trusted sample is worth less the more
     # honest rows there are (n = 100, f = 30: 4 %), and a majority's rows on skewed
-    # (Dirichlet) shards also miss classes: at 3/10 on the validation seeds a share of 0.25
-    # raised the worst accuracy from 48.6 to 64.2 % on digits, 54.3 to 57.5 % on
-    # Fashion-MNIST. None: λ alone (weights saved before it existed).
+    # (Dirichlet) shards also miss classes: with a = 4 the worst 3/10 Dirichlet validation
+    # run rose from 48.6 to 63.6 % on digits, 54.3 to 62.0 % on Fashion-MNIST
+    # (docs/experiments/trust-reference-workers). None: λ alone (weights saved before).
     reference_workers: float | None = None
     # μ: while the honest are assumed a majority (0 < 2f < n) each row's score gains
     # μ·(its peer agreement: the median over the other rows of cos(u_i, u_j)), which the
