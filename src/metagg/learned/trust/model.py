@@ -89,7 +89,7 @@ class TrustConfig:
     reference_share: float = 0.0
     # a (instead of λ): with any attack assumed (f > 0) r counts as `a` honest workers'
     # rows, its share a / (n − f + a). The same trusted sample is worth less the more
-    # honest rows there are (n = 100, f = 30: 4 %), and a majority's rows on skewed
+    # honest rows there are (a = 4, n = 100, f = 30: 5 %), and a majority's rows on skewed
     # (Dirichlet) shards also miss classes: with a = 4 the worst 3/10 Dirichlet validation
     # run rose from 48.6 to 63.6 % on digits, 54.3 to 62.0 % on Fashion-MNIST
     # (docs/experiments/trust-reference-workers). None: λ alone (weights saved before).
