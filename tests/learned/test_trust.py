@@ -406,3 +406,11 @@ def test_es_over_several_datasets_draws_each_and_validates_on_all():
     one = TrustES(_tiny())
     assert one.draw(3, 0)[1].dataset == "" and "none:0/acc" in dict.fromkeys(
         f"{lab}/acc" for lab in one.validation_labels)
+
+
+def test_validation_can_also_run_on_dirichlet_shards(digits):
+    plain, both = TrustES(_tiny(), digits), TrustES(_tiny(validate_dirichlet=True), digits)
+    assert {v.partition for v in plain.validation} == {"iid"}
+    assert len(both.validation) == 2 * len(plain.validation)
+    assert [v for v in both.validation if v.partition == "iid"] == plain.validation
+    assert "ipm:7 mom dir" in both.validation_labels

@@ -338,6 +338,9 @@ class MetaTrainTrustConfig(Section):
     init_from: str | None = option(None, check=lambda v: None if v else "must be a path")
     validate_every: int = option(25, ge=1)
     validation_seeds: int = option(1, ge=1)
+    # also validate every setting on Dirichlet shards (twice the validation runs): where
+    # the rule's gates and the server's share matter most; off in the shipped stages
+    validate_dirichlet: bool = False
     checkpoint_every: int = option(5, ge=1)
 
     def datasets(self) -> list[str]:

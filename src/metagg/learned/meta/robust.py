@@ -14,8 +14,8 @@ Pair k of outer step t takes everything from generator (seed, ROBUST_DRAW, t·pa
 ε, the setting, momentum, partition and the model seed; both runs of a pair share them
 (antithetic, common random numbers). So a run resumed from any checkpoint reproduces the
 uninterrupted one. Validation runs every distinct setting of the mixture (with and without
-worker momentum when it is trained with some) on held-out model seeds; its score is the
-mean log final training loss.
+worker momentum when it is trained with some; on IID and, with `validate_dirichlet`,
+Dirichlet shards) on held-out model seeds; its score is the mean log final training loss.
 """
 
 from __future__ import annotations
@@ -83,9 +83,10 @@ class TrustES:
         seeds = validation_seeds(cfg.seed, int(MetaStream.ROBUST_VALID), cfg.validation_seeds)
         momenta = (0.0, MOMENTUM) if cfg.momentum_prob > 0 else (0.0,)
         tags = self.datasets if len(self.datasets) > 1 else [""]
-        self.validation = [Setting(a, b, m, "iid", s, d) for d in tags
+        partitions = ("iid", "dirichlet") if cfg.validate_dirichlet else ("iid",)
+        self.validation = [Setting(a, b, m, p, s, d) for d in tags
                            for a, b in dict.fromkeys(self.mixture)
-                           for m in momenta for s in seeds]
+                           for p in partitions for m in momenta for s in seeds]
         self.validation_labels = [f"{v.label} #{j % len(seeds)}" if len(seeds) > 1
                                   else v.label for j, v in enumerate(self.validation)]
 
