@@ -36,10 +36,11 @@ With a reference share λ (`TrustConfig.reference_share`) and an assumed Byzanti
 majority (2f ≥ n) the server's own update r takes a share λ of the direction, as one more
 honest row would: three honest rows on skewed shards miss classes the trusted sample has,
 and where the gates let colluding rows in (label flip, min-max at 7/10) r keeps the step
-downhill. With reference workers a (`TrustConfig.reference_workers`, instead of λ) r
-counts as a honest workers' rows whenever an attack is assumed (f > 0): its share is
-a / (n − f + a), which scales with the honest rows assumed (the shipped rule: a = 4,
-share 4/7 at 7/10, 4/11 at 3/10; its 100 trusted samples are about 3 workers' batches).
+downhill (the shipped rule: λ = 0.5). With reference workers a
+(`TrustConfig.reference_workers`, instead of λ) r counts as a honest workers' rows
+whenever an attack is assumed (f > 0): its share is a / (n − f + a), which scales with
+the honest rows assumed (not shipped: a = 4 raised the worst cells but cost IID cells at
+3/10; docs/experiments/trust-reference-workers).
 With a peer weight μ (`TrustConfig.peer_weight`) and an assumed honest majority
 (0 < 2f < n) the score gains μ·(the median over the other rows of cos(u_i, u_j)): rows
 that agree with the trusted sample but point away from the honest majority lose their
@@ -91,8 +92,8 @@ class TrustConfig:
     # rows, its share a / (n − f + a). The same trusted sample is worth less the more
     # honest rows there are (a = 4, n = 100, f = 30: 5 %), and a majority's rows on skewed
     # (Dirichlet) shards also miss classes: with a = 4 the worst 3/10 Dirichlet validation
-    # run rose from 48.6 to 63.6 % on digits, 54.3 to 62.0 % on Fashion-MNIST
-    # (docs/experiments/trust-reference-workers). None: λ alone (weights saved before).
+    # run rose from 48.6 to 63.6 % on digits, 54.3 to 62.0 % on Fashion-MNIST, but IID
+    # cells at 3/10 lost 1–2 points (docs/experiments/trust-reference-workers). None: λ.
     reference_workers: float | None = None
     # μ: while the honest are assumed a majority (0 < 2f < n) each row's score gains
     # μ·(its peer agreement: the median over the other rows of cos(u_i, u_j)), which the
