@@ -38,14 +38,14 @@ class VariantRule(TrustRule):
         n, keep = len(feats), len(feats) - self.f
         if VARIANT == "shipped" or 2 * self.f < n:
             return super().weights(feats, agreement)
-        p = self.config.layout.unflatten(self.phi.to(feats.dtype))
-        score = torch.tanh(feats @ p["w1"] + p["b1"]) @ p["w2"] + feats @ p["skip"] + p["b2"]
+        score = self.score(feats)  # no peer term while 2f ≥ n
         best = torch.zeros_like(score).index_put(
             (score.detach().argsort(descending=True)[:keep],), torch.ones(keep))
         if VARIANT == "top":
             return best / keep
         gates = torch.sigmoid(score) * best  # topgate
-        return gates / torch.maximum(gates.sum(), p["log_floor"].exp())
+        floor = self.config.layout.unflatten(self.phi.to(feats.dtype))["log_floor"].exp()
+        return gates / torch.maximum(gates.sum(), floor)
 
 
 def main(dataset: str, variants: list[str]) -> None:

@@ -222,16 +222,22 @@ class TrustRule:
         own = torch.eye(len(u), dtype=torch.bool, device=u.device)
         return cos.masked_fill(own, float("nan")).nanmedian(1).values
 
+    def score(self, feats: torch.Tensor, agreement: torch.Tensor | None = None) -> torch.Tensor:
+        """[n] each row's score (the MLP, its skip, and μ·agreement where `uses_agreement`)."""
+        p = self.config.layout.unflatten(self.phi.to(feats.dtype))
+        score = torch.tanh(feats @ p["w1"] + p["b1"]) @ p["w2"] + feats @ p["skip"] + p["b2"]
+        if self.uses_agreement(len(score)):
+            if agreement is None:
+                raise ValueError("trust: this rule's score needs the rows' peer agreement")
+            score = score + self.config.peer_weight * agreement.to(score.dtype)
+        return score
+
     def weights(self, feats: torch.Tensor, agreement: torch.Tensor | None = None) -> torch.Tensor:
         """[n] gates, normalised by max(Σ gates, e^ν); `agreement` (`agreement()` of the
         rows) is needed where `uses_agreement`."""
         p = self.config.layout.unflatten(self.phi.to(feats.dtype))
-        score = torch.tanh(feats @ p["w1"] + p["b1"]) @ p["w2"] + feats @ p["skip"] + p["b2"]
+        score = self.score(feats, agreement)
         n, kappa = len(score), self.config.budget
-        if self.uses_agreement(n):
-            if agreement is None:
-                raise ValueError("trust: this rule's score needs the rows' peer agreement")
-            score = score + self.config.peer_weight * agreement.to(score.dtype)
         gates = torch.sigmoid(score)
         suspects = n if kappa is None or 2 * self.f >= n else min(n, math.ceil(kappa * self.f))
         if suspects < n:
