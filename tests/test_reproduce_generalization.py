@@ -19,6 +19,7 @@ from metagg.experiments.generalization import (
     final_local_lr,
     learned_local_lr,
     reproduce_generalization,
+    select_scale,
     summarize_task,
 )
 from metagg.learned.lagg import LAggA, LAggConfig, save_lagg
@@ -122,6 +123,35 @@ def test_cli(tmp_path, general_lagg, capsys, monkeypatch):
     assert main(["reproduce", "generalization", "--lagg", general_lagg, "--lopt", "none",
                  "--out", str(tmp_path)]) == 0
     assert "Learned aggregators on held-out tasks" in capsys.readouterr().out
+
+
+def test_select_scale_keeps_the_named_tasks_and_sets_the_seeds():
+    full = SCALES["full"]
+    sc = select_scale(full, seeds=7, tasks=["digits", "fashion_mnist"])
+    assert sc.seeds == 7 and sc.rounds == full.rounds
+    # a dataset name selects every task on it (two on Fashion-MNIST: the MLP and the CNN)
+    assert [t.dataset for t in sc.tasks] == ["digits", "fashion_mnist@28", "fashion_mnist@16"]
+    by_name = select_scale(full, tasks=[HELD_OUT[4].name])
+    assert by_name.tasks == (HELD_OUT[4],) and by_name.seeds == full.seeds
+    assert select_scale(full) == full
+    with pytest.raises(ValueError, match=r"not in this scale.*digits/mlp"):
+        select_scale(full, tasks=["mnist"])
+    with pytest.raises(ValueError, match="seeds"):
+        select_scale(full, seeds=0)
+
+
+def test_cli_seeds_and_tasks(tmp_path, general_lagg, capsys, monkeypatch):
+    monkeypatch.setitem(SCALES, "quick", SCALES["tiny"])
+    assert main(["reproduce", "generalization", "--lagg", general_lagg, "--lopt", "none",
+                 "--seeds", "3", "--tasks", "wine", "--out", str(tmp_path)]) == 0
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["seeds"] == [0, 1, 2]
+    assert {r["task"] for r in s["rows"]} == {t.name for t in SCALES["tiny"].tasks
+                                              if t.dataset == "wine"}
+    assert "seeds 0..2" in capsys.readouterr().out
+    assert main(["reproduce", "generalization", "--lagg", general_lagg, "--lopt", "none",
+                 "--tasks", "cifar10", "--out", str(tmp_path / "x")]) != 0
+    assert "not in this scale" in capsys.readouterr().err
 
 
 def test_below_every_seed_compares_seed_by_seed():

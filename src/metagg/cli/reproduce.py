@@ -144,6 +144,13 @@ def _add_generalization(papers: Any) -> None:
                    help="an RNN aggregator to evaluate in gradient mode against tuned mean + "
                         "server SGD / Adam, e.g. rnn:docs/meta-training/general-rnn-r1 "
                         "(default none)")
+    q.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="evaluation seeds 0..N-1 (default: the scale's, quick 2, full 5); "
+                        "more seeds where runs end far apart (breast cancer)")
+    q.add_argument("--tasks", default=None, metavar="NAME[,NAME...]",
+                   help="only these of the scale's tasks, by dataset (digits, "
+                        "breast_cancer, synthetic, fashion_mnist, wine, text) or full name "
+                        "(default: all of them)")
     _add_run_args(q, "keep the tuning trials and runs an interrupted run in --out finished",
                   cmd_reproduce_generalization)
 
@@ -179,8 +186,9 @@ def cmd_reproduce_generalization(args: argparse.Namespace) -> int:
             f"lagg --tasks ...`), the best so far --lagg "
             f"lagg:docs/meta-training/general-lagg-g3 from a source checkout, or 'none'")
     with threads_during(args.threads), compiling_during(args.compile):
+        tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
         reproduce_generalization(args.out, scale=args.scale, learned=learned,
-                                 resume=args.resume)
+                                 resume=args.resume, seeds=args.seeds, tasks=tasks or None)
     print((args.out / "report.md").read_text())
     return 0
 

@@ -314,21 +314,47 @@ def _iqm(values: Sequence[float]) -> float:
     return statistics.fmean(middle)
 
 
+def select_scale(sc: GeneralizationScale, *, seeds: int | None = None,
+                 tasks: Sequence[str] | None = None) -> GeneralizationScale:
+    """`sc` with `seeds` evaluation seeds and only the `tasks` named (by dataset or full
+    task name); None keeps the scale's own. An unknown name is an error that lists the
+    scale's tasks."""
+    if seeds is not None:
+        if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+            raise ValueError(f"seeds: must be an integer >= 1, got {seeds!r}")
+        sc = replace(sc, seeds=seeds)
+    if tasks:
+        def matches(task: TaskSpec, name: str) -> bool:
+            return name in (task.name, task.dataset, task.dataset.split("@")[0].split(":")[0])
+
+        unknown = [n for n in tasks if not any(matches(t, n) for t in sc.tasks)]
+        if unknown:
+            raise ValueError(f"tasks {unknown} are not in this scale; choose from: "
+                             f"{', '.join(t.name for t in sc.tasks)} (a dataset name "
+                             f"such as 'digits' selects its tasks)")
+        sc = replace(sc, tasks=tuple(t for t in sc.tasks if any(matches(t, n) for n in tasks)))
+    return sc
+
+
 def reproduce_generalization(
     out_dir: str | Path,
     *,
     scale: str = "quick",
     learned: Mapping[str, str] | None = None,
     resume: bool = False,
+    seeds: int | None = None,
+    tasks: Sequence[str] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run the held-out suite at `scale` ("quick", "full"; "tiny" for tests) into `out_dir`.
 
     `learned` maps a label to an aggregator spec (default: the shipped general LAgg-A and
-    LOpt-A). Returns the numbers in report.md."""
+    LOpt-A). `seeds` replaces the scale's number of evaluation seeds (0..seeds-1); `tasks`
+    keeps only the scale's tasks whose dataset (e.g. "digits", "breast_cancer") or full
+    name is listed. Returns the numbers in report.md."""
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; allowed: {', '.join(SCALES)}")
-    sc = SCALES[scale]
+    sc = select_scale(SCALES[scale], seeds=seeds, tasks=tasks)
     learned = dict(learned or DEFAULT_LEARNED)
     unknown = [b for b in sc.baselines if b not in TUNABLE]
     if unknown:
