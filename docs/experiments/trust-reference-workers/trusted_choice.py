@@ -21,19 +21,13 @@ from pathlib import Path
 
 import torch
 
-import metagg.learned.meta.robust as robust
 from metagg.aggregators.rules import momentum_reference
-from metagg.config.meta import MetaTrainTrustConfig
-from metagg.learned.meta.estimators import validation_seeds
-from metagg.learned.meta.robust import Setting, TrustES
-from metagg.learned.trust.io import load_trust
 from metagg.learned.trust.model import TrustRule, _norms
-from metagg.seeding import MetaStream
 
-_spec = importlib.util.spec_from_file_location(
-    "trust_validate", Path(__file__).parents[1] / "trust-validate.py")
-trust_validate = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(trust_validate)
+_spec = importlib.util.spec_from_file_location("weighting", Path(__file__).with_name(
+    "weighting.py"))
+weighting = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(weighting)  # its 7/10 validation runs and their scoring
 
 VARIANT, GAMMA = "shipped", 1.0
 CANDIDATES = {"safe-r": ("shipped", "r"), "top|shipped": ("top", "shipped"),
@@ -69,29 +63,12 @@ class ChoosingRule(TrustRule):
 
 
 def main(dataset: str, variants: list[str]) -> None:
-    global VARIANT, GAMMA
-    torch.set_num_threads(1)
-    robust.TrustRule = ChoosingRule  # the rule TrustES's runs build
-    shipped = load_trust("pretrained/robust")
-    c = shipped.config
-    es = TrustES(MetaTrainTrustConfig(dataset=dataset, budget=c.budget,
-                                      reference_share=c.reference_share,
-                                      peer_weight=c.peer_weight))
-    seeds = validation_seeds(es.cfg.seed, int(MetaStream.ROBUST_VALID), 2)
-    settings = sorted({(a, b) for a, b in es.mixture if b == 7})
-    cache: dict = {}  # Zeno's, FLTrust's and the no-attack accuracies, shared
-    for variant in variants:
+    def choose(variant: str) -> None:
+        global VARIANT, GAMMA
         VARIANT, _, gamma = variant.partition("@")
         GAMMA = float(gamma or 1.0)
-        rows = [{"attack": a, "byzantine": b, "momentum": m, "partition": p, "seed": s,
-                 "acc": es.run(shipped.phi, Setting(a, b, m, p, s))["test_accuracy"]}
-                for a, b in settings for m in (0.0, 0.9) for p in ("iid", "dirichlet")
-                for s in seeds]
-        worst = min(rows, key=lambda r: r["acc"])
-        print(dataset, variant, trust_validate.target_counts(es, shipped.phi, rows, cache),
-              f"worst {worst['acc']:.3f} ({worst['attack']}, {worst['partition']}, "
-              f"momentum {worst['momentum']})", flush=True)
 
+    weighting.score_variants(dataset, ChoosingRule, variants, choose)
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2].split(","))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -48,10 +49,12 @@ class VariantRule(TrustRule):
         return gates / torch.maximum(gates.sum(), floor)
 
 
-def main(dataset: str, variants: list[str]) -> None:
-    global VARIANT
+def score_variants(dataset: str, rule: type[TrustRule], variants: list[str],
+                   choose: Callable[[str], None]) -> None:
+    """Every 7/10 validation run of each variant (`choose(variant)` selects it in `rule`),
+    printed with the benchmark's bars and the worst run."""
     torch.set_num_threads(1)
-    robust.TrustRule = VariantRule  # the rule TrustES's runs build
+    robust.TrustRule = rule  # the rule TrustES's runs build
     shipped = load_trust("pretrained/robust")
     c = shipped.config
     es = TrustES(MetaTrainTrustConfig(dataset=dataset, budget=c.budget,
@@ -61,14 +64,23 @@ def main(dataset: str, variants: list[str]) -> None:
     settings = sorted({(a, b) for a, b in es.mixture if b == 7})
     cache: dict = {}  # Zeno's, FLTrust's and the no-attack accuracies, shared
     for variant in variants:
-        VARIANT = variant
+        choose(variant)
         rows = [{"attack": a, "byzantine": b, "momentum": m, "partition": p, "seed": s,
                  "acc": es.run(shipped.phi, Setting(a, b, m, p, s))["test_accuracy"]}
                 for a, b in settings for m in (0.0, 0.9) for p in ("iid", "dirichlet")
                 for s in seeds]
+        worst = min(rows, key=lambda r: r["acc"])
         print(dataset, variant, trust_validate.target_counts(es, shipped.phi, rows, cache),
-              flush=True)
+              f"worst {worst['acc']:.3f} ({worst['attack']}, {worst['partition']}, "
+              f"momentum {worst['momentum']})", flush=True)
 
+
+def main(dataset: str, variants: list[str]) -> None:
+    def choose(variant: str) -> None:
+        global VARIANT
+        VARIANT = variant
+
+    score_variants(dataset, VariantRule, variants, choose)
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2].split(","))
