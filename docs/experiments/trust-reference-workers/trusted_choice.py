@@ -7,7 +7,9 @@ session 17, not shipped), scored with the benchmark's bars on the validation see
 Candidates, each mixed with the server's update r as the shipped rule mixes it (λ = 0.5):
 shipped (the learned gates), top (the n − f best-scored rows averaged); "safe-r" is the
 shipped direction unless r alone leaves the lower trusted loss; "guard-r" / "top-guard-r"
-the shipped / top direction unless it raises the trusted loss (then r). The server takes the
+the shipped / top direction unless it raises the trusted loss (then r). A "split:" prefix
+computes r and the rows' features on one half of the trusted sample and judges the
+candidates on the other (r is then not judged on the sample it was fitted to). The server takes the
 candidate with the lowest trusted loss at θ − γ·d (γ = 1, the benchmark's server lr; a
 suffix @G sets γ). Every 7/10 setting of the meta-training mixture × worker momentum
 0 / 0.9 × IID / Dirichlet × two validation seeds, 100 rounds, the shipped φ.
@@ -15,6 +17,7 @@ suffix @G sets γ). Every 7/10 setting of the meta-training mixture × worker mo
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -29,7 +32,7 @@ _spec = importlib.util.spec_from_file_location("weighting", Path(__file__).with_
 weighting = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(weighting)  # its 7/10 validation runs and their scoring
 
-VARIANT, GAMMA = "shipped", 1.0
+VARIANT, GAMMA, SPLIT = "shipped", 1.0, False
 CANDIDATES = {"safe-r": ("shipped", "r"), "top|shipped": ("top", "shipped"),
               "top|shipped|r": ("top", "shipped", "r"), "top|r": ("top", "r"),
               "guard-r": ("shipped", "r"), "top-guard-r": ("top", "r")}
@@ -41,6 +44,12 @@ class ChoosingRule(TrustRule):
         n = len(updates)
         if VARIANT == "shipped" or 2 * self.f < n:
             return super().__call__(state, updates, ctx)
+        judge = ctx.trusted
+        if SPLIT:  # r and the features from one half of the sample, the choice by the other
+            half = len(judge) // 2
+            ctx = dataclasses.replace(ctx, trusted=dataclasses.replace(
+                judge, x=judge.x[:half], y=judge.y[:half]))
+            judge = dataclasses.replace(judge, x=judge.x[half:], y=judge.y[half:])
         with torch.no_grad():
             reference, state = momentum_reference(state, ctx)
         reference = reference.to(ctx.params.dtype)
@@ -56,16 +65,18 @@ class ChoosingRule(TrustRule):
         cands = [reference if c == "r" else (1 - share) * ((directions[c] * clip) @ u)
                  + share * reference for c in CANDIDATES[VARIANT]]
         if VARIANT in GUARDS:  # the first candidate unless it goes uphill on the trusted data
-            losses = ctx.trusted.loss(torch.stack([ctx.params, ctx.params - GAMMA * cands[0]]))
+            losses = judge.loss(torch.stack([ctx.params, ctx.params - GAMMA * cands[0]]))
             return cands[int(losses[1].detach() > losses[0].detach())].to(updates.dtype), state
-        losses = ctx.trusted.loss(torch.stack([ctx.params - GAMMA * d for d in cands]))
+        losses = judge.loss(torch.stack([ctx.params - GAMMA * d for d in cands]))
         return cands[int(losses.detach().argmin())].to(updates.dtype), state
 
 
 def main(dataset: str, variants: list[str]) -> None:
     def choose(variant: str) -> None:
-        global VARIANT, GAMMA
-        VARIANT, _, gamma = variant.partition("@")
+        global VARIANT, GAMMA, SPLIT
+        name, _, gamma = variant.partition("@")
+        SPLIT = name.startswith("split:")
+        VARIANT = name.removeprefix("split:")
         GAMMA = float(gamma or 1.0)
 
     weighting.score_variants(dataset, ChoosingRule, variants, choose)
