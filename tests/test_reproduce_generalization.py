@@ -60,6 +60,21 @@ def test_task_summary_speedup_ratios_and_spread():
     assert final_local_lr(chosen) == pytest.approx(0.6)  # mean over seeds
 
 
+def test_task_summary_when_the_best_baseline_fits_exactly():
+    # float32 cross-entropy reaches exactly 0.0 on small tables (wine at R = 300)
+    curves = {
+        "slowmo": [curve([2, 0.5, 0.0]), curve([2, 0.4, 0.0])],
+        "fedavg": [curve([2, 0.9, 0.1]), curve([2, 0.8, 0.1])],
+        "learned": [curve([2, 0.1, 0.0]), curve([2, 0.0, 0.0])],
+    }
+    rows = {r["method"]: r for r in summarize_task(curves, ["slowmo", "fedavg"], rounds=10)}
+    assert rows["learned"]["ratio_at_R"] == 1.0 and rows["slowmo"]["ratio_at_R"] == 1.0
+    assert rows["fedavg"]["ratio_at_R"] == math.inf
+    assert rows["learned"]["rounds_to_target"] == 10 and rows["fedavg"]["speedup"] is None
+    agg = _aggregate(list(rows.values()), SCALES["tiny"])
+    assert agg["worse_at_R"] == 1  # fedavg, the only one above 0
+
+
 def test_scales_only_use_held_out_tasks():
     names = {t.name for t in HELD_OUT}
     for sc in SCALES.values():
