@@ -15,7 +15,10 @@ family can draw):
 3. per task: the target is the best tuned baseline's seed-mean training loss at R; rounds
    to reach it (searched up to `long`·R) give the speed-up R / rounds; the final loss
    ratios to the best baseline at R and at `long`·R; the seed spread (std of log loss at R)
-   relative to the best baseline's;
+   relative to the best baseline's. A mean loss below `FITTED` counts as 0, the task
+   fitted (wine at R = 300: every adaptive method ends between 0 and 1e-5 nats, and ratios
+   of such numbers are float32 noise); where the best baseline fitted the task by R the
+   target is "fitted" and the speed-up is its rounds to get there / the method's;
 4. over tasks: geometric mean and interquartile mean of the speed-ups (a task whose
    target is never reached counts as R / (`long`·R), an upper bound, and is flagged), and
    how many tasks each learned aggregator ends worse than the best baseline.
@@ -71,6 +74,9 @@ __all__ = ["GRADIENT_KINDS", "GRADIENT_REFERENCES", "LOCAL_REFERENCES", "SCALES"
            "below_every_seed", "learned_local_lr", "reproduce_generalization", "summarize_task"]
 
 TUNING_SEED = 10_000  # never an evaluation seed
+# nats: a seed-mean training loss below this counts as 0 (the task fitted: p(correct) >
+# 0.99999 on average), so ratios of float32 round-off near 0 rank no method
+FITTED = 1e-5
 DEFAULT_LEARNED = {"LAgg-A": "lagg:pretrained/general", "LOpt-A": "lopt:pretrained/general"}
 GRADIENT_KINDS = ("rnn",)  # learned aggregators judged in gradient mode
 # run beside them, untuned, as a reference (not a baseline of the target): the
@@ -259,7 +265,7 @@ def summarize_task(curves: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]],
 
     def spread(runs):  # std over seeds of log(loss at R)
         logs = [math.log(max(next(row["train_loss"] for row in run if row["round"] == rounds),
-                             1e-30)) for run in runs]
+                             FITTED)) for run in runs]
         return statistics.pstdev(logs) if len(logs) > 1 else 0.0
 
     end = min(mean_curve(runs)[-1][0] for runs in curves.values())
@@ -267,15 +273,21 @@ def summarize_task(curves: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]],
     at_end = {m: loss_at(runs, end) for m, runs in curves.items()}
     best = best_baseline(at_r, baselines)
     best_end = min((at_end[b] for b in baselines if math.isfinite(at_end[b])), default=math.nan)
+    target = fitted(at_r[best])
+    best_rounds = rounds
+    if target == 0.0:  # of the baselines that fitted the task by R, the first to
+        best = min((b for b in baselines if fitted(at_r[b]) == 0.0),
+                   key=lambda b: rounds_to_reach(curves[b], FITTED) or rounds)
+        best_rounds = rounds_to_reach(curves[best], FITTED) or rounds
     rows = []
     for method, runs in curves.items():
-        hit = rounds_to_reach(runs, at_r[best])
+        hit = rounds_to_reach(runs, FITTED if target == 0.0 else target)
         rows.append({
             "method": method, "baseline": method in baselines, "best_baseline": best,
             "loss_at_R": at_r[method], "loss_at_end": at_end[method],
-            "ratio_at_R": loss_ratio(at_r[method], at_r[best]),
-            "ratio_at_end": loss_ratio(at_end[method], best_end),
-            "rounds_to_target": hit, "speedup": rounds / hit if hit else None,
+            "ratio_at_R": loss_ratio(fitted(at_r[method]), target),
+            "ratio_at_end": loss_ratio(fitted(at_end[method]), fitted(best_end)),
+            "rounds_to_target": hit, "speedup": best_rounds / hit if hit else None,
             "spread_ratio": (spread(runs) / spread(curves[best]) if spread(curves[best]) > 0
                              else math.nan),
             "local_lr_at_end": final_local_lr(runs),
@@ -285,9 +297,14 @@ def summarize_task(curves: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]],
     return rows
 
 
+def fitted(loss: float) -> float:
+    """`loss`, or 0.0 where it is below `FITTED` (the task fitted)."""
+    return 0.0 if loss < FITTED else loss
+
+
 def loss_ratio(loss: float, best: float) -> float:
-    """loss / best, where a task fitted exactly (float32 cross-entropy reaches 0.0, e.g. on
-    wine) gives 1 if `loss` is 0 too and inf otherwise, instead of dividing by zero."""
+    """loss / best, where a fitted task (see `fitted`) gives 1 if `loss` is 0 too and inf
+    otherwise, instead of dividing by zero."""
     if best == 0.0:
         return 1.0 if loss == 0.0 else math.inf
     return loss / best
@@ -301,8 +318,8 @@ def below_every_seed(curves: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]]
         return [next((row["train_loss"] for row in run if row["round"] == round_), math.nan)
                 for run in runs]
 
-    mine = losses(curves[method])
-    others = [losses(curves[b]) for b in baselines if b != method]
+    mine = [fitted(v) for v in losses(curves[method])]
+    others = [[fitted(v) for v in losses(curves[b])] for b in baselines if b != method]
     return bool(others) and all(
         all(math.isfinite(v) and v < o[i] for o in others) for i, v in enumerate(mine))
 
@@ -499,6 +516,9 @@ def _write_report(path: Path, s: Mapping[str, Any], sc: GeneralizationScale) -> 
              for label, a in s["aggregate"].items()]),
         f"Speed-up = R / rounds to reach the best tuned baseline's loss at R (searched to "
         f"{end}); a task where it is never reached counts as 1/{s['long']} (an upper bound). "
+        f"A mean loss below {FITTED:g} nats counts as 0, the task fitted; where the best "
+        f"baseline fitted it by R, the target is the first baseline to fit it, and the "
+        f"speed-up is its rounds to get there / the method's. "
         f"Below every baseline: tasks where its training loss is below every tuned "
         f"baseline's on every seed, both at {s['rounds']} and at {end}.",
         "",
