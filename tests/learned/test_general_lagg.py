@@ -336,3 +336,41 @@ def test_prodigy_base_steps_vmapped_over_particles_equal_one_at_a_time():
         want, want_state = one(phis[i], state, theta[i], u[i])
         torch.testing.assert_close(steps[i], want, rtol=1e-5, atol=1e-9)
         torch.testing.assert_close(new.base.d[i], want_state.base.d)
+
+
+def test_correction_cap_limits_the_correction_to_a_multiple_of_the_base_step():
+    """correction_cap c: per tensor, RMS(correction) <= c · RMS(base step); 0 is no cap."""
+    u = draws(1, 4)[0]
+    base = 0.6 * u.mean(0)  # the momentum base's first step, α m / (1 − β)
+    free = rounds(large_output(agg_of("lagg")), [u], 4)[0]
+    assert torch.equal(free, rounds(large_output(agg_of("lagg", correction_cap=0.0)), [u], 4)[0])
+    # uncapped, the correction is γ · RMS(ḡ) = 0.1 · RMS(ḡ) per tensor, below 0.5 · 0.6
+    loose = rounds(large_output(agg_of("lagg", correction_cap=0.5)), [u], 4)[0]
+    torch.testing.assert_close(loose, free)
+    tight = rounds(large_output(agg_of("lagg", correction_cap=0.1)), [u], 4)[0]
+    torch.testing.assert_close(per_tensor_rms(tight - base), 0.1 * per_tensor_rms(base),
+                               rtol=1e-4, atol=0)
+    torch.testing.assert_close((tight - base) / per_tensor_rms(tight - base).repeat_interleave(
+        torch.tensor([s.slice.stop - s.slice.start for s in LAYOUT])),
+        (free - base) / per_tensor_rms(free - base).repeat_interleave(
+        torch.tensor([s.slice.stop - s.slice.start for s in LAYOUT])), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="correction_cap"):
+        LAggConfig(kind="lagg", step_mode="residual", correction_cap=1.0)
+
+
+def test_capped_correction_fades_when_the_updates_vanish():
+    """On a Prodigy base the normalised correction's size is γ·D, whatever the updates:
+    once they vanish (a fitted task) it keeps stepping unless capped by the base step."""
+    def steps(cap):
+        config = LAggConfig(kind="lagg", step_mode="general", residual_base="prodigy",
+                            correction_scale=0.1, correction_cap=cap)
+        agg = large_output(LAggA(config=config, seed=0))
+        return rounds(agg, draws(30, 4) + draws(200, 4, seed=1, scale=1e-9), 4)
+
+    free, capped = steps(0.0), steps(1.0)
+    late = slice(-20, None)
+    free_late = torch.stack(free[late]).square().mean().sqrt()
+    capped_late = torch.stack(capped[late]).square().mean().sqrt()
+    early = torch.stack(free[:30]).square().mean().sqrt()
+    assert free_late > 0.02 * early  # the uncapped correction walks on
+    assert capped_late < 1e-3 * free_late
