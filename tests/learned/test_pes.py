@@ -427,6 +427,21 @@ def test_init_from_starts_at_saved_weights(tmp_path, digits):
                        progress=False, data=digits)
 
 
+def test_init_from_uncapped_general_weights_with_a_correction_cap(tmp_path, digits):
+    """correction_cap changes no tensor of φ: capped meta-training starts from them."""
+    from metagg.learned.lagg import LAggA, save_lagg
+
+    general = dict(step_mode="general", residual_base="prodigy", correction_scale=0.1)
+    saved = LAggA(config=mp.lagg_config(tiny_config(**general)), seed=4)
+    save_lagg(tmp_path / "g", saved)
+    trainer = PES(tiny_config(init_from=str(tmp_path / "g"), correction_cap=1.0, **general),
+                  digits)
+    assert trainer.phi.config.correction_cap == 1.0
+    assert torch.equal(trainer.phi_of(load_lagg(tmp_path / "g")), trainer.phi.of(saved.net))
+    with pytest.raises(ValueError, match="correction_cap"):
+        mp.lagg_config(tiny_config(correction_cap=1.0))  # residual mode: nothing to cap
+
+
 def test_resume_of_a_checkpoint_written_before_a_config_key_existed(tmp_path, digits,
                                                                     rewrite_meta):
     cfg = tiny_config(steps=2, validate_every=2)

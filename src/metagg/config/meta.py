@@ -193,6 +193,8 @@ class MetaTrainPESConfig(Section):
     learned_local_lr: bool = False
     local_lr_gain: float = 0.0  # the lr controller's initial gain on cos(ḡ, m)
     local_lr_range: float = option(0.0, ge=0)  # k > 1: the lr stays in [lr / k, lr · k]
+    # general mode: > 0 caps the correction per tensor at this multiple of the base step
+    correction_cap: float = option(0.0, ge=0)
     # task augmentation: each inner run's workers' lr (= their gradients' scale) times a
     # factor log-uniform in [1/lr_augment, lr_augment]; 1 = none
     lr_augment: float = option(1.0, ge=1)

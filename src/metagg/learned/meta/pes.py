@@ -178,7 +178,8 @@ def lagg_config(cfg: MetaTrainPESConfig) -> LAggConfig:
                       correction_scale=cfg.correction_scale,
                       local_lr=cfg.local_lr if cfg.learned_local_lr else 0.0,
                       local_lr_gain=cfg.local_lr_gain if cfg.learned_local_lr else 0.0,
-                      local_lr_range=cfg.local_lr_range if cfg.learned_local_lr else 0.0)
+                      local_lr_range=cfg.local_lr_range if cfg.learned_local_lr else 0.0,
+                      correction_cap=cfg.correction_cap)
 
 
 class FlatPhiEstimator:
@@ -212,6 +213,10 @@ class FlatPhiEstimator:
             missing, unexpected = net.load_state_dict(agg.net.state_dict(), strict=False)
             assert not unexpected and set(missing) == {"lr_control", "lr_coupling"}
             return self.phi.of(net)
+        if (isinstance(agg, LearnedAdaAggregator) and agg.net is not None
+                and agg.config == dataclasses.replace(mine, correction_cap=agg.config
+                                                      .correction_cap)):
+            return self.phi.of(agg.net)  # φ's tensors do not depend on the cap
         if not isinstance(agg, LearnedAdaAggregator) or agg.config != mine:
             raise ValueError(f"{agg!r} holds {getattr(agg, 'config', None)}, but this run "
                              f"trains {self.phi.config}")
