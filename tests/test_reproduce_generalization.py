@@ -245,6 +245,28 @@ def test_cli_defaults_before_general_weights_ship_say_what_to_pass(tmp_path, cap
     assert "--lagg lagg:runs/g" in err and not (tmp_path / "report.md").exists()
 
 
+def test_cli_defaults_judge_the_shipped_general_lagg(tmp_path, capsys, monkeypatch):
+    """With no --lagg / --lopt: the shipped lagg:pretrained/general, and no LOpt-A (none
+    ships yet: said on stderr); an explicit --lopt lopt:pretrained/general is refused."""
+    from metagg.experiments import generalization
+
+    seen = {}
+
+    def fake(out, *, learned, **kw):
+        seen.update(learned)
+        (out / "report.md").parent.mkdir(parents=True, exist_ok=True)
+        (out / "report.md").write_text("report")
+
+    monkeypatch.setattr(generalization, "reproduce_generalization", fake)
+    assert main(["reproduce", "generalization", "--out", str(tmp_path)]) == 0
+    assert seen == {"LAgg-A": "lagg:pretrained/general"}
+    assert "LOpt-A: no general weights ship yet; skipped" in capsys.readouterr().err
+    assert main(["reproduce", "generalization", "--lopt", "lopt:pretrained/general",
+                 "--out", str(tmp_path)]) == 2
+    assert "LOpt-A lopt:pretrained/general: no general weights ship yet" in (
+        capsys.readouterr().err)
+
+
 def test_cli_refuses_an_aggregator_of_another_kind_for_a_flag(tmp_path, capsys):
     assert main(["reproduce", "generalization", "--lagg", "none", "--lopt", "none",
                  "--rnn", "arnn:pretrained/digits-mlp20-arnn-lstm", "--out", str(tmp_path)]) == 2

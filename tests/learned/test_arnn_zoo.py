@@ -122,8 +122,32 @@ def test_lagg_zoo_entries_load(name: str) -> None:
     agg = load_lagg(f"pretrained/{name}")
     record = _record(name)
     info = record["trained_on"]
-    assert info["meta_gradient"] == "truncated_pes" and agg.config.kind == record["kind"]
+    assert info["meta_gradient"] in ("truncated_pes", "multitask_pes")
+    assert agg.config.kind == record["kind"]
     assert (info["num_workers"], info["local_steps"]) == (8, 4)
+
+
+def test_general_lagg_ships_under_one_name_for_every_kind(digits: Dataset) -> None:
+    """`lagg:pretrained/general` is the zoo's general-lagg: multi-task, any K, the
+    correction capped; on a task it never saw (digits, K = 5) it beats FedAvg untuned;
+    a kind with no general weights yet says so."""
+    from metagg.aggregators.registry import build_aggregator
+    from metagg.checkpoint import CheckpointError
+
+    agg = build_aggregator("lagg:pretrained/general")
+    assert agg.config.general and agg.config.correction_cap == 1.0
+    assert _record("general-lagg")["trained_on"]["tasks"] == ["image-mlp", "synthetic"]
+    cfg = {"seed": 1, "rounds": 30, "eval_every": 30, "model": "mlp:20:sigmoid",
+           "workers": {"num_workers": 5, "batch_size": 32, "mode": "local_sgd",
+                       "local_steps": 4, "local_lr": 0.5},
+           "aggregator": {"name": "lagg:pretrained/general"}, "checkpoint_every": 0}
+    learned = Simulation(config_from_dict(cfg), dataset=digits).run()
+    cfg["aggregator"] = {"name": "mean"}  # FedAvg, server lr 1
+    fedavg = Simulation(config_from_dict(cfg), dataset=digits).run()
+    # measured: 0.42 against 1.21 (test accuracy 0.83 / 0.81)
+    assert learned["final_train_loss"] < 0.5 * fedavg["final_train_loss"], (learned, fedavg)
+    with pytest.raises(CheckpointError, match="general-lopt"):
+        build_aggregator("lopt:pretrained/general")
 
 
 @pytest.mark.parametrize("name", ["fmnist8x8-mlp32-lagg-k8h4", "fmnist8x8-mlp32-lopt-k8h4"])

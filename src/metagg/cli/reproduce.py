@@ -4,6 +4,7 @@ the held-out suite and the robustness benchmark (`metagg.experiments`)."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -136,10 +137,12 @@ def _add_generalization(papers: Any) -> None:
                     "full: all 7 tasks, R = 300, 5 seeds, the paper's grids (many CPU hours).")
     q.add_argument("--scale", choices=["quick", "full"], default="quick",
                    help="how much to run (default quick)")
-    q.add_argument("--lagg", default="lagg:pretrained/general",
-                   help="LAgg-A to evaluate (default lagg:pretrained/general); 'none' skips it")
-    q.add_argument("--lopt", default="lopt:pretrained/general",
-                   help="LOpt-A to evaluate (default lopt:pretrained/general); 'none' skips it")
+    q.add_argument("--lagg", default=None,
+                   help="LAgg-A to evaluate (default lagg:pretrained/general, the shipped "
+                        "general weights); 'none' skips it")
+    q.add_argument("--lopt", default=None,
+                   help="LOpt-A to evaluate (default lopt:pretrained/general where general "
+                        "LOpt-A weights ship, none until then); 'none' skips it")
     q.add_argument("--rnn", default="none", metavar="SPEC",
                    help="an RNN aggregator to evaluate in gradient mode against tuned mean + "
                         "server SGD / Adam, e.g. rnn:docs/meta-training/general-rnn-r1 "
@@ -170,21 +173,30 @@ def cmd_reproduce_generalization(args: argparse.Namespace) -> int:
     from metagg.experiments.generalization import reproduce_generalization
     from metagg.learned.store import pretrained_names
 
-    learned = {label: spec for label, spec in (("LAgg-A", args.lagg), ("LOpt-A", args.lopt),
-                                               ("RNN", args.rnn))
-               if spec.lower() != "none"}
+    shipped = pretrained_names()
+    lopt = args.lopt
+    if lopt is None:  # the default: the general LOpt-A once one ships
+        lopt = "lopt:pretrained/general" if "general-lopt" in shipped else "none"
+        if lopt == "none":
+            print("LOpt-A: no general weights ship yet; skipped (--lopt lopt:PATH judges "
+                  "one)", file=sys.stderr)
+    specs = {"--lagg": args.lagg or "lagg:pretrained/general", "--lopt": lopt,
+             "--rnn": args.rnn}
+    learned = {label: specs[flag] for label, flag in (("LAgg-A", "--lagg"),
+                                                      ("LOpt-A", "--lopt"), ("RNN", "--rnn"))
+               if specs[flag].lower() != "none"}
     for flag, kind in (("--lagg", "lagg"), ("--lopt", "lopt"), ("--rnn", "rnn")):
-        spec = getattr(args, flag[2:])
+        spec = specs[flag]
         if spec.lower() != "none" and spec.partition(":")[0] != kind:
             raise ConfigError(f"{flag} takes a {kind}:PATH aggregator, got {spec!r}")
     missing = [f"{label} {spec}" for label, spec in learned.items()
-               if spec.endswith(":pretrained/general") and "general" not in pretrained_names()]
+               if spec.endswith(":pretrained/general")
+               and f"general-{spec.partition(':')[0]}" not in shipped]
     if missing:  # the defaults, before general weights ship: say what to pass instead
         raise ConfigError(
             f"{', '.join(missing)}: no general weights ship yet (none has met its held-out "
             f"targets); pass your own, e.g. --lagg lagg:runs/g (from `metagg meta-train "
-            f"lagg --tasks ...`), the best so far --lagg "
-            f"lagg:docs/meta-training/general-lagg-g3 from a source checkout, or 'none'")
+            f"lagg --tasks ...`), or 'none'")
     with threads_during(args.threads), compiling_during(args.compile):
         tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
         reproduce_generalization(args.out, scale=args.scale, learned=learned,

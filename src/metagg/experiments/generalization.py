@@ -77,7 +77,8 @@ TUNING_SEED = 10_000  # never an evaluation seed
 # nats: a seed-mean training loss below this counts as 0 (the task fitted: p(correct) >
 # 0.99999 on average), so ratios of float32 round-off near 0 rank no method
 FITTED = 1e-5
-DEFAULT_LEARNED = {"LAgg-A": "lagg:pretrained/general", "LOpt-A": "lopt:pretrained/general"}
+# the shipped general weights (no general LOpt-A ships yet: pass one as learned=)
+DEFAULT_LEARNED = {"LAgg-A": "lagg:pretrained/general"}
 GRADIENT_KINDS = ("rnn",)  # learned aggregators judged in gradient mode
 # run beside them, untuned, as a reference (not a baseline of the target): the
 # parameter-free server optimizer the RNN's "prodigy" output rule corrects

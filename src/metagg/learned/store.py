@@ -29,6 +29,7 @@ __all__ = [
     "ZOO_DIR",
     "builder_options",
     "load_learned_files",
+    "pretrained_for",
     "pretrained_names",
     "read_aggregator_info",
     "resolve_path",
@@ -47,6 +48,13 @@ def pretrained_names() -> list[str]:
     if not ZOO_DIR.is_dir():
         return []
     return sorted(p.name for p in ZOO_DIR.iterdir() if (p / f"{STEM}.json").exists())
+
+
+def pretrained_for(kind: str, arg: str) -> str:
+    """The path a `KIND:ARG` aggregator loads: `pretrained/general` names each kind's
+    general-purpose weights, shipped as `pretrained/general-KIND` (one name for every
+    kind, one folder each); any other ARG is itself."""
+    return f"{PRETRAINED_PREFIX}general-{kind}" if arg == f"{PRETRAINED_PREFIX}general" else arg
 
 
 def resolve_path(path: str | Path) -> Path:
@@ -135,6 +143,7 @@ def weights_sha256(aggregator: str) -> str | None:
     kind, _, arg = aggregator.partition(":")
     if kind not in LEARNED_KINDS or not arg:
         return None
+    arg = pretrained_for(kind, arg)
     try:
         meta = json.loads(resolve_path(arg).with_suffix(".json").read_text())
     except (OSError, ValueError, CheckpointError):

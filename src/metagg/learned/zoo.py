@@ -86,6 +86,8 @@ def zoo_rows() -> list[dict[str, str]]:
             arch = f"MLP {cfg.get('hidden')}x2, {cfg.get('step_mode')}"
             workers = f"K={trained.get('num_workers')}, H={trained.get('local_steps')}"
             steps = f"{val.get('best_step')} PES steps"
+            if trained.get("meta_training_minutes"):  # a chain of runs (see its JSON)
+                steps = f"~{trained['meta_training_minutes']} min of PES (see its JSON)"
         else:  # Ji et al. 2019, BPTT
             arch = f"{cfg.get('cell')}, {cfg.get('output')}"
             workers = ("4 models x 3 workers" if trained.get("setting") == "hetero"
@@ -99,12 +101,21 @@ def zoo_rows() -> list[dict[str, str]]:
             attack = f"{attack} {trained.get('num_byzantine')}/{trained.get('num_workers')}"
         loss = ", ".join(f"train loss @{k.split('@')[1]}: {v:.3g}" for k, v in val.items()
                          if k.startswith("mean_loss@"))
+        if not loss and "validation_score" in val:  # multi-task: one score over draws
+            draws = len(trained.get("validation_task_names", []))
+            loss = (f"mean log(train loss / SlowMo's) over {draws} validation draws: "
+                    f"{val['validation_score']:.3f}")
         if kind == "trust":
             loss = (f"test acc @{trained.get('rounds')}: worst {val.get('worst_acc', 0):.3f}, "
                     f"mean {val.get('mean_acc', 0):.3f}")
-        rows.append({"aggregator": f"{kind}:pretrained/{name}", "architecture": arch,
-                     "trained on": f"{trained.get('dataset')}, {trained.get('model')}, "
-                                   f"{workers}",
+        where = f"{trained.get('dataset')}, {trained.get('model')}, {workers}"
+        families = trained.get("tasks")  # meta-trained on tasks drawn from families
+        if families:
+            where = "task families " + (families if isinstance(families, str)
+                                        else ", ".join(families))
+        label = "general" if name == f"general-{kind}" else name  # see pretrained_for
+        rows.append({"aggregator": f"{kind}:pretrained/{label}", "architecture": arch,
+                     "trained on": where,
                      "attack": attack, "meta-training": steps,
                      "validation": loss})
     return rows

@@ -18,7 +18,12 @@ from typing import Any
 from metagg.checkpoint import CheckpointError
 from metagg.learned.lagg.aggregator import LAggA, LearnedAdaAggregator, LOptA, learned_ada
 from metagg.learned.lagg.model import AdaMLP, LAggConfig
-from metagg.learned.store import builder_options, load_learned_files, save_learned_files
+from metagg.learned.store import (
+    builder_options,
+    load_learned_files,
+    pretrained_for,
+    save_learned_files,
+)
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "build_lagg", "build_lopt", "load_lagg", "save_lagg"]
 
@@ -73,7 +78,7 @@ def load_lagg(path: str | Path) -> LearnedAdaAggregator:
 def _build(kind: str, arg: str | None, options: dict[str, Any]) -> LearnedAdaAggregator:
     init, options = builder_options(kind, arg, options)
     if arg:
-        agg = load_lagg(arg)
+        agg = load_lagg(pretrained_for(kind, arg))
         if agg.config.kind != kind:
             raise ValueError(f"{arg} holds a {agg.config.kind!r} aggregator, not {kind!r}; "
                              f"use '{agg.config.kind}:{arg}'")

@@ -20,7 +20,7 @@ import torch
 from metagg.checkpoint import CheckpointError
 from metagg.learned.rnn.aggregator import DEFAULT_CHUNK, RNNAggregator
 from metagg.learned.rnn.cells import CoordinateRNN, RNNConfig
-from metagg.learned.store import load_learned_files, save_learned_files
+from metagg.learned.store import load_learned_files, pretrained_for, save_learned_files
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "build_arnn", "build_rnn", "load_rnn", "save_rnn"]
 
@@ -101,7 +101,7 @@ def _build(kind: str, arg: str | None, options: dict) -> RNNAggregator:
             f"aggregator {kind!r} needs trained weights: give '{kind}:PATH' (a directory with "
             f"aggregator.safetensors + aggregator.json, or their file stem) or meta-train one "
             f"(`metagg meta-train rnn ...`, or metagg.learned.meta_train_rnn in Python)")
-    agg = load_rnn(arg, **options)
+    agg = load_rnn(pretrained_for(kind, arg), **options)
     if agg.config.kind != kind:
         raise ValueError(f"{arg} holds an {agg.config.kind!r} aggregator, not {kind!r}; "
                          f"use '{agg.config.kind}:{arg}'")
