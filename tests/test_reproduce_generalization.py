@@ -118,6 +118,7 @@ def general_lagg(tmp_path_factory):
 def test_tiny_run_writes_every_file_and_resumes_without_training(tmp_path, general_lagg,
                                                                   monkeypatch):
     assert learned_local_lr(general_lagg) == 0.3
+    assert learned_local_lr("lagg:pretrained/general") == 0.5  # the shipped general-lagg
     learned = {"LAgg-A": general_lagg, "K8": "lagg:pretrained/fmnist8x8-mlp32-lagg-k8h4"}
     s = reproduce_generalization(tmp_path, scale="tiny", learned=learned, log=lambda m: None)
     for name in ("tasks.csv", "summary.json", "generalization.png", "report.md"):
@@ -245,19 +246,25 @@ def test_cli_defaults_before_general_weights_ship_say_what_to_pass(tmp_path, cap
     assert "--lagg lagg:runs/g" in err and not (tmp_path / "report.md").exists()
 
 
-def test_cli_defaults_judge_the_shipped_general_lagg(tmp_path, capsys, monkeypatch):
-    """With no --lagg / --lopt: the shipped lagg:pretrained/general, and no LOpt-A (none
-    ships yet: said on stderr); an explicit --lopt lopt:pretrained/general is refused."""
+def test_cli_defaults_judge_the_shipped_general_weights(tmp_path, capsys, monkeypatch):
+    """With no --lagg / --lopt: the shipped lagg:pretrained/general and
+    lopt:pretrained/general; where no general LOpt-A ships, none (said on stderr), and an
+    explicit --lopt lopt:pretrained/general is refused."""
     from metagg.experiments import generalization
+    from metagg.learned import store
 
     seen = {}
 
     def fake(out, *, learned, **kw):
+        seen.clear()
         seen.update(learned)
-        (out / "report.md").parent.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
         (out / "report.md").write_text("report")
 
     monkeypatch.setattr(generalization, "reproduce_generalization", fake)
+    assert main(["reproduce", "generalization", "--out", str(tmp_path)]) == 0
+    assert seen == {"LAgg-A": "lagg:pretrained/general", "LOpt-A": "lopt:pretrained/general"}
+    monkeypatch.setattr(store, "pretrained_names", lambda: ["general-lagg"])
     assert main(["reproduce", "generalization", "--out", str(tmp_path)]) == 0
     assert seen == {"LAgg-A": "lagg:pretrained/general"}
     assert "LOpt-A: no general weights ship yet; skipped" in capsys.readouterr().err

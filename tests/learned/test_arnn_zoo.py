@@ -128,9 +128,9 @@ def test_lagg_zoo_entries_load(name: str) -> None:
 
 
 def test_general_lagg_ships_under_one_name_for_every_kind(digits: Dataset) -> None:
-    """`lagg:pretrained/general` is the zoo's general-lagg: multi-task, any K, the
-    correction capped; on a task it never saw (digits, K = 5) it beats FedAvg untuned;
-    a kind with no general weights yet says so."""
+    """`KIND:pretrained/general` is the zoo's general-KIND: multi-task, any K, the
+    correction capped; on a task it never saw (digits, K = 5) LAgg-A beats FedAvg
+    untuned; a kind with no general weights yet says so."""
     from metagg.aggregators.registry import build_aggregator
     from metagg.checkpoint import CheckpointError
 
@@ -146,8 +146,9 @@ def test_general_lagg_ships_under_one_name_for_every_kind(digits: Dataset) -> No
     fedavg = Simulation(config_from_dict(cfg), dataset=digits).run()
     # measured: 0.42 against 1.21 (test accuracy 0.83 / 0.81)
     assert learned["final_train_loss"] < 0.5 * fedavg["final_train_loss"], (learned, fedavg)
-    with pytest.raises(CheckpointError, match="general-lopt"):
-        build_aggregator("lopt:pretrained/general")
+    assert build_aggregator("lopt:pretrained/general").config.kind == "lopt"
+    with pytest.raises(CheckpointError, match="general-rnn"):  # no general RNN ships yet
+        build_aggregator("rnn:pretrained/general")
 
 
 @pytest.mark.parametrize("name", ["fmnist8x8-mlp32-lagg-k8h4", "fmnist8x8-mlp32-lopt-k8h4"])

@@ -77,8 +77,7 @@ TUNING_SEED = 10_000  # never an evaluation seed
 # nats: a seed-mean training loss below this counts as 0 (the task fitted: p(correct) >
 # 0.99999 on average), so ratios of float32 round-off near 0 rank no method
 FITTED = 1e-5
-# the shipped general weights (no general LOpt-A ships yet: pass one as learned=)
-DEFAULT_LEARNED = {"LAgg-A": "lagg:pretrained/general"}
+DEFAULT_LEARNED = {"LAgg-A": "lagg:pretrained/general", "LOpt-A": "lopt:pretrained/general"}
 GRADIENT_KINDS = ("rnn",)  # learned aggregators judged in gradient mode
 # run beside them, untuned, as a reference (not a baseline of the target): the
 # parameter-free server optimizer the RNN's "prodigy" output rule corrects
@@ -140,12 +139,12 @@ SCALES: dict[str, GeneralizationScale] = {
 
 def learned_local_lr(spec: str, default: float = 0.5) -> float:
     """The workers' local lr a saved LAgg-A / LOpt-A was meta-trained with."""
-    from metagg.learned.store import read_aggregator_info
+    from metagg.learned.store import pretrained_for, read_aggregator_info
 
-    arg = spec.partition(":")[2]
+    kind, _, arg = spec.partition(":")
     if not arg or arg == "init":
         return default
-    info = read_aggregator_info(arg)
+    info = read_aggregator_info(pretrained_for(kind, arg))
     return float((info.get("trained_on") or {}).get("local_lr", default))
 
 
