@@ -192,11 +192,11 @@ def cmd_reproduce_generalization(args: argparse.Namespace) -> int:
     missing = [f"{label} {spec}" for label, spec in learned.items()
                if spec.endswith(":pretrained/general")
                and f"general-{spec.partition(':')[0]}" not in shipped]
-    if missing:  # the defaults, before general weights ship: say what to pass instead
+    if missing:  # a kind whose general weights do not ship: say what to pass instead
         raise ConfigError(
-            f"{', '.join(missing)}: no general weights ship yet (none has met its held-out "
-            f"targets); pass your own, e.g. --lagg lagg:runs/g (from `metagg meta-train "
-            f"lagg --tasks ...`), or 'none'")
+            f"{', '.join(missing)}: no general weights ship yet for this kind; pass your "
+            f"own, e.g. --lagg lagg:runs/g (from `metagg meta-train lagg --tasks ...`), "
+            f"or 'none'")
     with threads_during(args.threads), compiling_during(args.compile):
         tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
         reproduce_generalization(args.out, scale=args.scale, learned=learned,
