@@ -442,6 +442,21 @@ def test_init_from_uncapped_general_weights_with_a_correction_cap(tmp_path, digi
         mp.lagg_config(tiny_config(correction_cap=1.0))  # residual mode: nothing to cap
 
 
+def test_init_from_the_shipped_general_weights(tmp_path, digits):
+    """`--set init_from=pretrained/general` fine-tunes the zoo's general weights of the
+    run's kind (here general-lagg, whose architecture the config repeats)."""
+    from metagg.aggregators.registry import build_aggregator
+
+    cfg = tiny_config(step_mode="general", residual_base="prodigy", residual_scale=1.0,
+                      correction_scale=0.1, correction_cap=1.0, hidden=8,
+                      init_from="pretrained/general", steps=1)
+    meta_train_pes(cfg, tmp_path / "ft", progress=False, data=digits, stop_at=0)
+    start, shipped = build_aggregator(f"lagg:{tmp_path / 'ft'}"), build_aggregator(
+        "lagg:pretrained/general")
+    for k, v in shipped.net.state_dict().items():
+        assert torch.equal(start.net.state_dict()[k], v), k
+
+
 def test_resume_of_a_checkpoint_written_before_a_config_key_existed(tmp_path, digits,
                                                                     rewrite_meta):
     cfg = tiny_config(steps=2, validate_every=2)

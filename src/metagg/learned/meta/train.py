@@ -32,6 +32,7 @@ from metagg.learned.meta.loop import LoopSettings, MetaTrainResult, run_outer_lo
 from metagg.learned.meta.multitask import MultiTaskPES
 from metagg.learned.meta.pes import PES
 from metagg.learned.meta.robust import TrustES
+from metagg.learned.store import pretrained_for
 from metagg.threads import threads_during
 
 __all__ = ["meta_train", "meta_train_pes", "meta_train_rnn", "meta_train_trust", "torch_threads"]
@@ -144,7 +145,7 @@ def _pes(cfg: MetaTrainPESConfig, out: Path, data: Dataset | None, resume: bool,
     # a resume takes φ from the checkpoint: init_from need not exist any more
     init_phi = None
     if cfg.init_from is not None and not resume:
-        init_phi = est.phi_of(load_lagg(cfg.init_from))
+        init_phi = est.phi_of(load_lagg(pretrained_for(cfg.kind, cfg.init_from)))
     described = est.describe() if isinstance(est, MultiTaskPES) else est.env.describe()
     trained_on = {**cfg.to_dict(), **described, "meta_gradient": est.name}
     return run_outer_loop(est, settings, out, config=cfg.to_dict(),
