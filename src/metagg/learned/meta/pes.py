@@ -213,11 +213,10 @@ class FlatPhiEstimator:
             missing, unexpected = net.load_state_dict(agg.net.state_dict(), strict=False)
             assert not unexpected and set(missing) == {"lr_control", "lr_coupling"}
             return self.phi.of(net)
-        if (isinstance(agg, LearnedAdaAggregator) and agg.net is not None
-                and agg.config == dataclasses.replace(mine, correction_cap=agg.config
-                                                      .correction_cap)):
-            return self.phi.of(agg.net)  # φ's tensors do not depend on the cap
-        if not isinstance(agg, LearnedAdaAggregator) or agg.config != mine:
+        # the same architecture; the correction cap may differ (no tensor of φ depends on it)
+        if (not isinstance(agg, LearnedAdaAggregator) or agg.net is None
+                or agg.config != dataclasses.replace(mine, correction_cap=agg.config
+                                                     .correction_cap)):
             raise ValueError(f"{agg!r} holds {getattr(agg, 'config', None)}, but this run "
                              f"trains {self.phi.config}")
         return self.phi.of(agg.net)
